@@ -1,0 +1,44 @@
+"""Pure loss functions of arrays: log-probs, SFT, reward (Eq. 2), KL (Eq. 3), PPO, DPO family.
+
+All functions are un-jitted, compute in float32 and return per-example values unless stated.
+"""
+
+from rlhf_jax.losses.dpo import (
+    DPO_LOSS_TYPES,
+    dpo_loss,
+    orpo_odds_ratio_loss,
+    simpo_loss,
+    unlikelihood_loss,
+)
+from rlhf_jax.losses.kl import (
+    KL_ESTIMATORS,
+    adaptive_kl_coef,
+    exact_kl,
+    kl_estimate,
+    kl_penalized_rewards,
+)
+from rlhf_jax.losses.logprobs import entropy_from_logits, sequence_logps, sft_loss, token_logps
+from rlhf_jax.losses.ppo import gae, ppo_policy_loss, ppo_value_loss, whiten
+from rlhf_jax.losses.reward import bradley_terry_loss
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "KL_ESTIMATORS",
+    "adaptive_kl_coef",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "exact_kl",
+    "gae",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "orpo_odds_ratio_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "sequence_logps",
+    "sft_loss",
+    "simpo_loss",
+    "token_logps",
+    "unlikelihood_loss",
+    "whiten",
+]
