@@ -1,0 +1,312 @@
+"""Tests of rlhf_jax.bandit against NumPy formulas, plain loops and the closed form of Eq. 4."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import bandit as bd
+
+BETAS = (0.3, 1.0, 5.0)
+
+
+def _np_random_problem(seed, shape=(4, 5)):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=shape)
+    ref = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    rewards = rng.normal(size=shape)
+    return ref, rewards
+
+
+def _np_objective_loop(probs, ref, rewards, beta):
+    """Eq. 3 per context with explicit loops (0 log 0 = 0)."""
+    out = []
+    for p_x, q_x, r_x in zip(probs, ref, rewards):
+        value = 0.0
+        for p, q, r in zip(p_x, q_x, r_x):
+            value += p * r
+            if p > 0:
+                value -= beta * p * math.log(p / q)
+        out.append(value)
+    return np.array(out)
+
+
+def _random_bandits(seed, n, n_contexts=4, n_arms=5):
+    """n random bandits stacked on a leading axis (drawn by NumPy: no compilation)."""
+    rng = np.random.default_rng(seed)
+    return bd.Bandit(
+        ref_logits=jnp.asarray(rng.normal(size=(n, n_contexts, n_arms)), jnp.float32),
+        rewards=jnp.asarray(rng.normal(size=(n, n_contexts, n_arms)), jnp.float32),
+    )
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_optimal_policy_matches_numpy(beta):
+    ref, rewards = _np_random_problem(0)
+    unnormalized = ref * np.exp(rewards / beta)  # Eq. 4
+    expected = unnormalized / unnormalized.sum(-1, keepdims=True)
+    got = bd.optimal_policy(jnp.asarray(ref, jnp.float32), jnp.asarray(rewards, jnp.float32), beta)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(bd.optimal_policy)(jnp.asarray(ref), jnp.asarray(rewards), beta), got, atol=1e-6
+    )
+
+
+def test_optimal_policy_is_stable_for_tiny_beta_and_zero_ref():
+    ref = jnp.array([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    rewards = jnp.array([[100.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    pi = bd.optimal_policy(ref, rewards, 1e-3)  # exp(r/β) overflows float32 without log space
+    np.testing.assert_allclose(pi, [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], atol=1e-6)
+    assert np.isfinite(bd.optimal_value(ref, rewards, 1e-3)).all()
+
+
+def test_kl_regularized_objective_matches_loop():
+    ref, rewards = _np_random_problem(1)
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(5), size=4)
+    probs[0, 1] = 0.0  # 0 log 0 = 0
+    probs[0] /= probs[0].sum()
+    probs[2] = np.eye(5)[3]  # deterministic policy
+    for beta in BETAS:
+        expected = _np_objective_loop(probs, ref, rewards, beta)
+        got = bd.kl_regularized_objective(
+            jnp.asarray(probs, jnp.float32),
+            jnp.asarray(ref, jnp.float32),
+            jnp.asarray(rewards, jnp.float32),
+            beta,
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_regularized_objective_is_minus_inf_off_reference_support():
+    ref = jnp.array([[0.0, 1.0]])
+    value = bd.kl_regularized_objective(jnp.array([[0.5, 0.5]]), ref, jnp.ones((1, 2)), 1.0)
+    assert value[0] == -np.inf
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_maximum_of_objective_is_beta_log_z(beta):
+    ref, rewards = _np_random_problem(3)
+    closed_form = beta * np.log(np.sum(ref * np.exp(rewards / beta), axis=-1))
+    ref_j, rewards_j = jnp.asarray(ref, jnp.float32), jnp.asarray(rewards, jnp.float32)
+    pi = bd.optimal_policy(ref_j, rewards_j, beta)
+    np.testing.assert_allclose(
+        bd.kl_regularized_objective(pi, ref_j, rewards_j, beta), closed_form, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(bd.optimal_value(ref_j, rewards_j, beta), closed_form, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_optimal_policy_beats_perturbations_and_random_policies(beta):
+    ref, rewards = _np_random_problem(4)
+    ref_j, rewards_j = jnp.asarray(ref, jnp.float32), jnp.asarray(rewards, jnp.float32)
+    pi = np.asarray(bd.optimal_policy(ref_j, rewards_j, beta), np.float64)
+    best = _np_objective_loop(pi, ref, rewards, beta)
+    rng = np.random.default_rng(5)
+    for scale in (1e-2, 1e-1, 1.0):
+        logits = np.log(pi) + scale * rng.normal(size=(50, *pi.shape))  # [50, X, K]
+        perturbed = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        for p in perturbed:
+            assert (_np_objective_loop(p, ref, rewards, beta) < best + 1e-12).all()
+    for p in rng.dirichlet(np.ones(pi.shape[-1]), size=(50, pi.shape[0])):
+        assert (_np_objective_loop(p, ref, rewards, beta) < best).all()
+    # the gap is β KL(π ‖ π*) (the derivation of Eq. 4)
+    p = perturbed[0]
+    gap = best - _np_objective_loop(p, ref, rewards, beta)
+    np.testing.assert_allclose(gap, beta * np.sum(p * np.log(p / pi), -1), rtol=1e-4, atol=1e-7)
+
+
+def test_tv_distance_and_evaluate_policy():
+    ref, rewards = _np_random_problem(6)
+    rng = np.random.default_rng(7)
+    probs = rng.dirichlet(np.ones(5), size=4)
+    beta = 0.7
+    unnormalized = ref * np.exp(rewards / beta)
+    target = unnormalized / unnormalized.sum(-1, keepdims=True)
+    tv = [0.5 * sum(abs(a - b) for a, b in zip(p, t)) for p, t in zip(probs, target)]
+    bandit = bd.Bandit(jnp.asarray(np.log(ref), jnp.float32), jnp.asarray(rewards, jnp.float32))
+    metrics = bd.evaluate_policy(jnp.asarray(probs, jnp.float32), bandit, beta)
+    np.testing.assert_allclose(metrics["tv"], np.mean(tv), rtol=1e-5)
+    gap = beta * np.log(unnormalized.sum(-1)) - _np_objective_loop(probs, ref, rewards, beta)
+    np.testing.assert_allclose(metrics["value_gap"], gap.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_expected_preference_pairs_matches_loop():
+    ref, rewards = _np_random_problem(8, shape=(3, 4))
+    for noise in (0.0, 0.2):
+        expected = np.zeros((3, 4, 4))  # enumerate draws (x, y1, y2) and both outcomes
+        for x in range(3):
+            for y1 in range(4):
+                for y2 in range(4):
+                    p = 1.0 / (1.0 + math.exp(-(rewards[x, y1] - rewards[x, y2])))  # Eq. 1
+                    p = (1 - noise) * p + noise * (1 - p)
+                    p_draw = ref[x, y1] * ref[x, y2] / 3
+                    expected[x, y1, y2] += p_draw * p
+                    expected[x, y2, y1] += p_draw * (1 - p)
+        got = bd.expected_preference_pairs(
+            jnp.asarray(ref, jnp.float32), jnp.asarray(rewards, jnp.float32), label_noise=noise
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got.sum(), 1.0, rtol=1e-5)
+
+
+def test_preference_weights_matches_counting_loop():
+    prefs = bd.Preferences(
+        x=jnp.array([0, 1, 1, 0, 1], jnp.int32),
+        chosen=jnp.array([2, 0, 0, 1, 2], jnp.int32),
+        rejected=jnp.array([1, 2, 2, 1, 0], jnp.int32),
+    )
+    expected = np.zeros((2, 3, 3))
+    for x, w, lo in zip(*map(np.asarray, prefs)):
+        expected[x, w, lo] += 1 / 5
+    np.testing.assert_allclose(bd.preference_weights(prefs, 2, 3), expected, atol=1e-7)
+
+
+def test_bradley_terry_sampler_frequencies():
+    n_contexts, n_arms, n = 2, 3, 200_000
+    bandit = bd.random_bandit(jax.random.key(3), n_contexts, n_arms)
+    sample = jax.jit(
+        lambda rng, noise: bd.bradley_terry_preferences(
+            rng, bandit.rewards, bandit.ref_probs, n, label_noise=noise
+        )
+    )
+    ref, rewards = np.asarray(bandit.ref_probs, np.float64), np.asarray(bandit.rewards, np.float64)
+    for seed, noise in enumerate([0.0, 0.25]):
+        prefs = sample(jax.random.key(seed), noise)
+        x, win, lose = map(np.asarray, prefs)
+        for cx in range(n_contexts):
+            for a in range(n_arms):
+                for b in range(a + 1, n_arms):
+                    a_wins = np.sum((x == cx) & (win == a) & (lose == b))
+                    b_wins = np.sum((x == cx) & (win == b) & (lose == a))
+                    pairs = a_wins + b_wins  # unordered pair {a, b}: P = 2 π_ref(a) π_ref(b) / X
+                    p_pair = 2 * ref[cx, a] * ref[cx, b] / n_contexts
+                    assert abs(pairs / n - p_pair) < 5 * math.sqrt(p_pair * (1 - p_pair) / n)
+                    p = 1 / (1 + math.exp(-(rewards[cx, a] - rewards[cx, b])))  # Eq. 1
+                    p = (1 - noise) * p + noise * (1 - p)
+                    assert abs(a_wins / pairs - p) < 5 * math.sqrt(p * (1 - p) / pairs)
+        # and the empirical table tends to the expected one
+        weights = np.asarray(bd.preference_weights(prefs, n_contexts, n_arms))
+        expected = np.asarray(
+            bd.expected_preference_pairs(bandit.ref_probs, bandit.rewards, label_noise=noise)
+        )
+        assert (
+            np.abs(weights - expected) < 5 * np.sqrt(expected * (1 - expected) / n) + 1e-6
+        ).all()
+
+
+def _train(method, bandits, weights, betas, steps, **kwargs):
+    """Final policies [bandits, β, X, K]: one jit over vmap(bandits) ∘ vmap(β), one rng."""
+    train = functools.partial(bd.train_policy, method, steps=steps, **kwargs)
+
+    def one(bandit, w, rng):
+        logits = jax.vmap(lambda beta: train(bandit, w, beta, rng).logits)(betas)
+        return jax.nn.softmax(logits, axis=-1)
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))(bandits, weights, jax.random.key(0))
+
+
+@jax.jit
+def _tv_to_optimum(policies, bandits, betas):
+    target = jax.vmap(
+        lambda b: jax.vmap(lambda beta: bd.optimal_policy(b.ref_probs, b.rewards, beta))(betas)
+    )(bandits)
+    return 0.5 * jnp.abs(policies - target).sum(-1).mean(-1)  # [bandits, β]
+
+
+@jax.jit
+def _expected_weights(bandits, label_noise=0.0):
+    return jax.vmap(
+        lambda b: bd.expected_preference_pairs(b.ref_probs, b.rewards, label_noise=label_noise)
+    )(bandits)
+
+
+TRAIN_BETAS = np.array([0.5, 2.0], np.float32)
+
+
+def test_dpo_on_expected_preferences_converges_to_optimal_policy():
+    bandits = _random_bandits(10, 3)
+    policies = _train("dpo", bandits, _expected_weights(bandits), TRAIN_BETAS, steps=500, lr=0.05)
+    tv = _tv_to_optimum(policies, bandits, TRAIN_BETAS)
+    assert tv.max() < 0.02, tv
+
+
+@pytest.mark.parametrize("method", ["ppo", "exact_pg"])
+def test_policy_gradient_converges_to_optimal_policy(method):
+    bandits = _random_bandits(11, 3)
+    policies = _train(method, bandits, None, TRAIN_BETAS, steps=300, lr=0.05, n_samples=16)
+    tv = _tv_to_optimum(policies, bandits, TRAIN_BETAS)
+    assert tv.max() < 0.02, tv
+
+
+def test_reinforce_converges_and_jit_vmap_over_seeds_equals_seeds_one_by_one():
+    """Seeds = (bandit, training key) pairs: one jit of vmap over seeds vs a jitted loop."""
+    bandits = _random_bandits(14, 3)
+    rngs = jax.random.split(jax.random.key(15), 3)
+    beta = 0.5
+    train = functools.partial(bd.train_policy, "pg", steps=300, n_samples=16)
+    batched = jax.jit(jax.vmap(train, in_axes=(0, None, None, 0)))(bandits, None, beta, rngs)
+    single = jax.jit(train)
+    for i in range(3):
+        bandit = bd.Bandit(*(a[i] for a in bandits))
+        result = single(bandit, None, beta, rngs[i])
+        for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(result)):
+            np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-5)
+        probs = jax.nn.softmax(result.logits)
+        assert bd.evaluate_policy(probs, bandit, beta)["tv"] < 0.02
+
+
+def test_robust_dpo_undoes_label_noise_and_dpo_does_not():
+    bandits = _random_bandits(12, 3)
+    noisy = _expected_weights(bandits, label_noise=0.2)
+    robust = _train("robust", bandits, noisy, TRAIN_BETAS, steps=500, label_smoothing=0.2)
+    assert _tv_to_optimum(robust, bandits, TRAIN_BETAS).max() < 0.02
+    plain = _train("dpo", bandits, noisy, TRAIN_BETAS, steps=500)
+    assert _tv_to_optimum(plain, bandits, TRAIN_BETAS).min() > 0.02
+
+
+def _np_ipo_loss_grad(u, weights, beta):
+    """Gradient in u of Σ_ab W_ab (u_a - u_b - 1/(2β))² for one context, by loops."""
+    k = len(u)
+    grad = np.zeros(k)
+    for a in range(k):
+        for b in range(k):
+            residual = u[a] - u[b] - 1 / (2 * beta)
+            grad[a] += 2 * weights[a, b] * residual
+            grad[b] -= 2 * weights[a, b] * residual
+    return grad
+
+
+def test_ipo_fixed_point_is_stationary_and_ipo_training_reaches_it():
+    bandits = _random_bandits(13, 3)
+    weights = _expected_weights(bandits)
+    fixed = jax.jit(
+        jax.vmap(
+            lambda b, w: jax.vmap(lambda beta: bd.ipo_fixed_point(b.ref_probs, w, beta))(
+                TRAIN_BETAS
+            )
+        )
+    )(bandits, weights)  # [bandits, β, X, K]
+    for i in range(3):
+        for j, beta in enumerate(np.asarray(TRAIN_BETAS)):
+            for x in range(4):
+                u = np.log(np.asarray(fixed[i, j, x], np.float64)) - np.log(
+                    np.asarray(bandits.ref_probs[i, x], np.float64)
+                )
+                grad = _np_ipo_loss_grad(u, np.asarray(weights[i, x], np.float64), beta)
+                np.testing.assert_allclose(grad, 0.0, atol=1e-5)
+    policies = _train("ipo", bandits, weights, TRAIN_BETAS, steps=500)
+    tv = np.asarray(0.5 * jnp.abs(policies - fixed).sum(-1).mean(-1))
+    assert tv.max() < 0.02, tv
+    assert _tv_to_optimum(fixed, bandits, TRAIN_BETAS).min() > 0.02  # IPO's optimum is not π*
+
+
+def test_train_policy_rejects_bad_arguments():
+    bandit = bd.random_bandit(jax.random.key(0), 2, 3)
+    with pytest.raises(ValueError, match="expected one of"):
+        bd.train_policy("sft", bandit, None, 1.0, jax.random.key(0), steps=1)
+    with pytest.raises(ValueError, match="pair_weights"):
+        bd.train_policy("dpo", bandit, None, 1.0, jax.random.key(0), steps=1)
