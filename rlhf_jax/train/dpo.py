@@ -1,0 +1,188 @@
+"""Direct Preference Optimization step and its family (IPO, hinge, robust DPO, SimPO, ORPO).
+
+Batch (contract "Preference batch", right-padded, int32 [B, T], same T for both sides):
+  chosen_tokens, chosen_attention_mask, chosen_loss_mask,
+  rejected_tokens, rejected_attention_mask, rejected_loss_mask
+  optional reference_chosen_logps, reference_rejected_logps [B] float32 (precomputed by
+  `rlhf_jax.train.reference.compute_reference_logps`; then the reference model is not run).
+
+State: a `TrainState` whose `params` are the policy's, `frozen` the reference params (only needed
+when the batch carries no reference log-probs, and never for SimPO/ORPO) and `hparams` holds
+"beta" (and "gamma" for SimPO), float32 scalars, so that a beta sweep is `vmap` over states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float
+
+from rlhf_jax import losses
+from rlhf_jax.train.reward import concat_pairs
+from rlhf_jax.train.state import TrainState, apply_gradients
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def pair_logps(
+    model: nn.Module, params: Any, batch: Batch, *, average: bool = False
+) -> tuple[Float[Array, " B"], Float[Array, " B"], Float[Array, "_ _"]]:
+    """Sequence log-probs of chosen and rejected under `params`, one forward on [2B, T].
+
+    `log pi(y|x) = sum_t m[b, t+1] log softmax(logits[b, t])[x[b, t+1]]` with m the loss mask
+    (mean over masked tokens when `average`).
+
+    Returns:
+      (chosen_logps [B], rejected_logps [B], token_logps [2B, T-1]).
+    """
+    b = batch["chosen_tokens"].shape[0]
+    tokens = concat_pairs(batch, "tokens")  # [2B, T]
+    logits = model.apply(
+        {"params": params}, tokens, attention_mask=concat_pairs(batch, "attention_mask")
+    )
+    tlp = losses.token_logps(logits[:, :-1], tokens[:, 1:])  # [2B, T-1]
+    mask = concat_pairs(batch, "loss_mask")[:, 1:]  # [2B, T-1]
+    seq = losses.sequence_logps(tlp, mask, average=average)  # [2B]
+    return seq[:b], seq[b:], tlp
+
+
+def make_dpo_loss(
+    model: nn.Module,
+    *,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    gamma: float = 0.5,
+) -> Callable[[Any, Any, Mapping[str, jax.Array], Batch], tuple[jax.Array, Metrics]]:
+    """Builds `loss_fn(params, frozen, hparams, batch) -> (loss, metrics)`.
+
+    sigmoid/ipo/hinge/robust: `losses.dpo_loss` (Rafailov et al. 2023 eq. 7; Azar et al. 2023;
+      Zhao et al. 2023; Chowdhury et al. 2024) on policy and reference sequence log-probs, beta =
+      hparams["beta"]. Reference log-probs come from the batch when it has
+      `reference_chosen_logps` (a trace-time decision on the batch keys), otherwise from a forward
+      of `frozen` (the reference params) under stop_gradient.
+    simpo: `losses.simpo_loss` on length-averaged log-probs (Meng et al. 2024, eq. 6), beta =
+      hparams["beta"], gamma = hparams["gamma"] if present else the builder's `gamma`.
+    orpo: `L = NLL(chosen) + lambda * losses.orpo_odds_ratio_loss` on length-averaged log-probs
+      (Hong et al. 2024, eq. 6), lambda = hparams["beta"] (TRL's name); the NLL is the
+      token-weighted mean over chosen response tokens.
+    SimPO and ORPO need no reference.
+
+    Metrics: loss, rewards/chosen, rewards/rejected (means of beta * implicit rewards),
+    rewards/accuracy (fraction with chosen reward > rejected), rewards/margin, logps/chosen,
+    logps/rejected (policy sequence log-probs as used by the loss); ORPO adds nll and
+    odds_ratio_loss.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; accepted values: {LOSS_TYPES}")
+    average = average_log_prob or loss_type in ("simpo", "orpo")
+
+    def loss_fn(
+        params: Any, frozen: Any, hparams: Mapping[str, jax.Array], batch: Batch
+    ) -> tuple[jax.Array, Metrics]:
+        beta = hparams["beta"]
+        pc, pr, tlp = pair_logps(model, params, batch, average=average)  # [B], [B]
+        extra = {}
+        if loss_type in DPO_LOSS_TYPES:
+            if REFERENCE_KEYS[0] in batch:
+                rc = jnp.asarray(batch[REFERENCE_KEYS[0]], jnp.float32)
+                rr = jnp.asarray(batch[REFERENCE_KEYS[1]], jnp.float32)
+            else:
+                if frozen is None:
+                    raise ValueError(
+                        "DPO needs reference log-probs: put reference_chosen_logps/"
+                        "reference_rejected_logps in the batch or reference params in "
+                        "state.frozen"
+                    )
+                rc, rr, _ = pair_logps(model, jax.lax.stop_gradient(frozen), batch, average=average)
+                rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+            per_ex, m = losses.dpo_loss(
+                pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+            )
+            r_c, r_r = m["chosen_rewards"], m["rejected_rewards"]
+            loss = jnp.mean(per_ex)
+        elif loss_type == "simpo":
+            g = hparams["gamma"] if "gamma" in hparams else gamma
+            loss = jnp.mean(losses.simpo_loss(pc, pr, beta=beta, gamma=g))
+            r_c, r_r = beta * pc, beta * pr
+        else:  # orpo
+            b = pc.shape[0]
+            mask = batch["chosen_loss_mask"][:, 1:].astype(jnp.float32)  # [B, T-1]
+            nll = -jnp.sum(jnp.where(mask > 0, tlp[:b], 0.0)) / jnp.maximum(mask.sum(), 1.0)
+            odds = jnp.mean(losses.orpo_odds_ratio_loss(pc, pr))
+            loss = nll + beta * odds
+            r_c, r_r = beta * pc, beta * pr
+            extra = {"nll": nll, "odds_ratio_loss": odds}
+        metrics = {
+            "loss": loss,
+            "rewards/chosen": jnp.mean(r_c),
+            "rewards/rejected": jnp.mean(r_r),
+            "rewards/accuracy": jnp.mean((r_c > r_r).astype(jnp.float32)),
+            "rewards/margin": jnp.mean(r_c - r_r),
+            "logps/chosen": jnp.mean(pc),
+            "logps/rejected": jnp.mean(pr),
+            **extra,
+        }
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_dpo_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    gamma: float = 0.5,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds the pure DPO-family step `step(state, batch) -> (state, metrics)` (un-jitted).
+
+    Args:
+      model: the policy `Transformer` (the reference, if run, is the same module).
+      optimizer: the optax transformation `state.opt_state` belongs to.
+      loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" (all `losses.dpo_loss`), "simpo",
+        "orpo". IPO is defined on length-averaged log-probs in TRL: pass average_log_prob=True.
+      label_smoothing: conservative-DPO / robust-DPO label noise epsilon.
+      average_log_prob: use mean instead of sum of token log-probs (forced for simpo/orpo).
+        Precomputed reference log-probs must have been computed with the same setting.
+      gamma: SimPO's target margin when `state.hparams` has no "gamma".
+    Returns:
+      The step; beta is `state.hparams["beta"]`. Metrics: loss, grad_norm, update_norm,
+      rewards/{chosen,rejected,accuracy,margin}, logps/{chosen,rejected}.
+    """
+    loss_fn = make_dpo_loss(
+        model,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        average_log_prob=average_log_prob,
+        gamma=gamma,
+    )
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(
+            state.params, state.frozen, state.hparams, batch
+        )
+        params, opt_state, norms = apply_gradients(optimizer, state.params, state.opt_state, grads)
+        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return state, {**metrics, **norms}
+
+    return step
+
+
+def make_dpo_eval(model: nn.Module, **kwargs) -> Callable[[TrainState, Batch], Metrics]:
+    """`eval_fn(state, batch) -> metrics`: the DPO metrics without an update (same kwargs as
+    `make_dpo_step` minus the optimizer)."""
+    loss_fn = make_dpo_loss(model, **kwargs)
+    return lambda state, batch: loss_fn(state.params, state.frozen, state.hparams, batch)[1]

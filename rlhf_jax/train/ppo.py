@@ -1,0 +1,583 @@
+"""PPO on the KL-regularized objective (seed eq. 3; Ziegler et al. 2019, Stiennon et al. 2020).
+
+One iteration (DESIGN.md, "the data flow of one PPO iteration") is three pure functions, each
+`(state, x) -> (state, y)` so that drivers compile each with the one sharding helper:
+
+  rollout(state, prompt_batch) -> (state, Rollout)   generate with the policy; teacher-forced
+                                                     policy / reference / value forwards: old
+                                                     log-probs, reference log-probs, values,
+                                                     exact per-token KL. `scores` are zeros.
+  [host: scores = reward(texts)]                     e.g. the VADER ground truth; then
+                                                     rollout = rollout.replace(scores=scores)
+  score(state, rollout) -> (state, Rollout)          missing-EOS penalty, kl_penalized_rewards,
+                                                     (whitened rewards), gae, whitened advantages
+  update(state, rollout) -> (state, metrics)         ppo_epochs x num_minibatches of clipped
+                                                     policy + value updates in one program,
+                                                     then the adaptive KL coefficient
+
+When the reward is a JAX function (a reward model: `reward_model_fn(RewardModel(cfg))`),
+`make_ppo_step` fuses all three into `step(state, prompt_batch) -> (state, metrics)`.
+
+Prompt batch: {"prompt_tokens": [B, P] int32 LEFT-padded, "prompt_mask": [B, P]}.
+Sequence layout of every forward: `[prompt (left-padded, P)][response (N, pad after EOS)]`, mask
+`[prompt_mask][response_mask]`; the logits/values that concern response token i sit at position
+P - 1 + i (the state before emitting it).
+
+Missing-EOS penalty (`missing_eos_penalty`, as TRL): a completion with no EOS within
+`max_new_tokens` gets `score - missing_eos_penalty` (mode "subtract", TRL's) or
+`score := missing_eos_penalty` (mode "replace", the older `non_eos_penalty` /
+`penalty_reward_value` behaviour, pass a negative value). `Rollout.scores` keeps the raw scores;
+the penalty shows only in `rewards` (and the `score_penalized` metric).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from rlhf_jax import losses
+from rlhf_jax.sampling import generate
+from rlhf_jax.train.state import _unalias, apply_gradients, as_key
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+# fold_in purposes of the step key (deterministic and resumable).
+_RNG_SAMPLE, _RNG_MINIBATCH = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (defaults: TRL's PPOTrainer where it has one).
+
+    Attributes:
+      kl_coef: initial KL coefficient beta of seed eq. 3 (per-token penalty weight).
+      kl_target: target per-sequence KL of the adaptive controller (Ziegler et al. 2019, 2.2);
+        None keeps kl_coef fixed.
+      kl_horizon: controller horizon in episodes.
+      kl_estimator: "k1", "k2" or "k3", the per-token KL in the reward and in the controller.
+      gamma, lam: GAE discount and lambda.
+      clip_eps: policy ratio clip range; value_clip_eps: value clip range.
+      vf_coef: value-loss weight in loss = policy_loss + vf_coef * value_loss.
+      ppo_epochs: passes over the rollout per update; num_minibatches: minibatches per pass
+        (must divide the rollout batch).
+      whiten_advantages: whiten advantages over the batch (masked); whiten_rewards: rescale the
+        per-token rewards (mean kept) before GAE.
+      missing_eos_penalty: None, or the penalty for completions without EOS (see module doc);
+        missing_eos_mode: "subtract" (TRL) or "replace".
+      temperature, max_new_tokens, top_k, top_p, eos_id, pad_id: sampling (rlhf_jax.sampling).
+        The loss's log-probs are under softmax(logits / temperature) (untruncated).
+    """
+
+    kl_coef: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    num_minibatches: int = 1
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None
+    missing_eos_mode: str = "subtract"
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    eos_id: int | None = None
+    pad_id: int = 0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.kl_estimator not in losses.KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {losses.KL_ESTIMATORS}")
+        if self.missing_eos_mode not in ("subtract", "replace"):
+            raise ValueError("missing_eos_mode must be 'subtract' or 'replace'")
+        if self.ppo_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("ppo_epochs and num_minibatches must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("PPO needs temperature > 0 (sampling, and logits / temperature)")
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Everything one PPO iteration reads or writes (a pytree; donate it).
+
+    Attributes:
+      policy_params, policy_opt_state: the trained policy (a `Transformer`) and its optax state.
+      value_params, value_opt_state: the critic (a `ValueModel`) and its optax state.
+      ref_params: frozen reference policy (pi_ref, the SFT model).
+      reward_params: frozen reward-model params, or None when the reward is a host function.
+      kl_coef: float32 scalar, current KL coefficient.
+      step: int32 scalar, number of updates so far.
+      rng: the run's base key; iteration keys are fold_in(rng, step).
+    """
+
+    policy_params: Any
+    policy_opt_state: Any
+    value_params: Any
+    value_opt_state: Any
+    ref_params: Any
+    reward_params: Any
+    kl_coef: Any
+    step: Any
+    rng: Any
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of episodes (all float32 unless noted; B batch, P prompt, N new tokens).
+
+    query_tokens [B, P] int32, query_mask [B, P] int32: the left-padded prompts.
+    response_tokens [B, N] int32, response_mask [B, N] int32 (1 up to and including EOS).
+    sample_logps [B, N]: log-probs reported by the sampler.
+    logps [B, N]: teacher-forced policy log-probs at rollout time (PPO's old log-probs).
+    ref_logps [B, N]: reference log-probs of the same tokens.
+    values [B, N]: critic values V(s_t) at rollout time.
+    kl_exact [B, N]: full-vocabulary KL(pi(.|s_t) || pi_ref(.|s_t)) (losses.exact_kl).
+    has_eos [B] int32: 1 where the completion contains eos_id.
+    scores [B]: raw sequence scores (zeros until scored).
+    rewards, advantages, returns [B, N]: filled by `score` (zeros before).
+    """
+
+    query_tokens: Any
+    query_mask: Any
+    response_tokens: Any
+    response_mask: Any
+    sample_logps: Any
+    logps: Any
+    ref_logps: Any
+    values: Any
+    kl_exact: Any
+    has_eos: Any
+    scores: Any
+    rewards: Any
+    advantages: Any
+    returns: Any
+
+
+def create_ppo_state(
+    cfg: PPOConfig,
+    policy_params: Any,
+    value_params: Any,
+    ref_params: Any,
+    policy_optimizer: optax.GradientTransformation,
+    value_optimizer: optax.GradientTransformation,
+    rng: Any,
+    *,
+    reward_params: Any = None,
+) -> PPOState:
+    """A `PPOState` at step 0 with `kl_coef = cfg.kl_coef`.
+
+    Leaves shared between the param trees (a reference or value trunk initialised from the very
+    same arrays as the policy) are copied so the state can be donated.
+    """
+    ref_params = _unalias(ref_params, policy_params)
+    value_params = _unalias(value_params, (policy_params, ref_params))
+    if reward_params is not None:
+        reward_params = _unalias(reward_params, (policy_params, ref_params, value_params))
+    return PPOState(
+        policy_params=policy_params,
+        policy_opt_state=policy_optimizer.init(policy_params),
+        value_params=value_params,
+        value_opt_state=value_optimizer.init(value_params),
+        ref_params=ref_params,
+        reward_params=reward_params,
+        kl_coef=jnp.asarray(cfg.kl_coef, jnp.float32),
+        step=jnp.zeros((), jnp.int32),
+        rng=as_key(rng),
+    )
+
+
+def _sequence(query_tokens, query_mask, response_tokens, response_mask):
+    tokens = jnp.concatenate([query_tokens, response_tokens], axis=1)  # [B, P+N]
+    mask = jnp.concatenate([query_mask, response_mask], axis=1).astype(jnp.int32)  # [B, P+N]
+    return tokens, mask
+
+
+def _response_slice(x: jax.Array, p: int, n: int) -> jax.Array:
+    """Outputs at positions P-1 .. P+N-2: those that predict/evaluate response tokens 0..N-1."""
+    return x[:, p - 1 : p - 1 + n]
+
+
+def _policy_forward(policy_model, params, tokens, mask, response_tokens, p, temperature):
+    """(scaled response logits [B, N, V], response log-probs [B, N])."""
+    n = response_tokens.shape[1]
+    logits = policy_model.apply({"params": params}, tokens, attention_mask=mask)  # [B, P+N, V]
+    logits = _response_slice(logits, p, n) / temperature  # [B, N, V]
+    return logits, losses.token_logps(logits, response_tokens)
+
+
+def _masked_seq_sum(x, mask):
+    return jnp.sum(jnp.where(mask > 0, x, 0.0), axis=-1)  # [B]
+
+
+def make_ppo_rollout(
+    policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfig
+) -> Callable[[PPOState, Batch], tuple[PPOState, Rollout]]:
+    """Builds `rollout(state, prompt_batch) -> (state, Rollout)` (state unchanged; scores 0).
+
+    Samples N = cfg.max_new_tokens tokens with key fold_in(fold_in(rng, step), 0), then one
+    teacher-forced forward each of the policy, the reference and the critic on the full sequence.
+    """
+
+    def rollout(state: PPOState, batch: Batch) -> tuple[PPOState, Rollout]:
+        q_tok = jnp.asarray(batch["prompt_tokens"], jnp.int32)  # [B, P]
+        q_mask = jnp.asarray(batch["prompt_mask"]).astype(jnp.int32)  # [B, P]
+        b, p = q_tok.shape
+        rng_sample = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _RNG_SAMPLE)
+        gen = generate(
+            policy_model,
+            state.policy_params,
+            q_tok,
+            q_mask,
+            rng_sample,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            eos_id=cfg.eos_id,
+            pad_id=cfg.pad_id,
+        )
+        r_tok, r_mask = gen.tokens, gen.mask.astype(jnp.int32)  # [B, N]
+        tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)  # [B, P+N]
+        logits, logps = _policy_forward(
+            policy_model, state.policy_params, tokens, mask, r_tok, p, cfg.temperature
+        )
+        ref_logits, ref_logps = _policy_forward(
+            policy_model, state.ref_params, tokens, mask, r_tok, p, cfg.temperature
+        )
+        values = value_model.apply({"params": state.value_params}, tokens, mask)  # [B, P+N]
+        values = _response_slice(values, p, cfg.max_new_tokens)  # [B, N]
+        live = r_mask > 0
+        if cfg.eos_id is None:
+            has_eos = jnp.zeros((b,), jnp.int32)
+        else:
+            has_eos = jnp.any(live & (r_tok == cfg.eos_id), axis=1).astype(jnp.int32)  # [B]
+        zeros = jnp.zeros_like(logps)
+        ro = Rollout(
+            query_tokens=q_tok,
+            query_mask=q_mask,
+            response_tokens=r_tok,
+            response_mask=r_mask,
+            sample_logps=gen.logps,
+            logps=jnp.where(live, logps, 0.0),
+            ref_logps=jnp.where(live, ref_logps, 0.0),
+            values=jnp.where(live, values, 0.0),
+            kl_exact=jnp.where(live, losses.exact_kl(logits, ref_logits), 0.0),
+            has_eos=has_eos,
+            scores=jnp.zeros((b,), jnp.float32),
+            rewards=zeros,
+            advantages=zeros,
+            returns=zeros,
+        )
+        return state, jax.lax.stop_gradient(ro)
+
+    return rollout
+
+
+def penalize_missing_eos(
+    scores: Float[ArrayLike, " B"], has_eos: Int[ArrayLike, " B"], cfg: PPOConfig
+) -> Float[Array, " B"]:
+    """Scores after the missing-EOS penalty (module doc); unchanged when the penalty is None."""
+    scores = jnp.asarray(scores, jnp.float32)
+    if cfg.missing_eos_penalty is None or cfg.eos_id is None:
+        return scores
+    missing = has_eos == 0  # [B]
+    if cfg.missing_eos_mode == "subtract":
+        return jnp.where(missing, scores - cfg.missing_eos_penalty, scores)
+    return jnp.where(missing, jnp.float32(cfg.missing_eos_penalty), scores)
+
+
+def make_ppo_score(cfg: PPOConfig) -> Callable[[PPOState, Rollout], tuple[PPOState, Rollout]]:
+    """Builds `score(state, rollout) -> (state, rollout)` from `rollout.scores` [B].
+
+    `R = kl_penalized_rewards(penalized scores, logps, ref_logps, mask, kl_coef=state.kl_coef)`
+    (seed eq. 3 per token), optionally `whiten(R, shift_mean=False)`, then
+    `A, returns = gae(R, values, mask)` and optionally `A = whiten(A)`.
+    """
+
+    def score(state: PPOState, ro: Rollout) -> tuple[PPOState, Rollout]:
+        mask = ro.response_mask
+        scores = penalize_missing_eos(ro.scores, ro.has_eos, cfg)  # [B]
+        rewards = losses.kl_penalized_rewards(
+            scores, ro.logps, ro.ref_logps, mask, kl_coef=state.kl_coef, estimator=cfg.kl_estimator
+        )  # [B, N]
+        if cfg.whiten_rewards:
+            rewards = losses.whiten(rewards, mask, shift_mean=False)
+        adv, ret = losses.gae(rewards, ro.values, mask, gamma=cfg.gamma, lam=cfg.lam)  # [B, N]
+        if cfg.whiten_advantages:
+            adv = losses.whiten(adv, mask)
+        ro = ro.replace(
+            scores=jnp.asarray(ro.scores, jnp.float32), rewards=rewards, advantages=adv, returns=ret
+        )
+        return state, jax.lax.stop_gradient(ro)
+
+    return score
+
+
+def rollout_metrics(ro: Rollout, cfg: PPOConfig, kl_coef: jax.Array) -> Metrics:
+    """Scalar statistics of a scored rollout (means over sequences of per-sequence sums)."""
+    mask = ro.response_mask
+    k1 = _masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k1"), mask)
+    k3 = _masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k3"), mask)
+    scores = penalize_missing_eos(ro.scores, ro.has_eos, cfg)
+    return {
+        "score": jnp.mean(ro.scores),
+        "score_penalized": jnp.mean(scores),
+        "rlhf_reward": jnp.mean(jnp.sum(ro.rewards, axis=-1)),
+        "kl_k1": jnp.mean(k1),
+        "kl_k3": jnp.mean(k3),
+        "kl_exact": jnp.mean(_masked_seq_sum(ro.kl_exact, mask)),
+        "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+        "response_length": jnp.mean(jnp.sum(mask, axis=-1).astype(jnp.float32)),
+        "eos_rate": jnp.mean(ro.has_eos.astype(jnp.float32)),
+        "advantage_mean": jnp.sum(ro.advantages * mask) / jnp.maximum(jnp.sum(mask), 1),
+        "return_mean": jnp.sum(ro.returns * mask) / jnp.maximum(jnp.sum(mask), 1),
+    }
+
+
+def make_ppo_loss(
+    policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfig
+) -> Callable[[tuple[Any, Any], Mapping[str, jax.Array]], tuple[jax.Array, Metrics]]:
+    """`loss_fn((policy_params, value_params), minibatch) -> (loss, metrics)`.
+
+    `loss = ppo_policy_loss(logps, old_logps, A) + vf_coef * ppo_value_loss(V, old_V, returns)`
+    (Schulman et al. 2017, eq. 7 and 9), logps recomputed under softmax(logits / temperature) as
+    in the rollout. The minibatch is a dict of Rollout fields.
+    """
+
+    def loss_fn(params, mb):
+        policy_params, value_params = params
+        r_tok, r_mask = mb["response_tokens"], mb["response_mask"]
+        p, n = mb["query_tokens"].shape[1], r_tok.shape[1]
+        tokens, mask = _sequence(mb["query_tokens"], mb["query_mask"], r_tok, r_mask)
+        logits, logps = _policy_forward(
+            policy_model, policy_params, tokens, mask, r_tok, p, cfg.temperature
+        )
+        pg_loss, pg_m = losses.ppo_policy_loss(
+            logps, mb["logps"], mb["advantages"], r_mask, clip_eps=cfg.clip_eps
+        )
+        values = _response_slice(value_model.apply({"params": value_params}, tokens, mask), p, n)
+        vf_loss, vf_m = losses.ppo_value_loss(
+            values, mb["values"], mb["returns"], r_mask, clip_eps=cfg.value_clip_eps
+        )
+        live = r_mask > 0
+        n_tok = jnp.maximum(jnp.sum(live), 1)
+        entropy = losses.entropy_from_logits(logits)  # [b, N]
+        metrics = {
+            "policy_loss": pg_loss,
+            "value_loss": vf_loss,
+            "clipfrac": pg_m["clipfrac"],
+            "approx_kl": pg_m["approx_kl"],
+            "value_clipfrac": vf_m["clipfrac"],
+            "entropy": jnp.sum(jnp.where(live, entropy, 0.0)) / n_tok,
+            "value_error": jnp.sum(jnp.where(live, jnp.square(values - mb["returns"]), 0.0))
+            / n_tok,
+        }
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        return loss, {"loss": loss, **metrics}
+
+    return loss_fn
+
+
+_TRAIN_FIELDS = (
+    "query_tokens",
+    "query_mask",
+    "response_tokens",
+    "response_mask",
+    "logps",
+    "values",
+    "advantages",
+    "returns",
+)
+
+
+def make_ppo_update(
+    policy_model: nn.Module,
+    value_model: nn.Module,
+    policy_optimizer: optax.GradientTransformation,
+    value_optimizer: optax.GradientTransformation,
+    cfg: PPOConfig,
+) -> Callable[[PPOState, Rollout], tuple[PPOState, Metrics]]:
+    """Builds `update(state, rollout) -> (state, metrics)`: one compiled PPO update.
+
+    `lax.scan` over cfg.ppo_epochs epochs, each a `lax.scan` over cfg.num_minibatches minibatches
+    of a permutation drawn from fold_in(fold_in(rng, step), 1); every minibatch takes one step of
+    each optimizer on the gradient of `loss = policy_loss + vf_coef * value_loss` w.r.t. both
+    param trees. Then, with cfg.kl_target set, `kl_coef = adaptive_kl_coef(kl_coef, mean_b
+    sum_t k(t), B, target, horizon)` (k = cfg.kl_estimator on the rollout). step += 1.
+
+    Metrics (minibatch means, plus rollout statistics): loss, grad_norm / update_norm (joint over
+    both trees), policy_grad_norm, value_grad_norm, policy_loss, value_loss, clipfrac, approx_kl,
+    value_clipfrac, entropy, value_error, score, score_penalized, rlhf_reward, kl_k1, kl_k3,
+    kl_exact, kl_coef (the one used for this rollout), kl_coef_next, response_length, eos_rate,
+    advantage_mean, return_mean.
+    """
+    loss_fn = make_ppo_loss(policy_model, value_model, cfg)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def minibatch_step(carry, mb):
+        pp, po, vp, vo = carry
+        (gp, gv), metrics = grad_fn((pp, vp), mb)
+        pp, po, pn = apply_gradients(policy_optimizer, pp, po, gp)
+        vp, vo, vn = apply_gradients(value_optimizer, vp, vo, gv)
+        metrics = {
+            **metrics,
+            "grad_norm": jnp.sqrt(pn["grad_norm"] ** 2 + vn["grad_norm"] ** 2),
+            "update_norm": jnp.sqrt(pn["update_norm"] ** 2 + vn["update_norm"] ** 2),
+            "policy_grad_norm": pn["grad_norm"],
+            "value_grad_norm": vn["grad_norm"],
+        }
+        return (pp, po, vp, vo), metrics
+
+    def update(state: PPOState, ro: Rollout) -> tuple[PPOState, Metrics]:
+        b = ro.response_tokens.shape[0]
+        nmb = cfg.num_minibatches
+        if b % nmb:
+            raise ValueError(f"rollout batch {b} is not divisible by num_minibatches={nmb}")
+        data = {k: getattr(ro, k) for k in _TRAIN_FIELDS}
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _RNG_MINIBATCH)
+
+        def epoch(carry, rng_epoch):
+            perm = jax.random.permutation(rng_epoch, b).reshape(nmb, b // nmb)  # [M, b/M]
+            return jax.lax.scan(
+                lambda c, idx: minibatch_step(c, jax.tree.map(lambda x: x[idx], data)), carry, perm
+            )
+
+        carry = (state.policy_params, state.policy_opt_state, state.value_params)
+        carry = (*carry, state.value_opt_state)
+        carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(rng, cfg.ppo_epochs))
+        metrics = jax.tree.map(jnp.mean, metrics)  # over epochs x minibatches
+        kl_coef = state.kl_coef
+        if cfg.kl_target is not None:
+            seq_kl = _masked_seq_sum(
+                losses.kl_estimate(ro.logps, ro.ref_logps, estimator=cfg.kl_estimator),
+                ro.response_mask,
+            )  # [B]
+            kl_coef = losses.adaptive_kl_coef(
+                kl_coef, jnp.mean(seq_kl), b, target=cfg.kl_target, horizon=cfg.kl_horizon
+            )
+        pp, po, vp, vo = carry
+        metrics = {
+            **metrics,
+            **rollout_metrics(ro, cfg, state.kl_coef),
+            "kl_coef_next": jnp.asarray(kl_coef, jnp.float32),
+        }
+        state = state.replace(
+            policy_params=pp,
+            policy_opt_state=po,
+            value_params=vp,
+            value_opt_state=vo,
+            kl_coef=jnp.asarray(kl_coef, jnp.float32),
+            step=state.step + 1,
+        )
+        return state, metrics
+
+    return update
+
+
+def reward_model_fn(reward_model: nn.Module) -> Callable[[Any, Rollout], jax.Array]:
+    """`reward_fn(reward_params, rollout) -> scores [B]`: a `RewardModel` on prompt + response
+    (its head reads the last real token: EOS, or the last sampled token when truncated)."""
+
+    def reward_fn(params: Any, ro: Rollout) -> jax.Array:
+        tokens, mask = _sequence(
+            ro.query_tokens, ro.query_mask, ro.response_tokens, ro.response_mask
+        )
+        return reward_model.apply({"params": params}, tokens, mask)
+
+    return reward_fn
+
+
+class PPOFunctions(NamedTuple):
+    """The pure PPO functions of one configuration (see the module doc for the data flow)."""
+
+    rollout: Callable[[PPOState, Batch], tuple[PPOState, Rollout]]
+    score: Callable[[PPOState, Rollout], tuple[PPOState, Rollout]]
+    update: Callable[[PPOState, Rollout], tuple[PPOState, Metrics]]
+    rollout_and_score: Callable[[PPOState, Batch], tuple[PPOState, Rollout]] | None
+    step: Callable[[PPOState, Batch], tuple[PPOState, Metrics]] | None
+
+
+def make_ppo(
+    policy_model: nn.Module,
+    value_model: nn.Module,
+    policy_optimizer: optax.GradientTransformation,
+    value_optimizer: optax.GradientTransformation,
+    cfg: PPOConfig,
+    *,
+    reward_fn: Callable[[Any, Rollout], jax.Array] | None = None,
+) -> PPOFunctions:
+    """All PPO functions for one configuration.
+
+    Args:
+      policy_model: the policy (and reference) `Transformer`.
+      value_model: the critic `ValueModel`.
+      policy_optimizer, value_optimizer: optax transformations of the two param trees.
+      cfg: PPOConfig.
+      reward_fn: a JAX function `(state.reward_params, rollout) -> scores [B]` (e.g.
+        `reward_model_fn(RewardModel(cfg))`); then `rollout_and_score` and the fused `step`
+        exist. None for a host reward (Python on decoded texts): use rollout → host → score.
+    Returns:
+      PPOFunctions(rollout, score, update, rollout_and_score, step); un-jitted.
+    """
+    rollout = make_ppo_rollout(policy_model, value_model, cfg)
+    score = make_ppo_score(cfg)
+    update = make_ppo_update(policy_model, value_model, policy_optimizer, value_optimizer, cfg)
+    if reward_fn is None:
+        return PPOFunctions(rollout, score, update, None, None)
+
+    def rollout_and_score(state: PPOState, batch: Batch) -> tuple[PPOState, Rollout]:
+        state, ro = rollout(state, batch)
+        scores = jax.lax.stop_gradient(reward_fn(state.reward_params, ro))  # [B]
+        return score(state, ro.replace(scores=jnp.asarray(scores, jnp.float32)))
+
+    def step(state: PPOState, batch: Batch) -> tuple[PPOState, Metrics]:
+        state, ro = rollout_and_score(state, batch)
+        return update(state, ro)
+
+    return PPOFunctions(rollout, score, update, rollout_and_score, step)
+
+
+def make_ppo_step(
+    policy_model: nn.Module,
+    value_model: nn.Module,
+    policy_optimizer: optax.GradientTransformation,
+    value_optimizer: optax.GradientTransformation,
+    cfg: PPOConfig,
+    reward_fn: Callable[[Any, Rollout], jax.Array],
+) -> Callable[[PPOState, Batch], tuple[PPOState, Metrics]]:
+    """The fused `step(state, prompt_batch) -> (state, metrics)`: rollout, JAX reward, score,
+    update in one program (see `make_ppo`)."""
+    fns = make_ppo(
+        policy_model, value_model, policy_optimizer, value_optimizer, cfg, reward_fn=reward_fn
+    )
+    return fns.step
+
+
+def response_token_lists(
+    ro: Rollout, *, include_query: bool = False, drop_id: int | None = None
+) -> list[list[int]]:
+    """Host helper for text rewards: each row's real tokens (response only, or prompt +
+    response) as Python lists, ready for `tokenizer.decode_batch`; `drop_id` (e.g. the EOS id)
+    is removed from responses. Synchronises with the device."""
+    r_tok, r_mask = np.asarray(ro.response_tokens), np.asarray(ro.response_mask)
+    keep = (r_mask > 0) & (r_tok != drop_id) if drop_id is not None else r_mask > 0
+    rows = [t[k].tolist() for t, k in zip(r_tok, keep)]
+    if include_query:
+        q_tok, q_mask = np.asarray(ro.query_tokens), np.asarray(ro.query_mask)
+        rows = [q[m > 0].tolist() + r for q, m, r in zip(q_tok, q_mask, rows)]
+    return rows

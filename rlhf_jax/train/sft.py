@@ -1,0 +1,96 @@
+"""Supervised fine-tuning step: masked next-token negative log-likelihood on demonstrations.
+
+Batch (contract "Demonstration batch", right-padded, all int32 [B, T]):
+  tokens          `[prompt][response][EOS][pad...]`
+  attention_mask  1 on real tokens
+  loss_mask       1 on response tokens and the EOS after them (not shifted)
+The step predicts `tokens[:, 1:]` from `logits[:, :-1]` and weights them by `loss_mask[:, 1:]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import losses
+from rlhf_jax.train.state import TrainState, apply_gradients
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+_REDUCTIONS = ("token", "example")
+
+
+def make_sft_loss(
+    model: nn.Module, *, reduction: str = "token"
+) -> Callable[[Any, Batch], tuple[jax.Array, Metrics]]:
+    """Builds `loss_fn(params, batch) -> (loss, metrics)` for SFT (seed, "Supervised Fine-Tuning").
+
+    reduction="token": `L = -sum_{b,t} m[b,t] log pi(x[b,t+1] | x[b,:t+1]) / max(sum m, 1)`, every
+    response token weighs the same (long demonstrations count more; the usual SFT choice).
+    reduction="example": `L = mean_b losses.sft_loss(...)[b]`, the per-example mean NLL averaged
+    over examples (every demonstration weighs the same).
+
+    Metrics: loss, nll_token (token-weighted NLL, whatever the reduction), accuracy (argmax ==
+    target over masked tokens), num_tokens.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; accepted values: {_REDUCTIONS}")
+
+    def loss_fn(params: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
+        tokens = batch["tokens"]
+        logits = model.apply({"params": params}, tokens, attention_mask=batch["attention_mask"])
+        logits, targets = logits[:, :-1], tokens[:, 1:]  # [B, T-1, V], [B, T-1]
+        mask = batch["loss_mask"][:, 1:].astype(jnp.float32)  # [B, T-1]
+        n_tok = jnp.maximum(mask.sum(), 1.0)
+        tlp = losses.token_logps(logits, targets)  # [B, T-1]
+        nll_token = -jnp.sum(jnp.where(mask > 0, tlp, 0.0)) / n_tok
+        if reduction == "token":
+            loss = nll_token
+        else:
+            loss = jnp.mean(losses.sft_loss(logits, targets, mask))
+        hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)  # [B, T-1]
+        metrics = {
+            "loss": loss,
+            "nll_token": nll_token,
+            "accuracy": jnp.sum(hit * mask) / n_tok,
+            "num_tokens": mask.sum(),
+        }
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_sft_step(
+    model: nn.Module, optimizer: optax.GradientTransformation, *, reduction: str = "token"
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds the pure SFT step `step(state, batch) -> (state, metrics)` (un-jitted).
+
+    Args:
+      model: the `Transformer` (LM) whose params are `state.params`.
+      optimizer: the optax transformation `state.opt_state` belongs to.
+      reduction: "token" (token-weighted mean NLL, default) or "example" (mean over examples of
+        the per-example mean NLL, `losses.sft_loss`).
+    Returns:
+      The step; metrics: loss, grad_norm, update_norm, nll_token, accuracy, num_tokens.
+    """
+    loss_fn = make_sft_loss(model, reduction=reduction)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
+        params, opt_state, norms = apply_gradients(optimizer, state.params, state.opt_state, grads)
+        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return state, {**metrics, **norms}
+
+    return step
+
+
+def make_sft_eval(model: nn.Module, *, reduction: str = "token") -> Callable[[Any, Batch], Metrics]:
+    """`eval_fn(params, batch) -> metrics`: the SFT metrics without an update."""
+    loss_fn = make_sft_loss(model, reduction=reduction)
+    return lambda params, batch: loss_fn(params, batch)[1]

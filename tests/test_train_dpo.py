@@ -1,0 +1,206 @@
+"""DPO-family step: loss vs losses.dpo_loss on log-probs from a plain per-row loop, precomputed
+reference == frozen reference, vmap over beta == separate steps, SimPO/ORPO, no recompilation,
+reference log-probs stored with the data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import losses
+from rlhf_jax.models import Transformer, get_config, init_params
+from rlhf_jax.train import (
+    attach_reference_logps,
+    attach_reference_to_records,
+    compute_reference_logps,
+    create_train_state,
+    load_reference_logps,
+    make_dpo_step,
+    save_reference_logps,
+    stack_states,
+    unstack_state,
+)
+
+CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=1, n_heads=2)
+MODEL = Transformer(CFG)
+B, T = 4, 10
+
+
+def preference_batch(seed, b=B, t=T, v=CFG.vocab_size):
+    """Right-padded pairs sharing a prompt; responses of random lengths."""
+    rs = np.random.RandomState(seed)
+    out = {}
+    prompts = [rs.randint(1, v, size=rs.randint(2, 4)) for _ in range(b)]
+    for side in ("chosen", "rejected"):
+        tokens = np.zeros((b, t), np.int32)
+        attn = np.zeros((b, t), np.int32)
+        loss = np.zeros((b, t), np.int32)
+        for i, prompt in enumerate(prompts):
+            n_p = len(prompt)
+            length = rs.randint(n_p + 1, t + 1)
+            tokens[i, :n_p] = prompt
+            tokens[i, n_p:length] = rs.randint(1, v, size=length - n_p)
+            attn[i, :length] = 1
+            loss[i, n_p:length] = 1
+        out[f"{side}_tokens"], out[f"{side}_attention_mask"] = tokens, attn
+        out[f"{side}_loss_mask"] = loss
+    return out
+
+
+_FWD_ROW = jax.jit(lambda p, tok, mask: MODEL.apply({"params": p}, tok, attention_mask=mask))
+
+
+def loop_logps(params, batch, side, average=False):
+    """Plain loop over rows: one [1, T] forward each, sum of log-softmax at targets where the
+    (shifted) loss mask is 1."""
+    out = []
+    for i in range(batch[f"{side}_tokens"].shape[0]):
+        tok = batch[f"{side}_tokens"][i : i + 1]
+        logits = np.asarray(_FWD_ROW(params, tok, batch[f"{side}_attention_mask"][i : i + 1]))[0]
+        logits = logits.astype(np.float64)
+        total, count = 0.0, 0
+        for t in range(tok.shape[1] - 1):
+            if batch[f"{side}_loss_mask"][i, t + 1]:
+                z = logits[t]
+                logz = np.log(np.sum(np.exp(z - z.max()))) + z.max()
+                total += z[tok[0, t + 1]] - logz
+                count += 1
+        out.append(total / max(count, 1) if average else total)
+    return np.asarray(out, np.float32)
+
+
+def copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def counted_jit(step, traces):
+    def counted(state, batch):
+        traces.append(1)
+        return step(state, batch)
+
+    return jax.jit(counted, donate_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    policy = init_params(CFG, jax.random.PRNGKey(0))
+    ref = init_params(CFG, jax.random.PRNGKey(1))
+    # Plain SGD: params after a step are linear in the gradient, so comparisons of params are
+    # well-conditioned (Adam's first step, g / (|g| + eps), amplifies rounding where g ~ eps).
+    opt = optax.sgd(0.5)
+    traces = []
+    raw = make_dpo_step(MODEL, opt, label_smoothing=0.1)
+    return policy, ref, opt, counted_jit(raw, traces), traces, raw
+
+
+def state_for(setup, beta, frozen=True):
+    policy, ref, opt, *_ = setup
+    return create_train_state(
+        copy(policy), opt, 0, frozen=copy(ref) if frozen else None, hparams={"beta": beta}
+    )
+
+
+def test_dpo_step_matches_loss_on_loop_logps(setup):
+    policy, ref, _, step, *_ = setup
+    batch = preference_batch(0)
+    pc, pr = loop_logps(policy, batch, "chosen"), loop_logps(policy, batch, "rejected")
+    rc, rr = loop_logps(ref, batch, "chosen"), loop_logps(ref, batch, "rejected")
+    want, wm = losses.dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta=0.1, label_smoothing=0.1)
+    state, m = step(state_for(setup, 0.1), batch)
+    np.testing.assert_allclose(m["loss"], np.mean(want), rtol=1e-5)
+    np.testing.assert_allclose(m["logps/chosen"], pc.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["logps/rejected"], pr.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["rewards/chosen"], 0.1 * (pc - rc).mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["rewards/rejected"], 0.1 * (pr - rr).mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        m["rewards/margin"], 0.1 * ((pc - rc) - (pr - rr)).mean(), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(m["rewards/accuracy"], np.mean((pc - rc) > (pr - rr)))
+    assert np.isfinite(float(m["grad_norm"])) and float(m["update_norm"]) > 0
+    # The frozen reference is untouched by the update.
+    for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_precomputed_reference_equals_frozen_reference(setup, tmp_path):
+    policy, ref, opt, step, *_ = setup
+    batches = [preference_batch(10), preference_batch(11)]
+    chosen, rejected = compute_reference_logps(MODEL, ref, batches)
+    assert chosen.shape == rejected.shape == (2 * B,)
+    np.testing.assert_allclose(chosen[B:], loop_logps(ref, batches[1], "chosen"), rtol=1e-5)
+    np.testing.assert_allclose(rejected[:B], loop_logps(ref, batches[0], "rejected"), rtol=1e-5)
+
+    # Stored with the data: an .npz beside it, or fields of the records.
+    path = str(tmp_path / "ref.npz")
+    save_reference_logps(path, chosen, rejected)
+    c2, r2 = load_reference_logps(path)
+    np.testing.assert_array_equal(c2, chosen)
+    recs = attach_reference_to_records([{"id": i} for i in range(2 * B)], c2, r2)
+    assert recs[3]["reference_rejected_logps"] == float(r2[3]) and recs[3]["id"] == 3
+
+    # An "index" key places rows by example id.
+    shuffled = {**batches[0], "index": np.array([7, 6, 5, 4])}
+    c3, _ = compute_reference_logps(MODEL, ref, [shuffled])
+    np.testing.assert_allclose(c3[[7, 6, 5, 4]], chosen[:B], rtol=1e-6)
+
+    cached_step = jax.jit(make_dpo_step(MODEL, opt, label_smoothing=0.1), donate_argnums=0)
+    s_frozen, s_cached = state_for(setup, 0.1), state_for(setup, 0.1, frozen=False)
+    for i, batch in enumerate(batches):
+        s_frozen, m_frozen = step(s_frozen, batch)
+        batch = attach_reference_logps(batch, chosen[i * B : (i + 1) * B], rejected[i * B :][:B])
+        s_cached, m_cached = cached_step(s_cached, batch)
+        np.testing.assert_allclose(m_cached["loss"], m_frozen["loss"], rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s_cached.params), jax.tree.leaves(s_frozen.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="reference"):
+        cached_step(s_cached, batches[0])  # neither frozen params nor cached log-probs
+
+
+def test_vmap_over_beta_equals_separate_steps(setup):
+    _, _, _, step, _, raw = setup
+    betas = [0.05, 0.1, 0.5]
+    batch = preference_batch(2)
+    sweep = jax.jit(jax.vmap(raw, in_axes=(0, None)), donate_argnums=0)
+    stacked, m_sweep = sweep(stack_states([state_for(setup, b) for b in betas]), batch)
+    for i, beta in enumerate(betas):
+        single, m_single = step(state_for(setup, beta), batch)
+        np.testing.assert_allclose(m_sweep["loss"][i], m_single["loss"], rtol=1e-5, atol=1e-6)
+        got = unstack_state(stacked, i).params
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(single.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(m_sweep["loss"][0], m_sweep["loss"][2])
+
+
+def test_dpo_step_compiles_once(setup):
+    *_, step, traces, _ = setup
+    state = state_for(setup, 0.1)
+    n = step._cache_size()
+    for seed in range(3):
+        state, m = step(state, preference_batch(20 + seed))
+        assert np.isfinite(float(m["loss"]))
+    assert step._cache_size() == n == 1 and len(traces) == 1
+    assert int(state.step) == 3
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_variants(setup, loss_type):
+    policy, _, opt, *_ = setup
+    batch = preference_batch(3)
+    pc = loop_logps(policy, batch, "chosen", average=True)
+    pr = loop_logps(policy, batch, "rejected", average=True)
+    if loss_type == "simpo":
+        want = np.mean(losses.simpo_loss(jnp.asarray(pc), jnp.asarray(pr), beta=2.0, gamma=0.3))
+        hparams = {"beta": 2.0, "gamma": 0.3}
+    else:
+        # NLL = token-weighted mean over chosen response tokens = sum of sums / count.
+        n_tok = batch["chosen_loss_mask"][:, 1:].sum(1)
+        nll = -np.sum(pc * n_tok) / n_tok.sum()
+        odds = np.mean(losses.orpo_odds_ratio_loss(jnp.asarray(pc), jnp.asarray(pr)))
+        want = nll + 0.1 * odds
+        hparams = {"beta": 0.1}
+    state = create_train_state(copy(policy), opt, 0, hparams=hparams)
+    _, m = jax.jit(make_dpo_step(MODEL, opt, loss_type=loss_type))(state, batch)
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["logps/chosen"], pc.mean(), rtol=1e-5)
+    assert np.isfinite(float(m["grad_norm"]))
