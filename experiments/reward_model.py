@@ -1,0 +1,160 @@
+"""Bradley-Terry reward model (seed eq. 2) on pairs sampled from the SFT model.
+
+    .venv/bin/python experiments/reward_model.py --preset tiny --init-from runs/sft_tiny \\
+        --workdir runs/rm_tiny
+    .venv/bin/python experiments/reward_model.py --init-from runs/sft --workdir runs/rm
+    .venv/bin/python experiments/reward_model.py --init-from runs/sft --pairs my_pairs.jsonl
+
+As in the DPO paper's IMDb setup: `completions_per_prompt` completions are sampled from the SFT
+model (--init-from, an SFT workdir or an HF GPT-2 folder) for each of the first `num_prompts`
+training prefixes, all pairs of a prompt are labelled by the ground-truth reward (VADER), and the
+reward model (the SFT trunk plus a linear head on the last token) is trained on them. Held-out
+pairs come from test prefixes the same way. With --pairs the pairs are read from a JSONL file
+(prompt, chosen, rejected) and its last tenth is held out.
+
+Writes into WORKDIR: run_config.json, pairs.jsonl and pairs_test.jsonl (reused on rerun),
+metrics.jsonl (step, loss, accuracy, margin, ..., eval/accuracy = held-out pair accuracy),
+tensorboard/, checkpoints/, and when finished reward_model/ (the trunk as an HF folder plus
+head.safetensors) and model_config.json: the --reward of ppo.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+
+from rlhf_jax import data, models, runner, sharding, train
+from rlhf_jax.data import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Bradley-Terry reward model on ground-truth-labelled pairs of SFT samples."""
+
+    workdir: str = "runs/reward_model"
+    data_dir: str = runner.default_data_dir(__file__)  # prepared synthetic task (cached)
+    init_from: str | None = None  # the SFT workdir (or HF GPT-2 folder): sampler and trunk
+    pairs: str | None = None  # a preference JSONL to train on instead of sampling pairs
+    num_prompts: int = 2000  # training prefixes; pairs = num_prompts * k(k-1)/2 minus ties
+    num_test_prompts: int = 200  # held-out prefixes
+    completions_per_prompt: int = 4  # k
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    max_prompt_length: int = 8
+    max_length: int = 64  # tokens per prompt + completion row
+    steps: int = 1000
+    batch_size: int = 32  # global, over all devices and hosts
+    learning_rate: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    log_every: int = 20
+    checkpoint_every: int = 250
+    eval_every: int = 250
+    seed: int = 0
+    mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
+
+
+PRESETS = {
+    "default": Config(),
+    "tiny": Config(
+        workdir="runs/rm_tiny",
+        num_prompts=48,
+        num_test_prompts=16,
+        max_new_tokens=24,
+        max_length=40,
+        steps=30,
+        batch_size=16,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        log_every=10,
+        checkpoint_every=30,
+        eval_every=30,
+    ),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Runs the command line `argv`; returns the metrics rows."""
+    config = runner.parse_config(Config, PRESETS, argv, description=__doc__)
+    sharding.init_distributed()
+    mesh = runner.resolve_mesh(config.mesh)
+    local_batch = runner.check_batch(config.batch_size, mesh)
+    if not config.init_from:
+        raise runner.ConfigError("the reward model starts from the SFT model: pass --init-from")
+    runner.write_run_config(config.workdir, config)
+    task = synthetic.load_task(synthetic.prepare(config.data_dir))
+    tok = runner.task_tokenizer(task)
+    cfg, lm_params = runner.load_init_params(config.init_from)
+    runner.check_model(
+        cfg,
+        tok,
+        max_length=max(config.max_length, config.max_prompt_length + config.max_new_tokens),
+    )
+
+    if config.pairs:
+        records = data.read_preference_jsonl(config.pairs)
+        n_test = max(1, len(records) // 10)
+        records, test_records = records[:-n_test], records[-n_test:]
+    else:
+        sample = dict(
+            seed=config.seed,
+            completions_per_prompt=config.completions_per_prompt,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            max_prompt_length=config.max_prompt_length,
+        )
+        pairs = runner.task_preference_pairs
+        records = pairs(
+            task, cfg, lm_params, config.workdir, num_prompts=config.num_prompts, **sample
+        )
+        test_records = pairs(
+            task,
+            cfg,
+            lm_params,
+            config.workdir,
+            split="test",
+            num_prompts=config.num_test_prompts,
+            **sample,
+        )
+    print(f"reward model: {len(records)} training pairs, {len(test_records)} held-out pairs")
+
+    reward_model = models.RewardModel(cfg)
+    opt = train.make_optimizer(
+        config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
+        weight_decay=config.weight_decay,
+    )
+    params = models.init_reward_params(cfg, jax.random.PRNGKey(config.seed), lm_params)
+    state = train.create_train_state(params, opt, config.seed)
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    loader = runner.task_loaders(
+        task, "preference", records=records, batch_size=local_batch, seed=config.seed, **lengths
+    )
+
+    def eval_fn(state, step):
+        return runner.preference_accuracy(reward_model, state.params, test_records, tok, **lengths)
+
+    state, rows = runner.fit(
+        train.make_reward_step(reward_model, opt),
+        state,
+        loader,
+        workdir=config.workdir,
+        steps=config.steps,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        mesh=mesh,
+        eval_fn=eval_fn,
+        eval_every=config.eval_every,
+        desc="reward model",
+    )
+    runner.save_reward_model(config.workdir, cfg, state.params, tokenizer=tok)
+    if rows and "eval/accuracy" in rows[-1]:
+        print(f"reward model: held-out pair accuracy {rows[-1]['eval/accuracy']:.3f}")
+    return rows
+
+
+if __name__ == "__main__":
+    runner.run_cli(main)

@@ -1,0 +1,139 @@
+"""Supervised fine-tuning: the language model ("SFT" / pretrained policy) of the offline task.
+
+    .venv/bin/python experiments/sft.py --preset tiny --workdir runs/sft_tiny   # seconds on CPU
+    .venv/bin/python experiments/sft.py --workdir runs/sft                      # the default run
+    .venv/bin/python experiments/sft.py --init-from PATH/gpt2 ...               # start from HF
+
+Trains a GPT-2-architecture decoder on the synthetic task's full reviews (`data/` of the repo or
+$RLHF_JAX_DATA, prepared on first use): every token after the first is predicted, so the model
+learns the reviews' distribution and to end them with EOS; prompts are then prefixes of them, as
+in the DPO paper's IMDb setup. Without --init-from the model is `--model` (a models.PRESETS name)
+from random init, its vocabulary set to the task tokenizer's.
+
+Writes into WORKDIR: run_config.json, metrics.jsonl (step, loss, nll_token, accuracy, grad_norm,
+update_norm, eval/nll_token, ...), tensorboard/, checkpoints/ (rerun the same command to resume),
+and when finished hf/ (a Hugging Face GPT-2 folder with the tokenizer) and model_config.json:
+the --init-from of reward_model.py, dpo.py and ppo.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+
+from rlhf_jax import models, runner, sharding, train
+from rlhf_jax.data import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Supervised fine-tuning on the synthetic reviews."""
+
+    workdir: str = "runs/sft"
+    data_dir: str = runner.default_data_dir(__file__)  # prepared synthetic task (cached)
+    init_from: str | None = None  # HF GPT-2 folder or an earlier workdir; None: random `model`
+    model: str = "small"  # models.PRESETS name for a random init
+    n_layers: int | None = None  # overrides the preset's depth
+    steps: int = 3000
+    batch_size: int = 32  # global, over all devices and hosts
+    max_length: int = 64  # tokens per row (the reviews have at most ~61 with EOS)
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    log_every: int = 50
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    eval_batches: int = 4  # held-out batches of the test split per evaluation (0: none)
+    seed: int = 0
+    mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
+
+
+PRESETS = {
+    "default": Config(),
+    "tiny": Config(
+        workdir="runs/sft_tiny",
+        model="tiny",
+        n_layers=1,
+        steps=60,
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        log_every=10,
+        checkpoint_every=30,
+        eval_batches=0,
+    ),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Runs the command line `argv`; returns the metrics rows."""
+    config = runner.parse_config(Config, PRESETS, argv, description=__doc__)
+    sharding.init_distributed()
+    mesh = runner.resolve_mesh(config.mesh)
+    local_batch = runner.check_batch(config.batch_size, mesh)
+    runner.write_run_config(config.workdir, config)
+    task = synthetic.load_task(synthetic.prepare(config.data_dir))
+    tok = runner.task_tokenizer(task)
+    if config.init_from:
+        cfg, params = runner.load_init_params(config.init_from)
+    else:
+        depth = {} if config.n_layers is None else {"n_layers": config.n_layers}
+        cfg = runner.model_config(config.model, tok, **depth)
+        params = models.init_params(cfg, jax.random.PRNGKey(config.seed))
+    runner.check_model(cfg, tok, max_length=config.max_length)
+
+    model = models.Transformer(cfg)
+    opt = train.make_optimizer(
+        config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
+        weight_decay=config.weight_decay,
+    )
+    state = train.create_train_state(params, opt, config.seed)
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_length - 1)
+    loader = runner.task_loaders(
+        task, "demonstration", batch_size=local_batch, seed=config.seed, **lengths
+    )
+    eval_fn = None
+    if config.eval_batches:
+        held_out = runner.task_loaders(
+            task,
+            "demonstration",
+            batch_size=local_batch,
+            seed=0,
+            split="test",
+            shuffle=False,
+            **lengths,
+        )
+        eval_set = [next(held_out) for _ in range(config.eval_batches)]
+        sft_eval = jax.jit(train.make_sft_eval(model))
+
+        def eval_fn(state, step):
+            rows = jax.device_get([sft_eval(state.params, b) for b in eval_set])
+            return {
+                k: sum(float(r[k]) for r in rows) / len(rows) for k in ("nll_token", "accuracy")
+            }
+
+    state, rows = runner.fit(
+        train.make_sft_step(model, opt),
+        state,
+        loader,
+        workdir=config.workdir,
+        steps=config.steps,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        mesh=mesh,
+        eval_fn=eval_fn,
+        eval_every=config.eval_every,
+        desc="sft",
+    )
+    runner.save_lm(config.workdir, cfg, state.params, tokenizer=tok)
+    if rows:
+        print(f"sft: step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}; wrote {config.workdir}")
+    return rows
+
+
+if __name__ == "__main__":
+    runner.run_cli(main)

@@ -1,0 +1,179 @@
+"""The four drivers end to end on their tiny presets: sft -> reward_model and dpo (--init-from the
+SFT workdir) -> ppo (--reward the reward-model workdir, and ground-truth); resume after a
+complete run, with more steps, and after SIGKILL (bit-identical); bad configurations.
+
+The synthetic task is prepared once into the repository's data/ (or $RLHF_JAX_DATA), as the
+drivers do by default. Drivers run in-process through `main(argv)`; only the killed run is a
+subprocess.
+"""
+
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_jax import runner, sharding
+from rlhf_jax.metrics_writer import read_metrics
+
+_ROOT = Path(__file__).resolve().parents[1]
+_NAMES = ("sft", "reward_model", "dpo", "ppo")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(
+        f"driver_{name}", _ROOT / "experiments" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their string annotations there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def drivers():
+    return {name: _load(name) for name in _NAMES}
+
+
+def _check_outputs(workdir, rows, last_step):
+    """metrics.jsonl rows with step and a finite loss, as returned; TensorBoard events."""
+    assert rows and rows == read_metrics(workdir)
+    assert all("step" in r and math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["step"] == last_step
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir()
+    )
+
+
+@pytest.fixture(scope="module")
+def sft(drivers, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sft") / "run"
+    argv = ["--preset", "tiny", "--workdir", str(workdir)]
+    return workdir, argv, drivers["sft"].main(argv)
+
+
+@pytest.fixture(scope="module")
+def reward_model(drivers, sft, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rm") / "run"
+    argv = ["--preset", "tiny", "--workdir", str(workdir), "--init-from", str(sft[0])]
+    return workdir, drivers["reward_model"].main(argv)
+
+
+def test_sft_tiny(sft):
+    workdir, _, rows = sft
+    _check_outputs(workdir, rows, 60)
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (workdir / "hf" / "model.safetensors").is_file()
+    cfg, _ = runner.load_init_params(workdir)
+    assert (cfg.d_model, cfg.n_layers) == (64, 1) and cfg.vocab_size % 128 == 0
+
+
+def test_rerun_of_a_complete_run_does_no_work(drivers, sft, monkeypatch):
+    workdir, argv, rows = sft
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    ckpts = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    compiles = []
+    monkeypatch.setattr(sharding, "compile_step", lambda *a, **k: compiles.append(a))
+    assert drivers["sft"].main(argv) == rows
+    assert compiles == []
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ckpts == ["30", "60"]
+
+
+def test_sigkill_then_rerun_is_bit_identical_and_more_steps_continue(drivers, sft, tmp_path):
+    reference, argv, rows = sft
+    workdir = tmp_path / "run"
+    argv = argv[:-1] + [str(workdir)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(_ROOT / "experiments" / "sft.py"), *argv],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not (workdir / "checkpoints" / "30").is_dir():
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    assert not (workdir / "hf").exists()  # killed before the end
+
+    assert drivers["sft"].main(argv) == rows
+    assert (workdir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+    weights = "hf/model.safetensors"
+    assert (workdir / weights).read_bytes() == (reference / weights).read_bytes()
+
+    more = drivers["sft"].main(argv + ["--steps", "70"])
+    assert [r["step"] for r in more] == [10, 20, 30, 40, 50, 60, 70] and more[:6] == rows
+    assert math.isfinite(more[-1]["loss"])
+
+
+def test_reward_model_tiny(reward_model):
+    workdir, rows = reward_model
+    _check_outputs(workdir, rows, 30)
+    assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
+    assert (workdir / "pairs.jsonl").is_file() and (workdir / "pairs_test.jsonl").is_file()
+    cfg, params = runner.load_reward_model(workdir)
+    assert params["head"]["kernel"].shape == (cfg.d_model, 1)
+
+
+def test_dpo_tiny_with_precomputed_reference(drivers, sft, reward_model, tmp_path):
+    argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
+    rows = drivers["dpo"].main(argv + ["--precompute-reference", "--beta", "0.2"])
+    _check_outputs(tmp_path, rows, 30)
+    assert {"rewards/accuracy", "rewards/margin", "grad_norm", "update_norm"} <= set(rows[-1])
+    assert (tmp_path / "reference_logps.npz").is_file() and (tmp_path / "hf").is_dir()
+    # Same seed and SFT model as the reward model: the same pairs.
+    assert (tmp_path / "pairs.jsonl").read_bytes() == (reward_model[0] / "pairs.jsonl").read_bytes()
+
+
+def test_ppo_tiny_with_the_reward_model(drivers, sft, reward_model, tmp_path):
+    argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
+    rows = drivers["ppo"].main(argv + ["--reward", str(reward_model[0])])
+    _check_outputs(tmp_path, rows, 4)
+    assert all(math.isfinite(r["score"]) and r["kl_exact"] >= -1e-6 for r in rows)
+    assert rows[-1]["kl_coef"] == pytest.approx(0.05)  # fixed coefficient
+    assert (tmp_path / "hf").is_dir()
+
+
+def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path):
+    argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
+    rows = drivers["ppo"].main(argv + ["--reward", "ground-truth", "--target-kl", "1.0"])
+    _check_outputs(tmp_path, rows, 4)
+    assert all(-1.0 <= r["score"] <= 1.0 for r in rows)  # VADER compound
+    assert rows[-1]["kl_coef_next"] != pytest.approx(0.05)  # adaptive
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_bad_configuration_fails_at_start(drivers, name, tmp_path):
+    main, wd = drivers[name].main, ["--workdir", str(tmp_path / "run")]
+    with pytest.raises(
+        runner.ConfigError, match="unknown preset 'huge'; choose one of: default, tiny"
+    ):
+        main(["--preset", "huge", *wd])
+    with pytest.raises(runner.ConfigError, match="impossible mesh for 8 devices: .*product is 8"):
+        main(["--preset", "tiny", "--mesh", "data=3", *wd])
+    with pytest.raises(runner.ConfigError, match="--batch-size: batch size 12 is not divisible"):
+        main(["--preset", "tiny", "--batch-size", "12", *wd])
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_resume_with_other_settings_and_cli_errors(drivers, sft, monkeypatch, capsys):
+    workdir, argv, _ = sft
+    with pytest.raises(runner.ConfigError, match="learning_rate: 0.003 -> 0.5"):
+        drivers["sft"].main(argv + ["--learning-rate", "0.5"])
+    monkeypatch.setattr(sys, "argv", ["dpo.py", "--preset", "tiny", "--workdir", str(workdir)])
+    with pytest.raises(SystemExit) as exit_info:
+        runner.run_cli(drivers["dpo"].main)
+    assert exit_info.value.code == 2
+    assert "error: DPO starts from" in capsys.readouterr().err
