@@ -1,0 +1,231 @@
+"""Tests of rlhf_jax.models: layout, padding, KV cache, dtype policy, remat, reward/value heads."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models import (
+    RewardModel,
+    Transformer,
+    TransformerConfig,
+    ValueModel,
+    get_config,
+    init_cache,
+    init_params,
+    init_reward_params,
+    init_value_params,
+    last_token_index,
+)
+
+CFG = TransformerConfig(vocab_size=97, max_len=32, d_model=48, n_layers=2, n_heads=3)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _params(cfg=CFG, seed=0, scale=5.0):
+    """Random params with non-trivial LayerNorms and biases (scaled so logits are not ~uniform)."""
+    params = init_params(cfg, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    new = [
+        (x * scale if x.ndim > 1 else x) + 0.1 * jax.random.normal(k, x.shape)
+        for x, k in zip(leaves, keys)
+    ]
+    return jax.tree.unflatten(treedef, new)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _apply(model, method, kwargs, params, *args):
+    """Jitted `model.apply` (eager Flax dispatch is slow on the shared test CPU)."""
+    return model.apply({"params": params}, *args, method=method, **dict(kwargs))
+
+
+def _fwd(cfg, params, *args):
+    return _apply(Transformer(cfg), "__call__", (), params, *args)
+
+
+def _tokens(shape, seed=0, vocab=CFG.vocab_size):
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def test_presets_and_parameter_counts():
+    def count(cfg):
+        shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+    # Parameter counts of HF's GPT2LMHeadModel (tied lm_head not counted twice).
+    assert count(get_config("gpt2")) == 124_439_808
+    assert count(get_config("gpt2-medium")) == 354_823_168
+    tiny = get_config("tiny")
+    assert (tiny.vocab_size, tiny.max_len, tiny.d_model, tiny.n_layers, tiny.n_heads) == (
+        1024,
+        128,
+        64,
+        2,
+        4,
+    )
+    assert tiny.d_ff == 256 and get_config("tiny", d_model=32).d_ff == 128
+    assert get_config("small", d_ff=100).d_ff == 100
+    with pytest.raises(ValueError):
+        TransformerConfig(d_model=10, n_heads=3)
+
+
+def test_param_names_mirror_hf():
+    p = init_params(CFG, jax.random.key(0))
+    assert set(p) == {"wte", "wpe", "ln_f", "h_0", "h_1"}
+    assert p["wte"]["embedding"].shape == (97, 48)
+    assert p["wpe"]["embedding"].shape == (32, 48)
+    h = p["h_1"]
+    assert h["attn"]["c_attn"]["kernel"].shape == (48, 144)
+    assert h["attn"]["c_proj"]["kernel"].shape == (48, 48)
+    assert h["mlp"]["c_fc"]["kernel"].shape == (48, 192)
+    assert h["mlp"]["c_proj"]["kernel"].shape == (192, 48)
+    assert set(h["ln_1"]) == {"scale", "bias"} and set(h["ln_2"]) == {"scale", "bias"}
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+
+
+def _padded(rows, lengths, side, pad_id=0):
+    """Row i's first lengths[i] tokens, left- or right-padded to the width of `rows` [B, W]
+    -> (tokens, mask, slice of the real tokens per row)."""
+    b, width = rows.shape
+    tokens, mask, where = np.full((b, width), pad_id, np.int32), np.zeros((b, width), np.int32), []
+    for i, n in enumerate(lengths):
+        sl = slice(width - n, width) if side == "left" else slice(0, n)
+        tokens[i, sl], mask[i, sl] = rows[i, :n], 1
+        where.append(sl)
+    return tokens, mask, where
+
+
+def test_left_and_right_padding_match_unpadded():
+    params = _params()
+    rows = _tokens((3, 9), seed=1)
+    lengths = [9, 5, 2]
+    # By causality the logits of a row's prefix are the first logits of the unpadded row.
+    alone = np.asarray(_fwd(CFG, params, rows))  # [3, 9, V]
+    for side in ("left", "right"):
+        tokens, mask, where = _padded(rows, lengths, side, pad_id=7)
+        logits = np.asarray(_fwd(CFG, params, tokens, mask))
+        assert np.all(np.isfinite(logits))
+        for i, (sl, n) in enumerate(zip(where, lengths)):
+            np.testing.assert_allclose(logits[i, sl], alone[i, :n], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    params, model = _params(), Transformer(CFG)
+    b, t = 3, 14
+    tokens = _tokens((b, t), seed=3)
+    mask = np.ones((b, t), np.int32)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    full = np.asarray(_fwd(CFG, params, tokens, mask))
+
+    def run(chunks):
+        cache = init_cache(CFG, b, t)
+        out, start = [], 0
+        for size in chunks:
+            sl = slice(start, start + size)
+            logits, cache = _apply(model, "decode", (), params, tokens[:, sl], mask[:, sl], cache)
+            out.append(np.asarray(logits))
+            start += size
+        assert int(cache.index) == t
+        np.testing.assert_array_equal(cache.positions, mask.sum(1))
+        return np.concatenate(out, axis=1)
+
+    real = mask.astype(bool)
+    token_by_token = run([1] * t)
+    np.testing.assert_allclose(token_by_token[real], full[real], atol=1e-5, rtol=0)
+    chunked = run([10, 1, 3])  # prefill the prompt, then decode
+    np.testing.assert_allclose(chunked[real], full[real], atol=1e-5, rtol=0)
+    # last_only returns the final position's logits
+    cache = init_cache(CFG, b, t)
+    last, _ = _apply(model, "decode", (("last_only", True),), params, tokens, mask, cache)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    params = _params()
+    tokens, mask, _ = _padded(_tokens((3, 9), seed=1), [9, 5, 2], "left", pad_id=7)
+    f32 = _fwd(CFG, params, tokens, mask)
+    bf16 = _fwd(dataclasses.replace(CFG, dtype="bfloat16"), params, tokens, mask)
+    assert bf16.dtype == jnp.float32
+    real = mask.astype(bool)
+    err = np.abs(np.asarray(bf16) - np.asarray(f32))[real].max()
+    assert err < 0.05 * np.abs(np.asarray(f32)[real]).max(), err
+    # Same argmax almost everywhere.
+    agree = (np.asarray(bf16).argmax(-1) == np.asarray(f32).argmax(-1))[real].mean()
+    assert agree > 0.9
+
+
+def test_remat_gives_same_logits_and_grads():
+    params = _params()
+    tokens, mask = _tokens((2, 9), seed=5), np.ones((2, 9), np.int32)
+    mask[1, :2] = 0
+
+    def loss(p, cfg):
+        logits = Transformer(cfg).apply({"params": p}, tokens, mask)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3] * mask)
+
+    plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, CFG)
+    remat_cfg = dataclasses.replace(CFG, remat=True)
+    remat = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat_cfg)
+    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(plain[1]))
+
+
+def test_last_token_index_against_loop():
+    mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    expected = [max(np.nonzero(row)[0]) for row in mask]
+    np.testing.assert_array_equal(last_token_index(mask), expected)
+
+
+def test_reward_model_scores_last_real_token():
+    lm = _params()
+    params = init_reward_params(CFG, jax.random.key(7), lm_params=lm)
+    # Structure equals the module's own init; the LM params are copied in unchanged.
+    model = RewardModel(CFG)
+    tokens = np.zeros((1, 3), np.int32)
+    own = jax.eval_shape(model.init, jax.random.key(0), tokens, np.ones((1, 3), np.int32))
+    assert jax.tree.structure(own["params"]) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params["transformer"]), jax.tree.leaves(lm)):
+        np.testing.assert_array_equal(a, b)
+    std = np.std(np.asarray(params["head"]["kernel"]))
+    assert 0.3 / np.sqrt(CFG.d_model) < std < 3 / np.sqrt(CFG.d_model)
+    params["head"]["bias"] = jnp.array([0.3])
+
+    rows, lengths = _tokens((3, 8), seed=11), [6, 3, 8]
+    hidden = np.asarray(_apply(Transformer(CFG), "hidden", (), lm, rows))  # [3, 8, D] unpadded
+    kernel = np.asarray(params["head"]["kernel"])[:, 0]
+    expected = [hidden[i, n - 1] @ kernel + 0.3 for i, n in enumerate(lengths)]
+    for side in ("left", "right"):
+        tokens, mask, _ = _padded(rows, lengths, side)
+        scores = _apply(model, "__call__", (), params, tokens, mask)
+        assert scores.shape == (3,)
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens, mask).sum()))(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_value_model_per_token_values():
+    lm = _params()
+    params = init_value_params(CFG, jax.random.key(8), lm_params=lm)
+    tokens, mask = _tokens((2, 7), seed=20), np.ones((2, 7), np.int32)
+    mask[0, :2] = 0
+    model = ValueModel(CFG)
+    np.testing.assert_array_equal(_apply(model, "__call__", (), params, tokens, mask), 0.0)
+    own = jax.eval_shape(model.init, jax.random.key(0), tokens, mask)
+    assert jax.tree.structure(own["params"]) == jax.tree.structure(params)
+    kernel = np.random.default_rng(0).normal(size=(CFG.d_model, 1)).astype(np.float32)
+    params["head"] = {"kernel": jnp.asarray(kernel), "bias": jnp.array([-0.2])}
+    values = _apply(model, "__call__", (), params, tokens, mask)
+    assert values.shape == (2, 7)
+    hidden = np.asarray(_apply(Transformer(CFG), "hidden", (), lm, tokens, mask))
+    expected = np.einsum("btd,d->bt", hidden, kernel[:, 0]) - 0.2
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(values)[real], expected[real], atol=1e-5)
+    fresh = jax.eval_shape(lambda: init_value_params(CFG, jax.random.key(9)))
+    assert jax.tree.structure(fresh) == jax.tree.structure(params)
