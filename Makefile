@@ -23,7 +23,7 @@ $(TEST_STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	touch $(BASE_STAMP) $@
 
 demo: $(BASE_STAMP)
-	$(BIN)/python experiments/bandit.py $(DEMO_ARGS)
+	$(BIN)/python experiments/frontier.py $(DEMO_ARGS)
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff format --check .
