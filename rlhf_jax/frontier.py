@@ -1,0 +1,371 @@
+"""The reward-vs-KL frontier (DPO paper, Rafailov et al. 2023, Fig. 2 left): its CSV, table, plot,
+and the two baseline steps the train package does not have (Preferred-FT and Unlikelihood).
+
+Every evaluated point is one CSV row with the columns `COLUMNS`:
+
+    method, hyperparameter, seed, step, kl, reward, stderr
+    dpo,    beta=0.1,       0,    50,   3.21, 0.612, 0.031
+
+`method` is one of `METHODS`; `hyperparameter` names the swept value ("beta=0.1", "kl_coef=0.05",
+"alpha=0.5", "n=16", plus the loss variant if any); `kl` is the sequence-level KL(π ‖ π_ref) in
+nats, `reward` the mean ground-truth reward over held-out prompts and `stderr` its standard error.
+
+    rows = read_csv(path)
+    table = frontier_table(rows, thresholds=(1, 2, 5, 10))   # method -> best reward at KL <= t
+    print(format_table(table, (1, 2, 5, 10)))
+    plot_frontier(rows, "frontier.png")
+
+A sweep over a hyperparameter held in the train state (`state.hparams`, or PPO's `kl_coef`) runs
+as one program: `sweep_step(step)` is `vmap(step)` over the stacked member states of
+`stack_sweep(states)`, with a scalar sweep step and the metrics flattened to scalars ("loss/0",
+"loss/1", ...) so that `runner.fit` can log and checkpoint it like any run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, SupportsFloat, SupportsInt
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import losses
+from rlhf_jax.train.dpo import pair_logps
+from rlhf_jax.train.reward import concat_pairs
+from rlhf_jax.train.state import TrainState, apply_gradients, stack_states, unstack_state
+
+COLUMNS = ("method", "hyperparameter", "seed", "step", "kl", "reward", "stderr")
+METHODS = ("sft", "dpo", "ppo", "ppo-gt", "preferred-ft", "unlikelihood", "best-of-n")
+# Labels and styles of the figure, after the paper's legend.
+_STYLE = {
+    "dpo": ("DPO", "tab:red", "o"),
+    "ppo": ("PPO", "tab:blue", "s"),
+    "ppo-gt": ("PPO-GT", "tab:cyan", "^"),
+    "preferred-ft": ("Preferred-FT", "tab:green", "D"),
+    "unlikelihood": ("Unlikelihood", "tab:orange", "v"),
+    "best-of-n": ("Best of N (learned RM)", "tab:purple", "P"),
+    "sft": ("SFT", "black", "*"),
+}
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV.
+
+
+def make_row(
+    method: str,
+    hyperparameter: str,
+    seed: SupportsInt,
+    step: SupportsInt,
+    kl: SupportsFloat,
+    reward: SupportsFloat,
+    stderr: SupportsFloat,
+) -> dict[str, Any]:
+    """One frontier point as a dict with exactly the keys `COLUMNS` (Python int/float values)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return {
+        "method": method,
+        "hyperparameter": str(hyperparameter),
+        "seed": int(seed),
+        "step": int(step),
+        "kl": float(kl),
+        "reward": float(reward),
+        "stderr": float(stderr),
+    }
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Writes `rows` (keys `COLUMNS`) to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in COLUMNS})
+    os.replace(tmp, path)
+    return path
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads a frontier CSV into typed rows (seed/step int, kl/reward/stderr float)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise ValueError(f"{path}: columns {reader.fieldnames}, expected {list(COLUMNS)}")
+        return [
+            make_row(
+                r["method"],
+                r["hyperparameter"],
+                int(r["seed"]),
+                int(r["step"]),
+                float(r["kl"]),
+                float(r["reward"]),
+                float(r["stderr"]),
+            )
+            for r in reader
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Table.
+
+
+def frontier_table(
+    rows: Iterable[Mapping[str, Any]], thresholds: Sequence[float]
+) -> dict[str, list[float]]:
+    """Best reward of each method among its points with KL <= each threshold.
+
+    `table[m][j] = max{reward(p) : p a point of method m, kl(p) <= thresholds[j]}`, NaN when the
+    method has no point under that threshold. Methods appear in `METHODS` order (those present).
+
+    Args:
+      rows: frontier points (keys `COLUMNS`).
+      thresholds: KL thresholds in nats.
+    Returns:
+      method -> [len(thresholds)] best rewards.
+    """
+    rows = list(rows)
+    table = {}
+    for method in METHODS:
+        points = [(float(r["kl"]), float(r["reward"])) for r in rows if r["method"] == method]
+        if not points:
+            continue
+        table[method] = [
+            max((rew for kl, rew in points if kl <= t), default=math.nan) for t in thresholds
+        ]
+    return table
+
+
+def format_table(table: Mapping[str, Sequence[float]], thresholds: Sequence[float]) -> str:
+    """The table of `frontier_table` as fixed-width text ("—" where a method has no point)."""
+    head = f"{'method':<14}" + "".join(f"{f'KL<={t:g}':>10}" for t in thresholds)
+    lines = [head, "-" * len(head)]
+    for method, values in table.items():
+        cells = "".join(f"{'—':>10}" if math.isnan(v) else f"{v:>10.3f}" for v in values)
+        lines.append(f"{method:<14}" + cells)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figure.
+
+
+def plot_frontier(
+    rows: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Synthetic reviews (offline IMDb stand-in): reward vs KL",
+    reward_label: str = "reward (VADER, held-out prompts)",
+    envelope: bool = True,
+) -> Path:
+    """Scatter of reward against KL(π ‖ π_ref), one colour and marker per method (paper Fig. 2
+    left): every evaluation of every run is a point; Best-of-N is a line over N; SFT is a star.
+
+    Args:
+      rows: frontier points (keys `COLUMNS`).
+      path: the PNG to write.
+      title, reward_label: figure texts.
+      envelope: also draw each method's frontier, the running maximum of its rewards along
+        increasing KL (a thin line in its colour).
+    Returns:
+      The path written.
+    """
+    from matplotlib.figure import Figure  # no pyplot: any backend (or none) will do
+
+    rows = list(rows)
+    fig = Figure(figsize=(8.4, 4.8))
+    ax = fig.subplots()
+    for method in METHODS:
+        points = sorted((float(r["kl"]), float(r["reward"])) for r in rows if r["method"] == method)
+        if not points:
+            continue
+        label, color, marker = _STYLE[method]
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        if method == "best-of-n":
+            ax.plot(xs, ys, color=color, marker=marker, ms=7, lw=1.2, label=label, zorder=3)
+        elif method == "sft":
+            ax.scatter(xs, ys, c=color, marker=marker, s=160, label=label, zorder=4)
+        else:
+            ax.scatter(
+                xs, ys, c=color, marker=marker, s=22, alpha=0.75, label=label, edgecolors="none"
+            )
+            if envelope:  # the method's frontier: best reward so far along increasing KL
+                ax.step(xs, np.maximum.accumulate(ys), where="post", color=color, lw=0.9, alpha=0.6)
+    ax.set_xlabel("KL(π ‖ π_ref)  [nats per completion]")
+    ax.set_ylabel(reward_label)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps as one program.
+
+
+def flatten_sweep_metrics(metrics: Mapping[str, jax.Array]) -> Metrics:
+    """[S]-shaped metrics of a vmapped step -> scalars "name/i", plus `loss` (mean over the
+    sweep: a NaN anywhere shows) and the max of grad_norm / update_norm (the health metrics)."""
+    out: Metrics = {}
+    for name, value in metrics.items():
+        for i in range(value.shape[0]):
+            out[f"{name}/{i}"] = value[i]
+    out["loss"] = jnp.mean(metrics["loss"])
+    for name in ("grad_norm", "update_norm"):
+        if name in metrics:
+            out[name] = jnp.max(metrics[name])
+    return out
+
+
+def stack_sweep(states: Sequence[Any]) -> dict[str, Any]:
+    """A sweep state: `{"step": int32 [], "members": the states stacked leaf-wise}`.
+
+    The members are stacked by `train.stack_states`; the scalar step is the sweep's own update
+    count (what `runner.fit` reads and checkpoints).
+    """
+    return {"step": jnp.zeros((), jnp.int32), "members": stack_states(list(states))}
+
+
+def sweep_member(sweep: Mapping[str, Any], i: int) -> Any:
+    """The i-th member state of a sweep state."""
+    return unstack_state(sweep["members"], i)
+
+
+def sweep_step(
+    step: Callable[[Any, Batch], tuple[Any, Metrics]],
+) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], Metrics]]:
+    """`vmap(step)` over the members of a sweep state (`stack_sweep`) sharing one batch, with
+    scalar metrics (`flatten_sweep_metrics`); compile it like any step."""
+    vstep = jax.vmap(step, in_axes=(0, None))
+
+    def run(sweep: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], Metrics]:
+        members, metrics = vstep(sweep["members"], batch)
+        return {"step": sweep["step"] + 1, "members": members}, flatten_sweep_metrics(metrics)
+
+    return run
+
+
+def time_sweep(
+    sweep: Callable[[Any, Batch], tuple[Any, Metrics]],
+    member: Callable[[Any, Batch], tuple[Any, Metrics]],
+    states: Mapping[str, Any],
+    batches: Sequence[Batch],
+    *,
+    place: Callable[[Any], Any] = lambda s: s,
+) -> dict[str, float]:
+    """Wall time of the sweep as one program against the same runs one by one.
+
+    Runs `len(batches) - 1` timed steps (after one warm-up step on `batches[0]`, so compilation
+    and first-call costs are excluded) of `sweep` on the sweep state `states`, then of `member`
+    on each member state in turn, and compares the resulting params (the two paths compute the
+    same runs; floating-point summation order may differ).
+
+    Args:
+      sweep: compiled `sweep_step(step)` (it may donate its state).
+      member: compiled `step` for one member state.
+      states: the sweep state (`stack_sweep`), not modified.
+      batches: >= 2 batches, already placed for the compiled functions.
+      place: puts a state where the compiled functions want it (fresh buffers, e.g.
+        `sharding.shard_state`).
+    Returns:
+      {"steps", "members", "vmapped_s", "one_by_one_s", "speedup", "max_param_diff"}.
+    """
+
+    def run(fn, state):
+        state, metrics = fn(place(state), batches[0])  # warm-up
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for batch in batches[1:]:
+            state, metrics = fn(state, batch)
+        jax.block_until_ready((state, metrics))
+        return time.perf_counter() - start, state
+
+    n = jax.tree.leaves(states["members"])[0].shape[0]
+    t_sweep, swept = run(sweep, states)
+    t_one, diff = 0.0, 0.0
+    for i in range(n):
+        dt, single = run(member, sweep_member(states, i))
+        t_one += dt
+        other = sweep_member(swept, i)
+        diffs = jax.tree.leaves(
+            jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), single.params, other.params)
+        )
+        diff = max(diff, *diffs)
+    return {
+        "steps": len(batches) - 1,
+        "members": n,
+        "vmapped_s": t_sweep,
+        "one_by_one_s": t_one,
+        "speedup": t_one / t_sweep,
+        "max_param_diff": diff,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Preferred-FT and Unlikelihood.
+
+
+def make_unlikelihood_loss(
+    model: nn.Module,
+) -> Callable[[Any, Mapping[str, jax.Array], Batch], tuple[jax.Array, Metrics]]:
+    """`loss_fn(params, hparams, batch) -> (loss, metrics)` on a preference batch.
+
+    `L = mean_b [-mean_{t in y_w} log p_t - alpha * mean_{t in y_l} log(1 - p_t)]`
+    (`losses.unlikelihood_loss`; Welleck et al. 2019, the "Unlikelihood" baseline of Rafailov et
+    al. 2023, Sec. 6), alpha = hparams["alpha"]. With alpha = 0 it is "Preferred-FT": supervised
+    fine-tuning on the chosen completions (per-example mean NLL).
+    """
+
+    def loss_fn(params, hparams, batch):
+        b = batch["chosen_tokens"].shape[0]
+        pc, pr, tlp = pair_logps(model, params, batch)  # [B], [B], [2B, T-1]
+        mask = concat_pairs(batch, "loss_mask")[:, 1:]  # [2B, T-1]
+        per_ex = losses.unlikelihood_loss(
+            tlp[:b], mask[:b], tlp[b:], mask[b:], alpha=hparams["alpha"]
+        )  # [B]
+        loss = jnp.mean(per_ex)
+        return loss, {"loss": loss, "logps/chosen": jnp.mean(pc), "logps/rejected": jnp.mean(pr)}
+
+    return loss_fn
+
+
+def make_unlikelihood_step(
+    model: nn.Module, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure Unlikelihood / Preferred-FT step `step(state, batch) -> (state, metrics)`.
+
+    Args:
+      model: the policy `Transformer`.
+      optimizer: the optax transformation `state.opt_state` belongs to.
+    Returns:
+      The step (un-jitted); alpha is `state.hparams["alpha"]` (0: Preferred-FT), so an alpha
+      sweep is `sweep_step(step)`. Metrics: loss, grad_norm, update_norm, logps/chosen,
+      logps/rejected.
+    """
+    loss_fn = make_unlikelihood_loss(model)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state.hparams, batch)
+        params, opt_state, norms = apply_gradients(optimizer, state.params, state.opt_state, grads)
+        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return state, {**metrics, **norms}
+
+    return step

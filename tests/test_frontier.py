@@ -1,0 +1,254 @@
+"""Tests of the frontier experiment: the table against a hand-made CSV, the vmapped sweep against
+the same runs one by one, the Unlikelihood loss against NumPy, and `experiments/frontier.py
+--preset tiny` end to end (and its resume) in a subprocess on one CPU device.
+"""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import frontier as fr
+from rlhf_jax import train
+from rlhf_jax.models import Transformer, TransformerConfig, init_params
+
+ROOT = Path(__file__).resolve().parents[1]
+V, T, B = 24, 10, 6
+CFG = TransformerConfig(vocab_size=V, max_len=T, d_model=16, n_layers=1, n_heads=2)
+MODEL = Transformer(CFG)
+
+
+def _preference_batch(seed: int) -> dict[str, np.ndarray]:
+    """Right-padded pairs: a 3-token prompt, responses of 2..6 tokens, pad 0 (not EOS-ended)."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    prompt = rng.integers(1, V, (B, 3))
+    for side in ("chosen", "rejected"):
+        tokens = np.zeros((B, T), np.int32)
+        attn = np.zeros((B, T), np.int32)
+        loss = np.zeros((B, T), np.int32)
+        for b in range(B):
+            n = int(rng.integers(2, T - 3 + 1))
+            tokens[b, :3] = prompt[b]
+            tokens[b, 3 : 3 + n] = rng.integers(1, V, n)
+            attn[b, : 3 + n] = 1
+            loss[b, 3 : 3 + n] = 1
+        batch.update({f"{side}_tokens": tokens, f"{side}_attention_mask": attn})
+        batch[f"{side}_loss_mask"] = loss
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The table, the CSV and the figure.
+
+
+def _hand_made_rows():
+    spec = [
+        ("sft", "", 0, 0.0, 0.10),
+        ("dpo", "beta=0.1", 10, 0.8, 0.40),
+        ("dpo", "beta=0.1", 20, 1.5, 0.60),
+        ("dpo", "beta=0.1", 30, 4.0, 0.90),
+        ("dpo", "beta=1", 10, 0.3, 0.20),
+        ("ppo", "kl_coef=0.05", 5, 1.2, 0.30),
+        ("ppo", "kl_coef=0.05", 10, 6.0, 0.95),
+        ("best-of-n", "n=4", 0, math.log(4) - 3 / 4, 0.35),
+    ]
+    return [
+        {
+            "method": m,
+            "hyperparameter": h,
+            "seed": 0,
+            "step": s,
+            "kl": k,
+            "reward": r,
+            "stderr": 0.01,
+        }
+        for m, h, s, k, r in spec
+    ]
+
+
+def test_table_from_hand_made_csv(tmp_path):
+    path = tmp_path / "frontier.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fr.COLUMNS)
+        writer.writeheader()
+        writer.writerows(_hand_made_rows())
+    rows = fr.read_csv(path)
+    assert [r["method"] for r in rows][:2] == ["sft", "dpo"]
+    table = fr.frontier_table(rows, (0.5, 1.0, 2.0, 5.0))
+    nan = float("nan")
+    expected = {  # by hand: the largest reward among the points with kl <= threshold
+        "sft": [0.10, 0.10, 0.10, 0.10],
+        "dpo": [0.20, 0.40, 0.60, 0.90],
+        "ppo": [nan, nan, 0.30, 0.30],
+        "best-of-n": [nan, 0.35, 0.35, 0.35],  # log 4 - 3/4 = 0.636
+    }
+    assert list(table) == list(expected)  # METHODS order, only the methods present
+    for method, values in expected.items():
+        np.testing.assert_allclose(table[method], values, equal_nan=True)
+    text = fr.format_table(table, (0.5, 1.0, 2.0, 5.0))
+    assert "KL<=0.5" in text and "—" in text and "0.900" in text
+
+
+def test_csv_round_trip_and_plot(tmp_path):
+    rows = [fr.make_row(**r) for r in _hand_made_rows()]
+    path = fr.write_csv(tmp_path / "points.csv", rows)
+    with open(path) as f:
+        assert f.readline().strip() == "method,hyperparameter,seed,step,kl,reward,stderr"
+    assert fr.read_csv(path) == rows
+    png = fr.plot_frontier(rows, tmp_path / "frontier.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="unknown method"):
+        fr.make_row("rlhf", "", 0, 0, 0.0, 0.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: vmap over stacked states equals the runs one by one.
+
+
+def _run_one_by_one(step, states, batches):
+    out = []
+    for state in states:
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        out.append((state, losses))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dpo", "unlikelihood"])
+def test_vmapped_sweep_equals_one_by_one(kind):
+    params = init_params(CFG, jax.random.key(0))
+    opt = optax.sgd(0.02)
+    if kind == "dpo":
+        step = train.make_dpo_step(MODEL, opt)
+        hparams = [{"beta": b} for b in (0.05, 0.2, 1.0)]
+    else:
+        step = fr.make_unlikelihood_step(MODEL, opt)
+        hparams = [{"alpha": a} for a in (0.0, 0.5, 1.0)]
+    # The DPO reference differs from the policy, so the first step already has a signal.
+    ref = jax.tree.map(lambda x: 0.9 * x, params)
+    states = [train.create_train_state(params, opt, 0, frozen=ref, hparams=h) for h in hparams]
+    batches = [_preference_batch(s) for s in range(3)]
+
+    sweep = fr.stack_sweep(states)
+    vstep = jax.jit(fr.sweep_step(step))
+    swept_losses = []
+    for batch in batches:
+        sweep, metrics = vstep(sweep, batch)
+        swept_losses.append([float(metrics[f"loss/{i}"]) for i in range(len(states))])
+    assert int(sweep["step"]) == len(batches)
+    np.testing.assert_allclose(
+        float(metrics["loss"]), np.mean(swept_losses[-1]), rtol=1e-6
+    )  # the sweep's loss is the members' mean
+
+    for i, (state, losses) in enumerate(_run_one_by_one(jax.jit(step), states, batches)):
+        np.testing.assert_allclose([row[i] for row in swept_losses], losses, rtol=1e-5, atol=1e-5)
+        member = fr.sweep_member(sweep, i)
+        assert int(member.step) == len(batches)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), member.params, state.params
+        )
+    # The runs really differ (the sweep is not one run copied).
+    assert abs(swept_losses[-1][0] - swept_losses[-1][-1]) > 1e-4
+
+
+def test_unlikelihood_loss_matches_numpy():
+    params = init_params(CFG, jax.random.key(2))
+    batch = jax.tree.map(jnp.asarray, _preference_batch(7))
+    alpha = 0.7
+    loss, _ = fr.make_unlikelihood_loss(MODEL)(params, {"alpha": jnp.float32(alpha)}, batch)
+
+    def token_probs(side):
+        logits = np.asarray(
+            MODEL.apply({"params": params}, batch[f"{side}_tokens"]), np.float64
+        )  # no padding mask needed: right padding never reaches the scored positions
+        targets = np.asarray(batch[f"{side}_tokens"])[:, 1:]
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return np.take_along_axis(logp[:, :-1], targets[..., None], -1)[..., 0]
+
+    lc, lr = token_probs("chosen"), token_probs("rejected")
+    expected = []
+    for b in range(B):
+        mc = np.asarray(batch["chosen_loss_mask"])[b, 1:] > 0
+        mr = np.asarray(batch["rejected_loss_mask"])[b, 1:] > 0
+        nll = -lc[b][mc].mean()
+        unlikely = -np.log(1.0 - np.exp(lr[b][mr])).mean()
+        expected.append(nll + alpha * unlikely)
+    np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment end to end.
+
+
+def _run_tiny(workdir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""  # one CPU device, as `make demo` on a laptop
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, str(ROOT / "experiments" / "frontier.py"), "--preset", "tiny"]
+    cmd += ["--workdir", str(workdir), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_and_resume(tmp_path):
+    workdir = tmp_path / "frontier"
+    out = _run_tiny(workdir).stdout
+    rows = fr.read_csv(workdir / "frontier.csv")
+    assert {r["method"] for r in rows} == set(fr.METHODS)
+    assert all(r["kl"] >= -1e-5 for r in rows)  # exact KL is >= 0 by construction
+    assert all(np.isfinite([r["kl"], r["reward"], r["stderr"]]).all() for r in rows)
+    (sft,) = [r for r in rows if r["method"] == "sft"]
+    assert abs(sft["kl"]) < 1e-3
+    assert -1.0 <= min(r["reward"] for r in rows) <= max(r["reward"] for r in rows) <= 1.0
+    assert {r["hyperparameter"] for r in rows if r["method"] == "dpo"} == {"beta=0.1", "beta=1"}
+    assert (workdir / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    for text in ("frontier figure:", "reward model held-out accuracy:", "vmapped sweep:"):
+        assert text in out
+    assert "speed-up" in out and "best reward" in out
+
+    again = _run_tiny(workdir).stdout  # every stage is read back: nothing appended twice
+    assert fr.read_csv(workdir / "frontier.csv") == rows
+    assert "vmapped sweep:" in again
+
+    _execute_notebook(workdir)
+
+
+def _execute_notebook(workdir: Path) -> None:
+    """notebooks/dpo_frontier.ipynb on the tiny run's CSV (RLHF_JAX_FRONTIER_WORKDIR)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / "dpo_frontier.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed clean
+    env = {"RLHF_JAX_FRONTIER_WORKDIR": str(workdir), "PYTHONPATH": str(ROOT)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = nbclient.NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        )
+        client.execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "points from" in text and "KL<=" in text
