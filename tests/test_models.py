@@ -177,6 +177,63 @@ def test_remat_gives_same_logits_and_grads():
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(plain[1]))
 
 
+def test_grad_barrier_changes_no_number():
+    params = _params()
+    tokens, mask = _tokens((2, 9), seed=6), np.ones((2, 9), np.int32)
+    mask[0, :3] = 0
+
+    def loss(p, cfg):
+        logits = Transformer(cfg).apply({"params": p}, tokens, mask)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 5] * mask)
+
+    on, off = CFG, dataclasses.replace(CFG, grad_barrier=False)
+    assert on.grad_barrier  # the default
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    with_barrier, without = grad(params, on), grad(params, off)
+    np.testing.assert_allclose(with_barrier[0], without[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(with_barrier[1]), jax.tree.leaves(without[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    # The barrier is in the backward program only when switched on.
+    assert (
+        "optimization_barrier"
+        in jax.jit(jax.grad(loss), static_argnums=1).lower(params, on).as_text()
+    )
+    assert (
+        "opt-barrier" not in jax.jit(jax.grad(loss), static_argnums=1).lower(params, off).as_text()
+    )
+    # Forward-mode AD needs the barrier off (a custom_vjp function has no JVP).
+    tangent = jax.tree.map(jnp.ones_like, params)
+    _, jvp_off = jax.jvp(lambda p: loss(p, off), (params,), (tangent,))
+    expected = sum(
+        jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(without[1]), jax.tree.leaves(tangent))
+    )
+    np.testing.assert_allclose(jvp_off, expected, rtol=1e-4)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda p: loss(p, on), (params,), (tangent,))
+
+
+@pytest.mark.parametrize("slots", [1, 7, 12, 16])
+def test_decode_attention_against_numpy(slots):
+    from rlhf_jax.models.transformer import _decode_attention
+
+    rs = np.random.default_rng(slots)
+    b, h, d = 3, 2, 8
+    q = rs.normal(size=(b, h, d)).astype(np.float32)
+    k = rs.normal(size=(b, h, slots, d)).astype(np.float32)
+    v = rs.normal(size=(b, h, slots, d)).astype(np.float32)
+    key_ok = rs.random((b, slots)) < 0.6
+    key_ok[:, 0] = True  # every row sees at least one slot
+    got = np.asarray(jax.jit(_decode_attention)(q, k, v, key_ok))
+    want = np.zeros((b, h, d))
+    for i in range(b):
+        for j in range(h):
+            s = [np.dot(q[i, j], k[i, j, n]) / np.sqrt(d) for n in range(slots) if key_ok[i, n]]
+            p = np.exp(np.array(s, np.float64) - max(s))
+            p /= p.sum()
+            want[i, j] = sum(w * v[i, j, n] for w, n in zip(p, np.flatnonzero(key_ok[i])))
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
 def test_last_token_index_against_loop():
     mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     expected = [max(np.nonzero(row)[0]) for row in mask]
