@@ -32,6 +32,10 @@ layer; position embeddings, biases and LayerNorms excluded), L layers, D width, 
 V vocabulary, T seq_len. MFU = FLOP/s / peak; the peak is known for H100/H200 in bfloat16
 (989 TFLOP/s dense) or given with `--peak-tflops`; otherwise n/a.
 
+With `--roofline` (default) it also times the step's largest matmul, [2·pairs·seq_len, D] x [D,
+F], alone with each library and prints the step's model FLOPs at the faster rate: the matmul-bound
+ceiling of this device, which no implementation of the step beats.
+
 Prints, for each side, tokens/s of the median step (the result) and of the best step, ms per
 median step, model TFLOP/s and MFU, and the process CPU ms per step (all threads); then the ratio
 ours / PyTorch and a check that both sides computed the same policy log-probs on the first step.
@@ -53,6 +57,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
+from roofline import gemm_tflops  # noqa: E402  (experiments/roofline.py)
 
 from rlhf_jax import models, sharding, train  # noqa: E402
 
@@ -85,6 +90,7 @@ class Config:
     max_grad_norm: float = 1.0  # global-norm clipping on both sides
     seed: int = 0
     peak_tflops: float | None = None  # per-device peak for MFU; default: known GPUs in bf16
+    roofline: bool = True  # also time the step's largest matmul alone (the matmul-bound ceiling)
 
 
 def model_config(config: Config) -> models.TransformerConfig:
@@ -312,6 +318,12 @@ def main(config: Config) -> dict:
             times[side].extend(runners[side][0](config.iters))
 
     results: dict = {"config": dataclasses.asdict(config), "device": device_name}
+    if config.roofline:
+        # Both sides' largest matmul: [2 * pairs * seq_len, D] x [D, d_ff] (the MLP input layer).
+        sides = tuple(s for s in ("jax", "torch") if s in runners)
+        rates = gemm_tflops(tokens, cfg.d_model, cfg.d_ff, config.dtype, jax_device, sides)
+        results["gemm_tflops"] = rates
+        results["matmul_bound_s"] = flops / (max(rates.values()) * 1e12)
     header = (
         f"{'side':<7}{'tokens/s':>10}{'best':>8}{'ms/step':>9}{'TFLOP/s':>9}{'MFU':>7}{'cpu ms':>8}"
     )
@@ -338,6 +350,19 @@ def main(config: Config) -> dict:
             "step_times": [t for t, _ in times[side]],
             "first_logps": runners[side][1](),
         }
+    if config.roofline:
+        rates, bound = results["gemm_tflops"], results["matmul_bound_s"]
+        print(
+            f"matmul alone [{tokens}x{cfg.d_model}]x[{cfg.d_model}x{cfg.d_ff}] {config.dtype}: "
+            + ", ".join(f"{'ours' if k == 'jax' else k} {v:.3f} TFLOP/s" for k, v in rates.items())
+            + f"; the step's model FLOPs at the faster rate take {1e3 * bound:.1f} ms, i.e. "
+            f"{tokens / bound:.0f} tokens/s at most"
+            + (
+                f" = {results['torch']['step_s'] / bound:.2f}x the PyTorch median step"
+                if "torch" in results
+                else ""
+            )
+        )
     if len(order) == 2:
         ratio = results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
         ratio_best = results["jax"]["best_tokens_per_s"] / results["torch"]["best_tokens_per_s"]

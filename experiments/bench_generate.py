@@ -10,8 +10,10 @@ loaded by `GPT2LMHeadModel.from_pretrained`), the same unpadded prompts [batch, 
 exactly `new_tokens` new tokens per row (no EOS), sampling at temperature 1 without truncation
 (`--greedy` for argmax). Compilation / warm-up is excluded; each figure is the median of
 `--repeats` timed runs. Prints one row per implementation (new tokens per wall-clock second and
-process CPU seconds per run) and the ratio. On a CPU shared with other jobs, multi-threaded
-PyTorch degrades far more than XLA (its threads spin), so compare with `--threads 1` there.
+process CPU seconds per run) and the ratio; with `--roofline` (default) also the matmul-bound
+ceiling: the run's model FLOPs at the rate of its prefill and decode matmul shapes timed alone.
+On a CPU shared with other jobs, multi-threaded PyTorch degrades far more than XLA (its threads
+spin), so compare with `--threads 1` there.
 """
 
 import dataclasses
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tyro
+from roofline import gemm_tflops  # experiments/roofline.py
 
 from rlhf_jax.models import Transformer, get_config, init_params, save_pretrained
 from rlhf_jax.sampling import generate
@@ -43,6 +46,7 @@ class Args:
     seed: int = 0
     threads: int | None = None  # CPU threads of both (default: each library's own default)
     skip_transformers: bool = False
+    roofline: bool = True  # also time the decode and prefill matmul shapes alone (the ceiling)
 
 
 def _cpu_seconds() -> float:
@@ -109,7 +113,22 @@ def bench_transformers(args: Args, config, params, prompts: np.ndarray) -> tuple
     return _timed(once, args.repeats)
 
 
-def main(args: Args) -> None:
+def matmul_bound(args: Args, config, sides) -> dict:
+    """Seconds a generate run would take if its model FLOPs ran at the rate of its matmul shapes
+    measured alone: the prefill ([batch * prompt_len, D] x [D, F]) and the decode steps ([batch,
+    D] x [D, F], one per new token after the first). Attention is left out (a lower bound)."""
+    d, f, v = config.d_model, config.d_ff, config.vocab_size
+    blocks = config.n_layers * (4 * d * d + 2 * d * f)  # matmul params per token of the blocks
+    device = jax.devices()[0]
+    big = gemm_tflops(args.batch * args.prompt_len, d, f, args.dtype, device, sides)
+    small = gemm_tflops(args.batch, d, f, args.dtype, device, sides)
+    prefill = 2.0 * args.batch * (args.prompt_len * blocks + v * d)  # head on the last token
+    decode = 2.0 * args.batch * (args.new_tokens - 1) * (blocks + v * d)
+    seconds = prefill / (max(big.values()) * 1e12) + decode / (max(small.values()) * 1e12)
+    return {"prefill_tflops": big, "decode_tflops": small, "seconds": seconds}
+
+
+def main(args: Args) -> dict:
     if args.threads:  # read when the XLA backend starts, i.e. before the first computation below
         flags = f"--xla_cpu_multi_thread_eigen={args.threads > 1} "
         flags += f"intra_op_parallelism_threads={args.threads}"
@@ -127,12 +146,31 @@ def main(args: Args) -> None:
     )
     wall, cpu = bench_ours(args, config, params, prompts)
     ours = new / wall
+    results = {"ours": ours}
     print(f"rlhf_jax      {ours:10.0f} new tokens/s   ({cpu:.2f} CPU-s per run)")
     if not args.skip_transformers:
         wall, cpu = bench_transformers(args, config, params, prompts)
         theirs = new / wall
+        results.update(transformers=theirs, ratio=ours / theirs)
         print(f"transformers  {theirs:10.0f} new tokens/s   ({cpu:.2f} CPU-s per run)")
         print(f"ratio         {ours / theirs:10.2f}x")
+    if args.roofline:
+        sides = ("jax",) if args.skip_transformers else ("jax", "torch")
+        bound = results["matmul_bound"] = matmul_bound(args, config, sides)
+
+        def show(rates):
+            return ", ".join(f"{'ours' if k == 'jax' else k} {r:.3f}" for k, r in rates.items())
+
+        line = (
+            f"matmuls alone (TFLOP/s): prefill {show(bound['prefill_tflops'])}; decode "
+            f"{show(bound['decode_tflops'])}; at the faster rates a run takes "
+            f"{1e3 * bound['seconds']:.0f} ms, i.e. "
+            f"{new / bound['seconds']:.0f} new tokens/s at most"
+        )
+        if "transformers" in results:
+            line += f" = {new / bound['seconds'] / results['transformers']:.2f}x transformers"
+        print(line)
+    return results
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ _EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _load(name: str):
+    if str(_EXPERIMENTS) not in sys.path:  # the scripts import experiments/roofline.py
+        sys.path.insert(0, str(_EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", _EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
@@ -37,6 +39,13 @@ def test_bench_dpo_step_smoke(capsys, monkeypatch):
     # Same model and batch on both sides: the first step's policy log-probs agree.
     assert results["logps_rel_diff"] < 1e-5
     assert results["jax"]["mfu"] is None  # no known peak on CPU
+    # The matmul-bound ceiling: model FLOPs at the faster library's GEMM rate.
+    rates = results["gemm_tflops"]
+    assert set(rates) == {"jax", "torch"} and all(r > 0 for r in rates.values())
+    assert results["matmul_bound_s"] * max(rates.values()) * 1e12 == pytest.approx(
+        bench.model_flops_per_step(bench.model_config(config), 2 * 2 * 16, 16)
+    )
+    assert "matmul alone" in out and "tokens/s at most" in out
 
 
 def test_bench_dpo_step_batch_and_flops():
@@ -56,3 +65,18 @@ def test_bench_dpo_step_batch_and_flops():
     cfg = bench.model_config(bench.Config(shape="gpt2"))
     n = 12 * (4 * 768**2 + 2 * 768 * 3072) + 50257 * 768
     assert bench.model_flops_per_step(cfg, 1000, 512) == 1000 * (8 * n + 16 * 12 * 512 * 768)
+
+
+def test_bench_generate_smoke(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    bench = _load("bench_generate")
+    args = bench.Args(shape="tiny", batch=2, prompt_len=4, new_tokens=3, repeats=1)
+    results = bench.main(args)
+    out = capsys.readouterr().out
+    assert "ratio" in out and "new tokens/s at most" in out
+    assert results["ours"] > 0 and results["transformers"] > 0
+    assert results["ratio"] == pytest.approx(results["ours"] / results["transformers"])
+    bound = results["matmul_bound"]
+    assert bound["seconds"] > 0
+    assert set(bound["prefill_tflops"]) == set(bound["decode_tflops"]) == {"jax", "torch"}
