@@ -80,6 +80,8 @@ class Config:
     pairs: int = 8  # preference pairs per step (the step sees 2 * pairs sequences)
     seq_len: int = 128
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params always float32
+    # Our attention kernel: auto = cuDNN flash attention on a GPU in bfloat16, else XLA's.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when JAX and torch see a GPU
     sides: Literal["both", "jax", "torch"] = "both"
     warmup: int = 2  # untimed steps per side (ours: after compilation)
@@ -93,10 +95,18 @@ class Config:
     roofline: bool = True  # also time the step's largest matmul alone (the matmul-bound ceiling)
 
 
-def model_config(config: Config) -> models.TransformerConfig:
-    """The GPT-2-shaped config of `config.shape`, with room for `seq_len` positions."""
+def model_config(config: Config, device: str = "cpu") -> models.TransformerConfig:
+    """The GPT-2-shaped config of `config.shape`, with room for `seq_len` positions, and our
+    attention kernel for `device` ("cpu" or "cuda")."""
     base = SHAPES[config.shape]
-    overrides = {"max_len": max(base["max_len"], config.seq_len), "dtype": config.dtype}
+    attention = config.attention
+    if attention == "auto":
+        attention = "cudnn" if device == "cuda" and config.dtype == "bfloat16" else "xla"
+    overrides = {
+        "max_len": max(base["max_len"], config.seq_len),
+        "dtype": config.dtype,
+        "attention": attention,
+    }
     if config.n_layers is not None:
         overrides["n_layers"] = config.n_layers
     return models.TransformerConfig(**{**base, **overrides})
@@ -273,7 +283,7 @@ def main(config: Config) -> dict:
     """Runs the benchmark and prints the table; returns the numbers (for tests and notebooks)."""
     device = _resolve_device(config)
     jax_device = _jax_device(device)
-    cfg = model_config(config)
+    cfg = model_config(config, device)
     params = models.init_params(cfg, jax.random.PRNGKey(config.seed))
     params = jax.tree.map(np.asarray, params)
     batch = make_batch(config, cfg.vocab_size)
@@ -304,7 +314,8 @@ def main(config: Config) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(
         f"model {config.shape}: L={cfg.n_layers} D={cfg.d_model} H={cfg.n_heads} "
-        f"V={cfg.vocab_size} ({n_params / 1e6:.1f}M params), {config.dtype}; batch "
+        f"V={cfg.vocab_size} ({n_params / 1e6:.1f}M params), {config.dtype}, our attention "
+        f"{cfg.attention}; batch "
         f"{config.pairs} pairs x {config.seq_len} tokens = {tokens} tokens/step; "
         f"{flops / 1e12:.3f} model TFLOP/step"
     )

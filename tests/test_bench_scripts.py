@@ -63,6 +63,12 @@ def test_bench_dpo_step_batch_and_flops():
     assert (batch["chosen_tokens"][:, :p] == batch["rejected_tokens"][:, :p]).all()
     # FLOPs: tokens * (8 N + 16 L T D), N = L (4 D^2 + 2 D F) + V D.
     cfg = bench.model_config(bench.Config(shape="gpt2"))
+    assert cfg.attention == "xla"
+    # auto attention: cuDNN's flash attention on a GPU in bfloat16 only.
+    gpu_bf16 = bench.Config(shape="gpt2", dtype="bfloat16")
+    assert bench.model_config(gpu_bf16, "cuda").attention == "cudnn"
+    assert bench.model_config(gpu_bf16, "cpu").attention == "xla"
+    assert bench.model_config(bench.Config(shape="gpt2"), "cuda").attention == "xla"
     n = 12 * (4 * 768**2 + 2 * 768 * 3072) + 50257 * 768
     assert bench.model_flops_per_step(cfg, 1000, 512) == 1000 * (8 * n + 16 * 12 * 512 * 768)
 

@@ -234,6 +234,50 @@ def test_decode_attention_against_numpy(slots):
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
+def test_attention_config_validation():
+    with pytest.raises(ValueError, match="attention must be 'xla' or 'cudnn'"):
+        TransformerConfig(attention="flash")
+    with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
+        TransformerConfig(attention="cudnn")
+    assert TransformerConfig(attention="cudnn", dtype="bfloat16").attention == "cudnn"
+
+
+def test_cudnn_attention_wiring(monkeypatch):
+    """attention='cudnn' hands jax.nn.dot_product_attention the causal flag, the padding mask
+    and implementation='cudnn' in full forward passes (and never in decoding). The kernel itself
+    needs an NVIDIA GPU: here each call is recorded and answered by the XLA implementation, and
+    the logits must equal those of attention='xla'."""
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def recording(q, k, v, *, mask=None, is_causal=False, implementation=None, **kw):
+        calls.append((implementation, is_causal, None if mask is None else mask.shape))
+        return real(q, k, v, mask=mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+    cudnn = dataclasses.replace(bf16, attention="cudnn")
+    params = _params()
+    tokens, mask, _ = _padded(_tokens((3, 9), seed=2), [9, 5, 2], "left")
+    for args, mask_shape in (((tokens, mask), (3, 1, 9, 9)), ((tokens,), None)):
+        calls.clear()
+        want = Transformer(bf16).apply({"params": params}, *args)
+        assert calls == [(None, mask_shape is None, mask_shape)] * CFG.n_layers
+        calls.clear()
+        got = Transformer(cudnn).apply({"params": params}, *args)
+        assert calls == [("cudnn", True, mask_shape)] * CFG.n_layers
+        np.testing.assert_array_equal(got, want)
+    # Decoding against a cache stays on the XLA path (a chunk) or the fused decode step.
+    calls.clear()
+    cache = init_cache(cudnn, 3, 10)
+    _, cache = Transformer(cudnn).apply({"params": params}, tokens, mask, cache, method="decode")
+    assert calls == [(None, False, (3, 1, 9, 10))] * CFG.n_layers
+    calls.clear()
+    step = np.ones((3, 1), np.int32)
+    Transformer(cudnn).apply({"params": params}, step, step, cache, method="decode")
+    assert calls == []
+
+
 def test_last_token_index_against_loop():
     mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     expected = [max(np.nonzero(row)[0]) for row in mask]

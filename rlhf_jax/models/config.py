@@ -30,6 +30,10 @@ class TransformerConfig:
     # reverse-mode training steps on XLA:CPU; turn it off for forward-mode AD (jax.jvp, jacfwd,
     # hessian), which a custom_vjp function does not support.
     grad_barrier: bool = True
+    # Attention kernel of full forward passes (training, scoring): "xla" (any backend) or "cudnn"
+    # (cuDNN's fused flash attention through jax.nn.dot_product_attention; NVIDIA GPUs only, and
+    # bfloat16 compute). Decoding against a KV cache always uses the XLA path.
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.d_ff is None:
@@ -38,6 +42,14 @@ class TransformerConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError(
+                "attention='cudnn' needs dtype='bfloat16' (cuDNN's fused attention has no "
+                f"float32 kernel); got dtype={self.dtype!r}: set dtype='bfloat16' or "
+                "attention='xla'"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -8,6 +8,11 @@ renaming (HF's Conv1D weights are [in, out], the layout of a Flax Dense kernel).
 Dtype policy: parameters float32; matmuls and attention in `config.dtype`; the residual stream,
 LayerNorm statistics, attention softmax and the logits stay float32.
 
+Attention: `jax.nn.dot_product_attention`, XLA's implementation by default; `config.attention =
+"cudnn"` selects cuDNN's fused flash attention for full forward passes on NVIDIA GPUs (bfloat16).
+A decode step (one token against the cache) uses `_decode_attention`, the same numbers as fused
+products and sums.
+
 Padding: `attention_mask` [B, T] is 1 on real tokens and 0 on pads (left or right). Positions
 default to `clip(cumsum(attention_mask) - 1, 0)`, so a left-padded row gives the same logits at its
 real tokens as the unpadded row. Keys at pads are masked out; a pad query attends to itself only,
@@ -116,7 +121,8 @@ class _Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, kv, index):
-        """x [B, T, D]; mask [B, 1, T, S] bool; kv None or (k, v) [B, H, S, Dh] -> (y, kv)."""
+        """x [B, T, D]; mask [B, 1, T, S] bool, or None for causal attention without padding (full
+        forward passes only); kv None or (k, v) [B, H, S, Dh] -> (y, kv)."""
         cfg = self.config
         b, t, d = x.shape
         qkv = _dense(3 * d, cfg, "c_attn")(x)  # [B, T, 3D]
@@ -133,14 +139,18 @@ class _Attention(nn.Module):
             kv = (k_cache, v_cache)
             if t == 1:  # one decode step: a batched mat-vec, see _decode_attention
                 y = _decode_attention(q[:, 0], k_cache, v_cache, mask[:, 0, 0])[:, None]
-                y = _dense(d, cfg, "c_proj", _INIT_STD / (2 * cfg.n_layers) ** 0.5)(
-                    y.reshape(b, t, d)
-                )
-                return y, kv
-            k = jnp.swapaxes(k_cache, 1, 2).astype(q.dtype)  # [B, S, H, Dh]
-            v = jnp.swapaxes(v_cache, 1, 2).astype(q.dtype)
-        # Softmax in float32 inside dot_product_attention (XLA implementation).
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]
+            else:  # a chunk (prefill): softmax in float32 inside dot_product_attention (XLA)
+                k = jnp.swapaxes(k_cache, 1, 2).astype(q.dtype)  # [B, S, H, Dh]
+                v = jnp.swapaxes(v_cache, 1, 2).astype(q.dtype)
+                y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]
+        elif cfg.attention == "cudnn":
+            # cuDNN's fused flash attention: causal by its mask type, padding (if any) through
+            # `mask`, which it takes as an additive bias.
+            y = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, implementation="cudnn"
+            )
+        else:  # mask None: causal without padding; softmax in float32 (XLA implementation)
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
         y = _dense(d, cfg, "c_proj", _INIT_STD / (2 * cfg.n_layers) ** 0.5)(y.reshape(b, t, d))
         return y, kv
 
@@ -234,13 +244,13 @@ class Transformer(nn.Module):
         """Final-LayerNorm hidden states [B, T, D] (float32) of a full causal forward pass."""
         tokens = jnp.asarray(tokens)
         t = tokens.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
         if attention_mask is None:
-            mask = causal[None, None]  # [1, 1, T, T]
+            mask = None  # causal only
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
         else:
             attention_mask = jnp.asarray(attention_mask)
+            causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
             key_ok = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
             # A pad query attends to itself so that no softmax row is empty.
             mask = (causal & key_ok) | jnp.eye(t, dtype=bool)  # [B, 1, T, T]
