@@ -159,54 +159,51 @@ def test_bfloat16_compute_is_close_to_float32():
     assert agree > 0.9
 
 
-def test_remat_gives_same_logits_and_grads():
-    params = _params()
-    tokens, mask = _tokens((2, 9), seed=5), np.ones((2, 9), np.int32)
-    mask[1, :2] = 0
-
+def _loss_fn(tokens, mask, target):
     def loss(p, cfg):
         logits = Transformer(cfg).apply({"params": p}, tokens, mask)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 3] * mask)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., target] * mask)
 
-    plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, CFG)
-    remat_cfg = dataclasses.replace(CFG, remat=True)
-    remat = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat_cfg)
-    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
+    return loss
+
+
+def _assert_same_loss_and_grads(loss, params, cfg_a, cfg_b):
+    """The two configs give the same loss and gradients; returns cfg_b's gradients."""
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (la, ga), (lb, gb) = grad(params, cfg_a), grad(params, cfg_b)
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(plain[1]))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(gb))
+    return gb
+
+
+def test_remat_gives_same_logits_and_grads():
+    tokens, mask = _tokens((2, 9), seed=5), np.ones((2, 9), np.int32)
+    mask[1, :2] = 0
+    loss = _loss_fn(tokens, mask, 3)
+    _assert_same_loss_and_grads(loss, _params(), dataclasses.replace(CFG, remat=True), CFG)
 
 
 def test_grad_barrier_changes_no_number():
     params = _params()
     tokens, mask = _tokens((2, 9), seed=6), np.ones((2, 9), np.int32)
     mask[0, :3] = 0
-
-    def loss(p, cfg):
-        logits = Transformer(cfg).apply({"params": p}, tokens, mask)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 5] * mask)
-
+    loss = _loss_fn(tokens, mask, 5)
     on, off = CFG, dataclasses.replace(CFG, grad_barrier=False)
     assert on.grad_barrier  # the default
-    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    with_barrier, without = grad(params, on), grad(params, off)
-    np.testing.assert_allclose(with_barrier[0], without[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(with_barrier[1]), jax.tree.leaves(without[1])):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    grads = _assert_same_loss_and_grads(loss, params, on, off)
+
     # The barrier is in the backward program only when switched on.
-    assert (
-        "optimization_barrier"
-        in jax.jit(jax.grad(loss), static_argnums=1).lower(params, on).as_text()
-    )
-    assert (
-        "opt-barrier" not in jax.jit(jax.grad(loss), static_argnums=1).lower(params, off).as_text()
-    )
+    def backward_text(cfg):
+        return jax.jit(jax.grad(loss), static_argnums=1).lower(params, cfg).as_text()
+
+    assert "optimization_barrier" in backward_text(on)
+    assert "optimization_barrier" not in backward_text(off)
     # Forward-mode AD needs the barrier off (a custom_vjp function has no JVP).
     tangent = jax.tree.map(jnp.ones_like, params)
     _, jvp_off = jax.jvp(lambda p: loss(p, off), (params,), (tangent,))
-    expected = sum(
-        jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(without[1]), jax.tree.leaves(tangent))
-    )
+    expected = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent)))
     np.testing.assert_allclose(jvp_off, expected, rtol=1e-4)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda p: loss(p, on), (params,), (tangent,))
