@@ -136,22 +136,20 @@ def _response_logits(model, params, prompt_tokens, prompt_mask, tokens, mask):
 # Compiled programs (one per static configuration; jit adds one executable per shape).
 
 
+def _sampler(model, max_new_tokens, eos_id, pad_id, top_k, top_p):
+    """`generate` with the static settings bound: (params, tokens, mask, rng, temperature=)."""
+    return functools.partial(
+        generate, model, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
+        eos_id=eos_id, pad_id=pad_id,
+    )  # fmt: skip
+
+
 @functools.lru_cache(maxsize=32)
-def _reward_kl_program(model, max_new_tokens, eos_id, pad_id, top_k, top_p):
+def _reward_kl_program(model, *sampling):
+    sample = _sampler(model, *sampling)
+
     def run(policy_params, ref_params, prompt_tokens, prompt_mask, rng, temperature):
-        gen = generate(
-            model,
-            policy_params,
-            prompt_tokens,
-            prompt_mask,
-            rng,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=eos_id,
-            pad_id=pad_id,
-        )
+        gen = sample(policy_params, prompt_tokens, prompt_mask, rng, temperature=temperature)
         scale = jnp.where(temperature > 0, temperature, 1.0)  # greedy: temperature-1 logits
         args = (prompt_tokens, prompt_mask, gen.tokens, gen.mask)
         logits = _response_logits(model, policy_params, *args) / scale  # [B, N, V]
@@ -171,21 +169,11 @@ def _reward_kl_program(model, max_new_tokens, eos_id, pad_id, top_k, top_p):
 
 
 @functools.lru_cache(maxsize=32)
-def _generate_program(model, max_new_tokens, eos_id, pad_id, top_k, top_p):
+def _generate_program(model, *sampling):
+    sample = _sampler(model, *sampling)
+
     def run(params, prompt_tokens, prompt_mask, rng, temperature):
-        gen = generate(
-            model,
-            params,
-            prompt_tokens,
-            prompt_mask,
-            rng,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=eos_id,
-            pad_id=pad_id,
-        )
+        gen = sample(params, prompt_tokens, prompt_mask, rng, temperature=temperature)
         return {"tokens": gen.tokens, "mask": gen.mask, "logps": gen.logps}
 
     return jax.jit(run)
