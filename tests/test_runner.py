@@ -38,7 +38,7 @@ def _toy_step(state, batch):
     updates, opt_state = _OPT.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "w0": params["w"][0]}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "w0": params["w"][0]}
 
 
 def _toy_loader(seed=0):

@@ -162,7 +162,7 @@ def apply_gradients(
     """
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    norms = {"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
+    norms = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
     return params, opt_state, norms
 
 

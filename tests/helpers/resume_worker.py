@@ -77,8 +77,8 @@ def train_step(state, batch):
     )
     return new, {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
     }
 
 

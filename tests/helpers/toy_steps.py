@@ -110,8 +110,8 @@ def train_step(state, batch):
     new = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
     }
     return new, metrics
 
