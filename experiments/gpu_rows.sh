@@ -11,8 +11,8 @@
 #
 # Runs, each with its PyTorch side on the same GPU: bench_generate on gpt2-medium (batch 64,
 # prompt 32, 128 new tokens, bfloat16) and bench_dpo_step on gpt2-medium and gpt2-large (8 pairs x
-# 512 tokens, bfloat16, cuDNN attention on our side). About 4-6 minutes on an H100, compile
-# included.
+# 512 tokens, bfloat16, cuDNN attention on our side), then our gpt2-large step with XLA's
+# attention. About 5-8 minutes on an H100, compile included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log="${OUT:-.}/gpu_rows.log"
@@ -33,8 +33,12 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
   timeout 200 python3 experiments/bench_generate.py --shape gpt2-medium --batch 64 \
     --new-tokens 128 --dtype bfloat16
   for shape in gpt2-medium gpt2-large; do
-    echo "== bench_dpo_step $shape"
+    echo "== bench_dpo_step $shape (our attention: cuDNN)"
     timeout 200 python3 experiments/bench_dpo_step.py --shape "$shape" --seq-len 512 \
       --dtype bfloat16
   done
+  # Our side alone with XLA's attention: the cuDNN path's gain, and a row if cuDNN fails there.
+  echo "== bench_dpo_step gpt2-large (ours only, our attention: XLA)"
+  timeout 150 python3 experiments/bench_dpo_step.py --shape gpt2-large --seq-len 512 \
+    --dtype bfloat16 --sides jax --attention xla --no-roofline
 } 2>&1 | tee "$log"

@@ -239,36 +239,75 @@ def test_attention_config_validation():
     assert TransformerConfig(attention="cudnn", dtype="bfloat16").attention == "cudnn"
 
 
+def test_cudnn_padding_detects_right_padded_batches():
+    from rlhf_jax.models.transformer import _padding
+
+    def check(rows):
+        ok = np.asarray(rows, np.int32)
+        pad = _padding(jnp.asarray(ok), jnp.zeros((1,)))
+        np.testing.assert_array_equal(pad.lengths, ok.sum(1))
+        right = all(list(r) == sorted(r, reverse=True) for r in ok)  # ones, then zeros
+        assert bool(pad.right_padded) == right
+        return right
+
+    assert check([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    assert not check([[1, 1, 1], [0, 1, 1]])  # a left-padded row
+    assert not check([[1, 0, 1]])
+    assert check([[0, 0, 0], [1, 1, 1]])
+
+
 def test_cudnn_attention_wiring(monkeypatch):
-    """attention='cudnn' hands jax.nn.dot_product_attention the causal flag, the padding mask
-    and implementation='cudnn' in full forward passes (and never in decoding). The kernel itself
-    needs an NVIDIA GPU: here each call is recorded and answered by the XLA implementation, and
-    the logits must equal those of attention='xla'."""
+    """attention='cudnn' sends full forward passes to jax.nn.dot_product_attention with
+    implementation='cudnn', causal, padding as sequence lengths (never a bias: no gradient for
+    one), and left-padded batches to the XLA mask path; decoding never goes there. The kernel
+    needs an NVIDIA GPU: here each call is recorded and answered by the XLA implementation with
+    the same arguments."""
     real = jax.nn.dot_product_attention
     calls = []
 
-    def recording(q, k, v, *, mask=None, is_causal=False, implementation=None, **kw):
-        calls.append((implementation, is_causal, None if mask is None else mask.shape))
-        return real(q, k, v, mask=mask, is_causal=is_causal, **kw)
+    def recording(q, k, v, *, implementation=None, **kw):
+        given = tuple(
+            sorted(k for k, value in kw.items() if value is not None and value is not False)
+        )
+        calls.append((implementation, given))
+        return real(q, k, v, **kw)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
     bf16 = dataclasses.replace(CFG, dtype="bfloat16")
     cudnn = dataclasses.replace(bf16, attention="cudnn")
     params = _params()
-    tokens, mask, _ = _padded(_tokens((3, 9), seed=2), [9, 5, 2], "left")
-    for args, mask_shape in (((tokens, mask), (3, 1, 9, 9)), ((tokens,), None)):
+    fused = ("cudnn", ("is_causal",))
+    fused_padded = ("cudnn", ("is_causal", "key_value_seq_lengths", "query_seq_lengths"))
+    fallback = (None, ("mask",))
+
+    def both(*args):
         calls.clear()
-        want = Transformer(bf16).apply({"params": params}, *args)
-        assert calls == [(None, mask_shape is None, mask_shape)] * CFG.n_layers
+        want = np.asarray(Transformer(bf16).apply({"params": params}, *args))
+        xla_calls = list(calls)
         calls.clear()
-        got = Transformer(cudnn).apply({"params": params}, *args)
-        assert calls == [("cudnn", True, mask_shape)] * CFG.n_layers
-        np.testing.assert_array_equal(got, want)
+        got = np.asarray(Transformer(cudnn).apply({"params": params}, *args))
+        return want, got, xla_calls, list(calls)
+
+    tokens = _tokens((3, 9), seed=2)
+    want, got, xla_calls, cudnn_calls = both(tokens)  # unpadded
+    assert xla_calls == [(None, ("is_causal",))] * CFG.n_layers
+    assert cudnn_calls == [fused] * CFG.n_layers
+    np.testing.assert_array_equal(got, want)
+    for side in ("right", "left"):
+        padded, mask, _ = _padded(tokens, [9, 5, 2], side)
+        want, got, _, cudnn_calls = both(padded, mask)
+        assert cudnn_calls == [fused_padded, fallback] * CFG.n_layers  # lax.cond traces both
+        real_tokens = mask.astype(bool)
+        np.testing.assert_allclose(got[real_tokens], want[real_tokens], atol=1e-5, rtol=0)
+        if side == "left":  # the fallback branch ran: the very same computation
+            np.testing.assert_array_equal(got, want)
+        else:  # the fused branch ran: pad queries see nothing there, themselves under the mask
+            assert np.abs(got[~real_tokens] - want[~real_tokens]).max() > 1e-3
     # Decoding against a cache stays on the XLA path (a chunk) or the fused decode step.
     calls.clear()
     cache = init_cache(cudnn, 3, 10)
-    _, cache = Transformer(cudnn).apply({"params": params}, tokens, mask, cache, method="decode")
-    assert calls == [(None, False, (3, 1, 9, 10))] * CFG.n_layers
+    _, cache = Transformer(cudnn).apply({"params": params}, padded, mask, cache, method="decode")
+    assert calls == [fallback] * CFG.n_layers
     calls.clear()
     step = np.ones((3, 1), np.int32)
     Transformer(cudnn).apply({"params": params}, step, step, cache, method="decode")

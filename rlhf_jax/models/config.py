@@ -32,7 +32,8 @@ class TransformerConfig:
     grad_barrier: bool = True
     # Attention kernel of full forward passes (training, scoring): "xla" (any backend) or "cudnn"
     # (cuDNN's fused flash attention through jax.nn.dot_product_attention; NVIDIA GPUs only, and
-    # bfloat16 compute). Decoding against a KV cache always uses the XLA path.
+    # bfloat16 compute) for unpadded and right-padded batches, other padding falling back to XLA
+    # at run time. Decoding against a KV cache always uses the XLA path.
     attention: str = "xla"
 
     def __post_init__(self):

@@ -9,7 +9,9 @@ Dtype policy: parameters float32; matmuls and attention in `config.dtype`; the r
 LayerNorm statistics, attention softmax and the logits stay float32.
 
 Attention: `jax.nn.dot_product_attention`, XLA's implementation by default; `config.attention =
-"cudnn"` selects cuDNN's fused flash attention for full forward passes on NVIDIA GPUs (bfloat16).
+"cudnn"` selects cuDNN's fused flash attention for full forward passes on NVIDIA GPUs (bfloat16),
+for unpadded and right-padded batches (others fall back to XLA at run time, see
+`_cudnn_attention`).
 A decode step (one token against the cache) uses `_decode_attention`, the same numbers as fused
 products and sums.
 
@@ -122,7 +124,8 @@ class _Attention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, kv, index):
         """x [B, T, D]; mask [B, 1, T, S] bool, or None for causal attention without padding (full
-        forward passes only); kv None or (k, v) [B, H, S, Dh] -> (y, kv)."""
+        forward passes only), or a `_Padding` (full forward passes with attention="cudnn"); kv
+        None or (k, v) [B, H, S, Dh] -> (y, kv)."""
         cfg = self.config
         b, t, d = x.shape
         qkv = _dense(3 * d, cfg, "c_attn")(x)  # [B, T, 3D]
@@ -144,15 +147,51 @@ class _Attention(nn.Module):
                 v = jnp.swapaxes(v_cache, 1, 2).astype(q.dtype)
                 y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]
         elif cfg.attention == "cudnn":
-            # cuDNN's fused flash attention: causal by its mask type, padding (if any) through
-            # `mask`, which it takes as an additive bias.
-            y = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=True, implementation="cudnn"
-            )
+            y = _cudnn_attention(q, k, v, mask)
         else:  # mask None: causal without padding; softmax in float32 (XLA implementation)
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
         y = _dense(d, cfg, "c_proj", _INIT_STD / (2 * cfg.n_layers) ** 0.5)(y.reshape(b, t, d))
         return y, kv
+
+
+class _Padding(NamedTuple):
+    """The padding of a full forward pass, for the cuDNN path: the XLA mask, each row's number
+    of real tokens and whether every row is right-padded (its real tokens first)."""
+
+    mask: Array  # [B, 1, T, T] bool
+    lengths: Array  # [B] int32
+    right_padded: Array  # [] bool
+
+
+def _padding(attention_mask: Array, mask: Array) -> _Padding:
+    ok = attention_mask.astype(bool)  # [B, T]
+    lengths = ok.sum(axis=-1, dtype=jnp.int32)  # [B]
+    right_padded = jnp.all(ok == (jnp.arange(ok.shape[1])[None, :] < lengths[:, None]))
+    return _Padding(mask, lengths, right_padded)
+
+
+def _cudnn_attention(q, k, v, padding: _Padding | None):
+    """Causal attention through cuDNN's fused flash kernel, [B, T, H, Dh] in and out.
+
+    Padding goes in as sequence lengths, never as a bias: cuDNN (through JAX) has no gradient for
+    a per-row bias (jax-ml/jax#30593). Lengths describe right-padded rows only, so a batch with
+    any other padding (left-padded prompts, say) takes XLA's implementation with the full mask
+    instead: `lax.cond` picks per call, on device, and both give the same real-token outputs.
+    """
+
+    def fused(lengths=None):
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            implementation="cudnn",
+        )  # fmt: skip
+
+    if padding is None:
+        return fused()
+    return jax.lax.cond(
+        padding.right_padded,
+        lambda: fused(padding.lengths),
+        lambda: jax.nn.dot_product_attention(q, k, v, mask=padding.mask),
+    )
 
 
 def _pairwise_sum(x, axis):
@@ -256,6 +295,8 @@ class Transformer(nn.Module):
             mask = (causal & key_ok) | jnp.eye(t, dtype=bool)  # [B, 1, T, T]
             if positions is None:
                 positions = _positions_from_mask(attention_mask)
+            if self.config.attention == "cudnn":
+                mask = _padding(attention_mask, mask)
         x = self._embed(tokens, positions)
         for block in self.h:
             x, _ = block(x, mask)
