@@ -131,9 +131,9 @@ class _Attention(nn.Module):
         qkv = _dense(3 * d, cfg, "c_attn")(x)  # [B, T, 3D]
         q, k, v = (a.reshape(b, t, cfg.n_heads, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
         if kv is not None:
-            # The cache is head-major [B, H, S, Dh]: attention then reads it without transposes
-            # (XLA cancels the swapaxes below against dot_product_attention's own), which halves
-            # the CPU cost of a decode step compared with a [B, S, H, Dh] cache.
+            # The cache is head-major [B, H, S, Dh]: a decode step streams it per (row, head)
+            # without transposes, and for a chunk XLA cancels the swapaxes below against
+            # dot_product_attention's own.
             k_cache, v_cache = kv
             k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)  # [B, H, T, Dh]
             v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
