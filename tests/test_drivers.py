@@ -16,9 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf_jax import runner, sharding
+from rlhf_jax import data, models, runner, sharding
+from rlhf_jax.data import synthetic
 from rlhf_jax.metrics_writer import read_metrics
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -118,13 +121,32 @@ def test_sigkill_then_rerun_is_bit_identical_and_more_steps_continue(drivers, sf
     assert math.isfinite(more[-1]["loss"])
 
 
-def test_reward_model_tiny(reward_model):
+def test_reward_model_tiny(drivers, reward_model):
     workdir, rows = reward_model
     _check_outputs(workdir, rows, 30)
-    assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
     assert (workdir / "pairs.jsonl").is_file() and (workdir / "pairs_test.jsonl").is_file()
     cfg, params = runner.load_reward_model(workdir)
     assert params["head"]["kernel"].shape == (cfg.d_model, 1)
+    # The held-out accuracy logged at the last step, recomputed: the saved reward model on all
+    # held-out pairs as one batch, r(chosen) > r(rejected) counted in NumPy.
+    config = drivers["reward_model"].PRESETS["tiny"]
+    tok = runner.task_tokenizer(synthetic.load_task(synthetic.prepare(config.data_dir)))
+    pairs = data.read_preference_jsonl(workdir / "pairs_test.jsonl")
+    batch = data.collate_preferences(
+        pairs,
+        tok,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        buckets=None,
+    )
+    rm = models.RewardModel(cfg)
+    r_c, r_r = (
+        np.asarray(rm.apply({"params": params}, batch[f"{s}_tokens"], batch[f"{s}_attention_mask"]))
+        for s in ("chosen", "rejected")
+    )
+    assert len(pairs) >= 20 and 0.0 < np.mean(r_c > r_r) < 1.0
+    np.testing.assert_allclose(rows[-1]["eval/accuracy"], np.mean(r_c > r_r), atol=1e-6)
+    np.testing.assert_allclose(rows[-1]["eval/margin"], np.mean(r_c - r_r), rtol=1e-4, atol=1e-6)
 
 
 def test_dpo_tiny_with_precomputed_reference(drivers, sft, reward_model, tmp_path):
@@ -141,16 +163,36 @@ def test_ppo_tiny_with_the_reward_model(drivers, sft, reward_model, tmp_path):
     argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
     rows = drivers["ppo"].main(argv + ["--reward", str(reward_model[0])])
     _check_outputs(tmp_path, rows, 4)
-    assert all(math.isfinite(r["score"]) and r["kl_exact"] >= -1e-6 for r in rows)
+    # Logged at steps 2 and 4: the policy has left the reference (KL 0 before the first update).
+    assert all(math.isfinite(r["score"]) and r["kl_exact"] > 1e-7 for r in rows), rows
     assert rows[-1]["kl_coef"] == pytest.approx(0.05)  # fixed coefficient
     assert (tmp_path / "hf").is_dir()
 
 
-def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path):
+def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path, monkeypatch):
+    calls = []  # (texts, scores) of every host reward call, one per PPO iteration
+    make_step = runner.make_text_reward_ppo_step
+
+    def recording(fns, text_reward, *args):
+        def reward(texts):
+            scores = text_reward(texts)
+            calls.append((list(texts), np.asarray(scores)))
+            return scores
+
+        return make_step(fns, reward, *args)
+
+    monkeypatch.setattr(runner, "make_text_reward_ppo_step", recording)
     argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
     rows = drivers["ppo"].main(argv + ["--reward", "ground-truth", "--target-kl", "1.0"])
     _check_outputs(tmp_path, rows, 4)
-    assert all(-1.0 <= r["score"] <= 1.0 for r in rows)  # VADER compound
+    # The logged score is the mean VADER compound of that iteration's decoded texts, recomputed
+    # with vaderSentiment directly.
+    vader = SentimentIntensityAnalyzer()
+    assert len(calls) == 4 and all(len(texts) == 16 for texts, _ in calls)
+    for row in rows:
+        texts, _ = calls[row["step"] - 1]
+        want = np.mean([vader.polarity_scores(t)["compound"] for t in texts])
+        np.testing.assert_allclose(row["score"], want, rtol=1e-5, atol=1e-6)
     assert rows[-1]["kl_coef_next"] != pytest.approx(0.05)  # adaptive
 
 

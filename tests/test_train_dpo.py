@@ -1,14 +1,14 @@
-"""DPO-family step: loss vs losses.dpo_loss on log-probs from a plain per-row loop, precomputed
-reference == frozen reference, vmap over beta == separate steps, SimPO/ORPO, no recompilation,
-reference log-probs stored with the data."""
+"""DPO-family step: loss vs the cDPO / SimPO / ORPO formulas in NumPy on log-probs from a plain
+per-row loop, precomputed reference == frozen reference, vmap over beta == separate steps, no
+recompilation, reference log-probs stored with the data. (Gradients: test_step_gradients.py.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.batches import preference_batch as random_pairs
 
-from rlhf_jax import losses
 from rlhf_jax.models import Transformer, get_config, init_params
 from rlhf_jax.train import (
     attach_reference_logps,
@@ -27,25 +27,9 @@ MODEL = Transformer(CFG)
 B, T = 4, 10
 
 
-def preference_batch(seed, b=B, t=T, v=CFG.vocab_size):
-    """Right-padded pairs sharing a prompt; responses of random lengths."""
-    rs = np.random.RandomState(seed)
-    out = {}
-    prompts = [rs.randint(1, v, size=rs.randint(2, 4)) for _ in range(b)]
-    for side in ("chosen", "rejected"):
-        tokens = np.zeros((b, t), np.int32)
-        attn = np.zeros((b, t), np.int32)
-        loss = np.zeros((b, t), np.int32)
-        for i, prompt in enumerate(prompts):
-            n_p = len(prompt)
-            length = rs.randint(n_p + 1, t + 1)
-            tokens[i, :n_p] = prompt
-            tokens[i, n_p:length] = rs.randint(1, v, size=length - n_p)
-            attn[i, :length] = 1
-            loss[i, n_p:length] = 1
-        out[f"{side}_tokens"], out[f"{side}_attention_mask"] = tokens, attn
-        out[f"{side}_loss_mask"] = loss
-    return out
+def preference_batch(seed):
+    """Right-padded pairs sharing a prompt of 2-3 tokens; responses of random lengths."""
+    return random_pairs(seed, B, T, CFG.vocab_size)
 
 
 _FWD_ROW = jax.jit(lambda p, tok, mask: MODEL.apply({"params": p}, tok, attention_mask=mask))
@@ -106,7 +90,9 @@ def test_dpo_step_matches_loss_on_loop_logps(setup):
     batch = preference_batch(0)
     pc, pr = loop_logps(policy, batch, "chosen"), loop_logps(policy, batch, "rejected")
     rc, rr = loop_logps(ref, batch, "chosen"), loop_logps(ref, batch, "rejected")
-    want, wm = losses.dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta=0.1, label_smoothing=0.1)
+    # cDPO (Mitchell 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), in NumPy.
+    z = 0.1 * ((pc - rc) - (pr - rr)).astype(np.float64)
+    want = 0.9 * np.logaddexp(0.0, -z) + 0.1 * np.logaddexp(0.0, z)
     state, m = step(state_for(setup, 0.1), batch)
     np.testing.assert_allclose(m["loss"], np.mean(want), rtol=1e-5)
     np.testing.assert_allclose(m["logps/chosen"], pc.mean(), rtol=1e-5)
@@ -189,14 +175,19 @@ def test_reference_free_variants(setup, loss_type):
     batch = preference_batch(3)
     pc = loop_logps(policy, batch, "chosen", average=True)
     pr = loop_logps(policy, batch, "rejected", average=True)
-    if loss_type == "simpo":
-        want = np.mean(losses.simpo_loss(jnp.asarray(pc), jnp.asarray(pr), beta=2.0, gamma=0.3))
+    pc64, pr64 = pc.astype(np.float64), pr.astype(np.float64)
+    if loss_type == "simpo":  # -log sigmoid(beta (c - r) - gamma), Meng et al. 2024 Eq. 6
+        want = np.mean(np.logaddexp(0.0, -(2.0 * (pc64 - pr64) - 0.3)))
         hparams = {"beta": 2.0, "gamma": 0.3}
     else:
         # NLL = token-weighted mean over chosen response tokens = sum of sums / count.
         n_tok = batch["chosen_loss_mask"][:, 1:].sum(1)
-        nll = -np.sum(pc * n_tok) / n_tok.sum()
-        odds = np.mean(losses.orpo_odds_ratio_loss(jnp.asarray(pc), jnp.asarray(pr)))
+        nll = -np.sum(pc64 * n_tok) / n_tok.sum()
+
+        def log_odds(p):  # log(p / (1 - p)) from log p
+            return p - np.log1p(-np.exp(p))
+
+        odds = np.mean(np.logaddexp(0.0, -(log_odds(pc64) - log_odds(pr64))))  # Hong et al. Eq. 7
         want = nll + 0.1 * odds
         hparams = {"beta": 0.1}
     state = create_train_state(copy(policy), opt, 0, hparams=hparams)

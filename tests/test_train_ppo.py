@@ -207,7 +207,6 @@ def test_first_update_kl_zero_and_coef_decreases(ppo):
     np.testing.assert_allclose(m["score"], np.mean(ro.scores), rtol=1e-6)
     np.testing.assert_allclose(m["eos_rate"], np.mean(ro.has_eos))
     np.testing.assert_allclose(m["response_length"], np.asarray(ro.response_mask).sum(1).mean())
-    assert 0 < float(m["entropy"]) <= np.log(CFG.vocab_size) + 1e-5
     assert float(m["grad_norm"]) > 0 and float(m["update_norm"]) > 0
 
 

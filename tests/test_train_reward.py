@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.batches import preference_batch as random_pairs
 
 from rlhf_jax.models import RewardModel, get_config, init_reward_params
 from rlhf_jax.train import create_train_state, make_optimizer, make_reward_step
@@ -13,25 +14,9 @@ CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=1, n_he
 RM = RewardModel(CFG)
 
 
-def preference_batch(seed, b=4, t=10, v=CFG.vocab_size):
-    """Right-padded pairs sharing a prompt; responses of random lengths."""
-    rs = np.random.RandomState(seed)
-    out = {}
-    prompts = [rs.randint(1, v, size=rs.randint(2, 4)) for _ in range(b)]
-    for side in ("chosen", "rejected"):
-        tokens = np.zeros((b, t), np.int32)
-        attn = np.zeros((b, t), np.int32)
-        loss = np.zeros((b, t), np.int32)
-        for i, prompt in enumerate(prompts):
-            n_p = len(prompt)
-            length = rs.randint(n_p + 1, t + 1)
-            tokens[i, :n_p] = prompt
-            tokens[i, n_p:length] = rs.randint(1, v, size=length - n_p)
-            attn[i, :length] = 1
-            loss[i, n_p:length] = 1
-        out[f"{side}_tokens"], out[f"{side}_attention_mask"] = tokens, attn
-        out[f"{side}_loss_mask"] = loss
-    return out
+def preference_batch(seed):
+    """Right-padded pairs sharing a prompt of 2-3 tokens; responses of random lengths."""
+    return random_pairs(seed, 4, 10, CFG.vocab_size)
 
 
 @pytest.fixture(scope="module")

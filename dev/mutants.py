@@ -1,0 +1,398 @@
+"""Curated one-line mutations of the steps, losses, sampler and checkpoint path: does some test
+catch each of them?
+
+    .venv/bin/python dev/mutants.py                 # every mutant, two at a time (~10 min)
+    .venv/bin/python dev/mutants.py --list          # the table, nothing run
+    .venv/bin/python dev/mutants.py --only dpo-stop-grad-chosen ppo-stale-ratio --jobs 1
+
+Each mutant replaces one line of the library (an exact, unique substring of one file) in a
+temporary copy of the working tree (tracked and untracked-but-not-ignored files; the prepared
+`data/` is linked, not copied) and runs only its related test files there (`pytest -x`).
+"caught" means a test failed, "SURVIVED" that they all passed. First, the test files of the
+selected mutants run once together on the unmutated copy (skip with --no-baseline): a red
+baseline makes every "caught" meaningless. Exit status 1 if any mutant survived that is not in
+`ACCEPTED_SURVIVORS`, or the baseline failed.
+
+A tool to run before closing an issue that touches a step, loss, the sampler or the checkpoint
+path: not part of `make test`. Add a mutant for each bug a test was written to catch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """`old` (exactly once in `path`) becomes `new`; `tests` are pytest arguments."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    why: str
+
+
+STEP_TESTS = ("tests/test_step_gradients.py",)
+PPO_TESTS = ("tests/test_ppo_update.py", "tests/test_train_ppo.py")
+
+MUTANTS = (
+    # --- the training steps -------------------------------------------------------------------
+    Mutant(
+        "dpo-stop-grad-chosen",
+        "rlhf_jax/train/dpo.py",
+        "pc, pr, tlp = pair_logps(model, params, batch, average=average)  # [B], [B]",
+        "pc, pr, tlp = pair_logps(model, params, batch, average=average); "
+        "pc = jax.lax.stop_gradient(pc)",
+        (*STEP_TESTS, "tests/test_train_dpo.py"),
+        "half of DPO's gradient (the chosen side) disappears",
+    ),
+    Mutant(
+        "dpo-reference-swapped",
+        "rlhf_jax/train/dpo.py",
+        "rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)",
+        "rc, rr = jax.lax.stop_gradient(rr), jax.lax.stop_gradient(rc)",
+        (*STEP_TESTS, "tests/test_train_dpo.py"),
+        "reference log-probs of chosen and rejected swapped",
+    ),
+    Mutant(
+        "simpo-gamma-ignored",
+        "rlhf_jax/train/dpo.py",
+        'g = hparams["gamma"] if "gamma" in hparams else gamma',
+        "g = gamma",
+        (*STEP_TESTS, "tests/test_train_dpo.py"),
+        "SimPO's margin from the state is ignored",
+    ),
+    Mutant(
+        "orpo-nll-on-rejected",
+        "rlhf_jax/train/dpo.py",
+        "nll = -jnp.sum(jnp.where(mask > 0, tlp[:b], 0.0)) / jnp.maximum(mask.sum(), 1.0)",
+        "nll = -jnp.sum(jnp.where(mask > 0, tlp[b:], 0.0)) / jnp.maximum(mask.sum(), 1.0)",
+        (*STEP_TESTS, "tests/test_train_dpo.py"),
+        "ORPO's NLL term on the rejected responses",
+    ),
+    Mutant(
+        "sft-mask-unshifted",
+        "rlhf_jax/train/sft.py",
+        'mask = batch["loss_mask"][:, 1:].astype(jnp.float32)  # [B, T-1]',
+        'mask = batch["loss_mask"][:, :-1].astype(jnp.float32)  # [B, T-1]',
+        (*STEP_TESTS, "tests/test_train_sft.py"),
+        "the loss mask is not shifted with the targets",
+    ),
+    Mutant(
+        "reward-margin-sign",
+        "rlhf_jax/train/reward.py",
+        'm = m + jnp.asarray(batch["margin"], jnp.float32)  # [B]',
+        'm = m - jnp.asarray(batch["margin"], jnp.float32)  # [B]',
+        (*STEP_TESTS, "tests/test_train_reward.py"),
+        "the per-pair margin enters with the wrong sign",
+    ),
+    Mutant(
+        "unlikelihood-alpha-ignored",
+        "rlhf_jax/frontier.py",
+        'tlp[:b], mask[:b], tlp[b:], mask[b:], alpha=hparams["alpha"]',
+        "tlp[:b], mask[:b], tlp[b:], mask[b:], alpha=1.0",
+        STEP_TESTS,
+        "Unlikelihood's alpha (0: Preferred-FT) from the state is ignored",
+    ),
+    Mutant(
+        "grad-norm-of-updates",
+        "rlhf_jax/train/state.py",
+        'norms = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}',
+        'norms = {"grad_norm": optax.tree.norm(updates), "update_norm": optax.tree.norm(updates)}',
+        ("tests/test_train_sft.py",),
+        "grad_norm reports the update's norm",
+    ),
+    # --- PPO ----------------------------------------------------------------------------------
+    Mutant(
+        "ppo-stale-ratio",
+        "rlhf_jax/train/ppo.py",
+        'logps, mb["logps"], mb["advantages"], r_mask, clip_eps=cfg.clip_eps',
+        'logps, jax.lax.stop_gradient(logps), mb["advantages"], r_mask, clip_eps=cfg.clip_eps',
+        PPO_TESTS,
+        "the update's 'old' log-probs are its current ones: ratio 1, never clipped",
+    ),
+    Mutant(
+        "ppo-temperature-ignored",
+        "rlhf_jax/train/ppo.py",
+        "logits = _response_slice(logits, p, n) / temperature  # [B, N, V]",
+        "logits = _response_slice(logits, p, n)  # [B, N, V]",
+        PPO_TESTS,
+        "teacher-forced log-probs ignore the sampling temperature",
+    ),
+    Mutant(
+        "ppo-vf-coef-ignored",
+        "rlhf_jax/train/ppo.py",
+        "loss = pg_loss + cfg.vf_coef * vf_loss",
+        "loss = pg_loss + vf_loss",
+        PPO_TESTS,
+        "vf_coef is ignored",
+    ),
+    Mutant(
+        "ppo-value-with-policy-optimizer",
+        "rlhf_jax/train/ppo.py",
+        "vp, vo, vn = apply_gradients(value_optimizer, vp, vo, gv)",
+        "vp, vo, vn = apply_gradients(policy_optimizer, vp, vo, gv)",
+        PPO_TESTS,
+        "the critic is stepped by the policy's optimizer",
+    ),
+    Mutant(
+        "ppo-reference-is-policy",
+        "rlhf_jax/train/ppo.py",
+        "policy_model, state.ref_params, tokens, mask, r_tok, p, cfg.temperature",
+        "policy_model, state.policy_params, tokens, mask, r_tok, p, cfg.temperature",
+        PPO_TESTS,
+        "the rollout's reference log-probs come from the policy (KL always 0)",
+    ),
+    # --- losses -------------------------------------------------------------------------------
+    Mutant(
+        "bandit-ppo-clip-broken",
+        "rlhf_jax/losses/ppo.py",
+        "clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)",
+        "clipped = -adv * jnp.clip(ratio, 1.0 + clip_eps, 1.0 + clip_eps)",
+        ("tests/test_bandit.py",),
+        "clip range [1+eps, 1+eps]; only the bandit's convergence tests run",
+    ),
+    Mutant(
+        "bandit-ppo-clip-removed",
+        "rlhf_jax/losses/ppo.py",
+        "clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)",
+        "clipped = -adv * ratio",
+        ("tests/test_bandit.py",),
+        "PPO without its clip; only the bandit's convergence tests run",
+    ),
+    Mutant(
+        "bandit-kl-sign",
+        "rlhf_jax/bandit.py",
+        'total = rewards - beta * kl_estimate(logps, ref_logps, estimator="k1")  # [X, M]',
+        'total = rewards + beta * kl_estimate(logps, ref_logps, estimator="k1")  # [X, M]',
+        ("tests/test_bandit.py",),
+        "REINFORCE / PPO on r + beta KL",
+    ),
+    Mutant(
+        "bandit-exact-pg-kl-sign",
+        "rlhf_jax/bandit.py",
+        "penalized = bandit.rewards - beta * (logps - ref_logps)  # [X, K]",
+        "penalized = bandit.rewards + beta * (logps - ref_logps)  # [X, K]",
+        ("tests/test_bandit.py",),
+        "the exact gradient of r + beta KL",
+    ),
+    Mutant(
+        "cdpo-smoothing-sign",
+        "rlhf_jax/losses/dpo.py",
+        "losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)",
+        "losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)",
+        (*STEP_TESTS, "tests/test_train_dpo.py"),
+        "cDPO's label-smoothing term with the wrong sign (the library's own loss tests excluded)",
+    ),
+    Mutant(
+        "gae-lambda-dropped",
+        "rlhf_jax/losses/ppo.py",
+        "adv = jnp.where(m_t, delta + gamma * lam * next_adv, 0.0)  # [B]",
+        "adv = jnp.where(m_t, delta + gamma * next_adv, 0.0)  # [B]",
+        ("tests/test_train_ppo.py",),
+        "GAE without lambda (only the PPO step tests run)",
+    ),
+    Mutant(
+        "whiten-biased-variance",
+        "rlhf_jax/losses/ppo.py",
+        "var = _masked_sum(jnp.square(x - mean), m) / jnp.maximum(n - 1.0, 1.0)  # unbiased",
+        "var = _masked_sum(jnp.square(x - mean), m) / jnp.maximum(n, 1.0)  # unbiased",
+        ("tests/test_losses_ppo.py", "tests/test_train_ppo.py"),
+        "whitening with the biased variance",
+    ),
+    Mutant(
+        "kl-reward-score-everywhere",
+        "rlhf_jax/losses/kl.py",
+        "return rewards + jnp.where(last, _f32(scores)[:, None], 0.0)",
+        "return rewards + jnp.where(m, _f32(scores)[:, None], 0.0)",
+        ("tests/test_losses_kl.py", "tests/test_train_ppo.py"),
+        "the sequence score is added at every response token, not the last",
+    ),
+    # --- sampler and KV cache -----------------------------------------------------------------
+    Mutant(
+        "sampler-temperature-ignored",
+        "rlhf_jax/sampling.py",
+        "scaled = logits / jnp.where(greedy, 1.0, t)  # [B, V]",
+        "scaled = logits  # [B, V]",
+        ("tests/test_sampling.py", "tests/test_ppo_update.py"),
+        "the sampler draws at temperature 1 whatever it is told",
+    ),
+    Mutant(
+        "sampler-untempered-logps",
+        "rlhf_jax/sampling.py",
+        "return token, picked(scaled, token) - log_norm",
+        "return token, picked(logits, token) - jax.nn.logsumexp(logits, axis=-1)",
+        ("tests/test_sampling.py", "tests/test_ppo_update.py"),
+        "the sampler reports log-probs of the untempered distribution",
+    ),
+    Mutant(
+        "kv-cache-positions",
+        "rlhf_jax/models/transformer.py",
+        "positions=cache.positions + new_ok.sum(axis=1, dtype=jnp.int32),",
+        "positions=cache.positions + t,",
+        ("tests/test_models.py", "tests/test_sampling.py"),
+        "decode positions count pad slots (left-padded prompts drift)",
+    ),
+    # --- checkpoints --------------------------------------------------------------------------
+    Mutant(
+        "checkpoint-restores-oldest",
+        "rlhf_jax/checkpoint.py",
+        "step = self._manager.latest_step()\n        if step is None:\n            return None",
+        "step = min(self._manager.all_steps(), default=None)\n        if step is None:\n"
+        "            return None",
+        ("tests/test_checkpoint.py",),
+        "resume from the oldest kept checkpoint instead of the latest",
+    ),
+)
+
+# name -> why it is accepted (an equivalent mutant, or one no test can see by design).
+ACCEPTED_SURVIVORS: dict[str, str] = {}
+
+
+def _tree_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+
+
+def _copy_tree(dest: Path, files: list[str]) -> None:
+    for f in files:
+        target = dest / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, target)
+    if (ROOT / "data").is_dir():  # the prepared offline task: read-only for the tests
+        (dest / "data").symlink_to(ROOT / "data", target_is_directory=True)
+
+
+def _apply(dest: Path, mutant: Mutant) -> None:
+    path = dest / mutant.path
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise SystemExit(f"mutant {mutant.name}: expected the line once in {mutant.path}, "
+                         f"found it {count} times (update dev/mutants.py)")  # fmt: skip
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def _run_pytest(dest: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str, float]:
+    env = {**os.environ, "PYTHONPATH": str(dest), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=dest, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return -1, "timed out", time.monotonic() - start
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def _first_failure(output: str) -> str:
+    match = re.search(r"^FAILED (\S+)", output, re.MULTILINE)
+    return match.group(1).split("tests/", 1)[-1] if match else ""
+
+
+def _line_of(mutant: Mutant) -> int:
+    text = (ROOT / mutant.path).read_text()
+    return text[: text.find(mutant.old)].count("\n") + 1
+
+
+def run_one(mutant: Mutant, files: list[str], timeout: float) -> tuple[str, str, float]:
+    """(result, detail, seconds) of one mutant in its own temporary copy."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        dest = Path(tmp)
+        _copy_tree(dest, files)
+        _apply(dest, mutant)
+        code, output, seconds = _run_pytest(dest, mutant.tests, timeout)
+    if code == 1:
+        return "caught", _first_failure(output), seconds
+    if code == 0:
+        return "SURVIVED", "", seconds
+    tail = output.strip().splitlines()[-1:] or ["no output"]
+    return "ERROR", f"pytest exit {code}: {tail[0][:100]}", seconds
+
+
+def run_baseline(tests: tuple[str, ...], files: list[str], timeout: float) -> tuple[int, str]:
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+        dest = Path(tmp)
+        _copy_tree(dest, files)
+        code, output, _ = _run_pytest(dest, tests, timeout)
+    return code, output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+
+    names = {m.name for m in MUTANTS}
+    unknown = sorted(set(args.only or ()) - names)
+    if unknown:
+        parser.error(f"--only: unknown mutant(s) {', '.join(unknown)}; choose from: "
+                     + ", ".join(sorted(names)))  # fmt: skip
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    for m in mutants:  # every line still exists, before anything runs
+        if (ROOT / m.path).read_text().count(m.old) != 1:
+            parser.error(f"mutant {m.name}: its line is not (once) in {m.path}; update it")
+    width = max(len(m.name) for m in mutants)
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:<{width}}  {m.path}:{_line_of(m)}  {m.why}  [{' '.join(m.tests)}]")
+        return 0
+
+    files = _tree_files()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        if not args.no_baseline:
+            union = tuple(sorted({t for m in mutants for t in m.tests}))
+            print(f"baseline: {len(union)} test files on the unmutated tree ...", flush=True)
+            code, output = run_baseline(union, files, args.timeout)
+            if code != 0:
+                print(f"baseline FAILED (pytest exit {code}):\n{output[-3000:]}")
+                return 1
+        print(f"{len(mutants)} mutants, {args.jobs} at a time\n", flush=True)
+        header = f"{'mutant':<{width}}  {'result':<8}  {'time':>6}  caught by / detail"
+        print(header + "\n" + "-" * len(header), flush=True)
+        results = {}
+        futures = {pool.submit(run_one, m, files, args.timeout): m for m in mutants}
+        for future in concurrent.futures.as_completed(futures):
+            m = futures[future]
+            result, detail, seconds = future.result()
+            if result == "SURVIVED" and m.name in ACCEPTED_SURVIVORS:
+                result, detail = "accepted", ACCEPTED_SURVIVORS[m.name]
+            results[m.name] = result
+            print(f"{m.name:<{width}}  {result:<8}  {seconds:5.0f}s  {detail}", flush=True)
+
+    counts = {r: list(results.values()).count(r) for r in sorted(set(results.values()))}
+    print("\n" + ", ".join(f"{n} {r}" for r, n in counts.items()))
+    bad = [n for n, r in results.items() if r in ("SURVIVED", "ERROR")]
+    if bad:
+        print("not caught: " + ", ".join(bad))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
