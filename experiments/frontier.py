@@ -475,12 +475,12 @@ def _ppo_parts(ctx: Context, kl_coef: float, reward_fn: Any):
         value = models.init_value_params(ctx.cfg, jax.random.PRNGKey(c.seed), ctx.sft_params)
         return train.create_ppo_state(
             dataclasses.replace(ppo_cfg, kl_coef=coef),
-            ctx.sft_params,
-            value,
-            ctx.sft_params,
-            popt,
-            vopt,
-            c.seed,
+            policy_params=ctx.sft_params,
+            value_params=value,
+            ref_params=ctx.sft_params,
+            policy_optimizer=popt,
+            value_optimizer=vopt,
+            rng=c.seed,
             reward_params=None if reward_fn is None else ctx.rm_params,
         )
 

@@ -124,7 +124,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     nets = (models.Transformer(cfg), models.ValueModel(value_cfg))
     fns = train.make_ppo(*nets, *opts, ppo, reward_fn=reward_fn)
     state = train.create_ppo_state(
-        ppo, params, value_params, params, *opts, config.seed, reward_params=reward_params
+        ppo,
+        policy_params=params,
+        value_params=value_params,
+        ref_params=params,
+        policy_optimizer=opts[0],
+        value_optimizer=opts[1],
+        rng=config.seed,
+        reward_params=reward_params,
     )
     loader = runner.task_loaders(
         task,

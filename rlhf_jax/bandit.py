@@ -23,7 +23,8 @@ import optax
 from jax.scipy.special import xlogy
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Real
 
-from rlhf_jax.losses import dpo_loss, kl_estimate, ppo_policy_loss
+from rlhf_jax.losses import PairwiseLoss, kl_estimate, pairwise_loss, ppo_policy_loss
+from rlhf_jax.losses.logprobs import _check_positive
 
 Scalar = Real[ArrayLike, ""]
 
@@ -274,15 +275,19 @@ def ipo_fixed_point(
 
 
 def _preference_loss(
-    method: str,
+    method: str | PairwiseLoss,
     logits: Float[Array, "X K"],
     ref_logits: Float[Array, "X K"],
     weights: Float[Array, "X K K"],
     beta: Scalar,
     label_smoothing: float,
 ) -> Float[Array, ""]:
-    """Σ W[x,w,l] · dpo_loss(x, w, l): the chosen method's loss on every (x, winner, loser) cell."""
-    loss_type, smoothed = _PREFERENCE_LOSSES[method]
+    """Σ W[x,w,l] · loss(x, w, l): the method's pairwise loss on every (x, winner, loser) cell."""
+    if callable(method):
+        loss = pairwise_loss(method)
+    else:
+        loss_type, smoothed = _PREFERENCE_LOSSES[method]
+        loss = pairwise_loss(loss_type, label_smoothing=label_smoothing if smoothed else 0.0)
     logps = jax.nn.log_softmax(logits, axis=-1)  # [X, K]
     ref_logps = jax.nn.log_softmax(ref_logits, axis=-1)  # [X, K]
     shape = weights.shape
@@ -293,14 +298,8 @@ def _preference_loss(
     def rejected(a):  # value at the loser (axis 2)
         return jnp.broadcast_to(a[:, None, :], shape).reshape(-1)
 
-    losses, _ = dpo_loss(
-        chosen(logps),
-        rejected(logps),
-        chosen(ref_logps),
-        rejected(ref_logps),
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing if smoothed else 0.0,
+    losses, _ = loss(
+        chosen(logps), rejected(logps), chosen(ref_logps), rejected(ref_logps), beta=beta
     )  # [X*K*K]
     return jnp.sum(weights.reshape(-1) * losses)
 
@@ -334,7 +333,7 @@ def _sample_kl_penalized(
 
 
 def train_policy(
-    method: str,
+    method: str | PairwiseLoss,
     bandit: Bandit,
     pair_weights: Float[Array, "X K K"] | None,
     beta: Scalar,
@@ -352,15 +351,17 @@ def train_policy(
 
     Methods: from preference data (`pair_weights`, see `preference_weights` and
     `expected_preference_pairs`), the DPO family of `rlhf_jax.losses.dpo_loss`: "dpo" (sigmoid),
-    "cdpo" (sigmoid with `label_smoothing`), "ipo", "hinge", "robust" (with `label_smoothing`).
-    On the reward table, maximizing Eq. 3: "pg" (REINFORCE on the k1-KL-penalized reward with a
+    "cdpo" (sigmoid with `label_smoothing`), "ipo", "hinge", "robust" (with `label_smoothing`), or
+    any pairwise loss function `fn(pc, pr, rc, rr, *, beta) -> losses` (the contract of
+    `rlhf_jax.losses.pairwise_loss`, e.g. DPO-Positive) on the same comparisons. On the reward
+    table, maximizing Eq. 3: "pg" (REINFORCE on the k1-KL-penalized reward with a
     leave-one-out baseline, `n_samples` y ~ π per context and step), "ppo" (the same samples,
     `ppo_epochs` updates of the clipped surrogate `rlhf_jax.losses.ppo_policy_loss`), "exact_pg"
     (the exact gradient of Eq. 3). The policy starts at π_ref (or `init_logits`). Scan over steps;
     pure, un-jitted: jit/vmap over bandits, data, β and rng at the call site.
 
     Args:
-      method: one of `METHODS`.
+      method: one of `METHODS`, or a pairwise loss function (see above).
       bandit: the bandit, [X, K] tables.
       pair_weights: W[x, winner, loser], [X, K, K], for the preference methods (else unused).
       beta: β of the loss and of Eq. 3 (may be traced).
@@ -376,10 +377,15 @@ def train_policy(
       TrainResult(logits [X, K], loss [S], objective [S], tv [S]), the traces measured before each
       step's update.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if method in PREFERENCE_METHODS and pair_weights is None:
+    preference = callable(method) or method in PREFERENCE_METHODS
+    if not callable(method) and method not in METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; expected one of {METHODS} or a pairwise loss function "
+            "fn(pc, pr, rc, rr, *, beta)"
+        )
+    if preference and pair_weights is None:
         raise ValueError(f"method {method!r} needs pair_weights")
+    _check_positive("beta", beta)
     if method in ("pg", "ppo") and n_samples < 2:
         raise ValueError("n_samples must be >= 2 for the leave-one-out baseline")
     updates_per_step = ppo_epochs if method == "ppo" else 1
@@ -390,7 +396,7 @@ def train_policy(
     target = optimal_policy(ref_probs, bandit.rewards, beta)  # [X, K]
 
     def loss_fn(logits, batch):
-        if method in PREFERENCE_METHODS:
+        if preference:
             return _preference_loss(
                 method, logits, bandit.ref_logits, pair_weights, beta, label_smoothing
             )

@@ -1,5 +1,7 @@
 """The reward-vs-KL frontier (DPO paper, Rafailov et al. 2023, Fig. 2 left): its CSV, table, plot,
-and the two baseline steps the train package does not have (Preferred-FT and Unlikelihood).
+and sweeps of a hyperparameter as one program. (The Preferred-FT and Unlikelihood steps live in
+`rlhf_jax.train.unlikelihood`; `make_unlikelihood_loss` / `make_unlikelihood_step` are
+re-exported here.)
 
 Every evaluated point is one CSV row with the columns `COLUMNS`:
 
@@ -31,16 +33,30 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, SupportsFloat, SupportsInt
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rlhf_jax import losses
-from rlhf_jax.train.dpo import pair_logps
-from rlhf_jax.train.reward import concat_pairs
-from rlhf_jax.train.state import TrainState, apply_gradients, stack_states, unstack_state
+from rlhf_jax.train.state import stack_states, unstack_state
+from rlhf_jax.train.unlikelihood import make_unlikelihood_loss, make_unlikelihood_step
+
+__all__ = [
+    "COLUMNS",
+    "METHODS",
+    "flatten_sweep_metrics",
+    "format_table",
+    "frontier_table",
+    "make_row",
+    "make_unlikelihood_loss",
+    "make_unlikelihood_step",
+    "plot_frontier",
+    "read_csv",
+    "stack_sweep",
+    "sweep_member",
+    "sweep_step",
+    "time_sweep",
+    "write_csv",
+]
 
 COLUMNS = ("method", "hyperparameter", "seed", "step", "kl", "reward", "stderr")
 METHODS = ("sft", "dpo", "ppo", "ppo-gt", "preferred-ft", "unlikelihood", "best-of-n")
@@ -317,55 +333,3 @@ def time_sweep(
         "speedup": t_one / t_sweep,
         "max_param_diff": diff,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Preferred-FT and Unlikelihood.
-
-
-def make_unlikelihood_loss(
-    model: nn.Module,
-) -> Callable[[Any, Mapping[str, jax.Array], Batch], tuple[jax.Array, Metrics]]:
-    """`loss_fn(params, hparams, batch) -> (loss, metrics)` on a preference batch.
-
-    `L = mean_b [-mean_{t in y_w} log p_t - alpha * mean_{t in y_l} log(1 - p_t)]`
-    (`losses.unlikelihood_loss`; Welleck et al. 2019, the "Unlikelihood" baseline of Rafailov et
-    al. 2023, Sec. 6), alpha = hparams["alpha"]. With alpha = 0 it is "Preferred-FT": supervised
-    fine-tuning on the chosen completions (per-example mean NLL).
-    """
-
-    def loss_fn(params, hparams, batch):
-        b = batch["chosen_tokens"].shape[0]
-        pc, pr, tlp = pair_logps(model, params, batch)  # [B], [B], [2B, T-1]
-        mask = concat_pairs(batch, "loss_mask")[:, 1:]  # [2B, T-1]
-        per_ex = losses.unlikelihood_loss(
-            tlp[:b], mask[:b], tlp[b:], mask[b:], alpha=hparams["alpha"]
-        )  # [B]
-        loss = jnp.mean(per_ex)
-        return loss, {"loss": loss, "logps/chosen": jnp.mean(pc), "logps/rejected": jnp.mean(pr)}
-
-    return loss_fn
-
-
-def make_unlikelihood_step(
-    model: nn.Module, optimizer: optax.GradientTransformation
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The pure Unlikelihood / Preferred-FT step `step(state, batch) -> (state, metrics)`.
-
-    Args:
-      model: the policy `Transformer`.
-      optimizer: the optax transformation `state.opt_state` belongs to.
-    Returns:
-      The step (un-jitted); alpha is `state.hparams["alpha"]` (0: Preferred-FT), so an alpha
-      sweep is `sweep_step(step)`. Metrics: loss, grad_norm, update_norm, logps/chosen,
-      logps/rejected.
-    """
-    loss_fn = make_unlikelihood_loss(model)
-
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state.hparams, batch)
-        params, opt_state, norms = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        return state, {**metrics, **norms}
-
-    return step

@@ -166,7 +166,7 @@ def test_unlikelihood_loss_matches_numpy():
     params = init_params(CFG, jax.random.key(2))
     batch = jax.tree.map(jnp.asarray, _preference_batch(7))
     alpha = 0.7
-    loss, _ = fr.make_unlikelihood_loss(MODEL)(params, {"alpha": jnp.float32(alpha)}, batch)
+    loss, _ = fr.make_unlikelihood_loss(MODEL)(params, batch, hparams={"alpha": jnp.float32(alpha)})
 
     def token_probs(side):
         logits = np.asarray(

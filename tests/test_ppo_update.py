@@ -104,7 +104,15 @@ def setup():
     v0 = init_value_params(CFG, jax.random.PRNGKey(2), p0)
     v0["head"]["kernel"] = 0.5 * jax.random.normal(jax.random.PRNGKey(3), (CFG.d_model, 1))
     opt_p, opt_v = optax.sgd(LR_POLICY), optax.sgd(LR_VALUE)
-    state = create_ppo_state(PPO, p0, v0, ref, opt_p, opt_v, 7)
+    state = create_ppo_state(
+        PPO,
+        policy_params=p0,
+        value_params=v0,
+        ref_params=ref,
+        policy_optimizer=opt_p,
+        value_optimizer=opt_v,
+        rng=7,
+    )
     _, ro = jax.jit(make_ppo_rollout(POLICY, VALUE, PPO))(state, PROMPTS)
     # Scores and GAE are not under test here: random advantages and returns of both signs.
     rs = np.random.RandomState(4)

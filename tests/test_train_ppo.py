@@ -111,7 +111,16 @@ def ppo():
                 jax.random.PRNGKey(3), (CFG.d_model, 1)
             )
         reward = jax.tree.map(jnp.copy, rm)
-        return create_ppo_state(PPO, policy, value, ref, opt, opt, 7, reward_params=reward)
+        return create_ppo_state(
+            PPO,
+            policy_params=policy,
+            value_params=value,
+            ref_params=ref,
+            policy_optimizer=opt,
+            value_optimizer=opt,
+            rng=7,
+            reward_params=reward,
+        )
 
     return jitted, traces, new_state, rm
 

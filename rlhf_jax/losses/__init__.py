@@ -5,8 +5,11 @@ All functions are un-jitted, compute in float32 and return per-example values un
 
 from rlhf_jax.losses.dpo import (
     DPO_LOSS_TYPES,
+    PAIRWISE_LOSSES,
+    PairwiseLoss,
     dpo_loss,
     orpo_odds_ratio_loss,
+    pairwise_loss,
     simpo_loss,
     unlikelihood_loss,
 )
@@ -24,6 +27,8 @@ from rlhf_jax.losses.reward import bradley_terry_loss
 __all__ = [
     "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
+    "PAIRWISE_LOSSES",
+    "PairwiseLoss",
     "adaptive_kl_coef",
     "bradley_terry_loss",
     "dpo_loss",
@@ -33,6 +38,7 @@ __all__ = [
     "kl_estimate",
     "kl_penalized_rewards",
     "orpo_odds_ratio_loss",
+    "pairwise_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sequence_logps",

@@ -1,7 +1,10 @@
 """Direct preference losses: DPO (sigmoid / IPO / hinge / robust), SimPO, ORPO's odds-ratio term
 and the token-level unlikelihood baseline."""
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +110,49 @@ def dpo_loss(
         "accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
     }
     return losses, metrics
+
+
+# The pairwise-loss contract: fn(policy_chosen_logps, policy_rejected_logps,
+# reference_chosen_logps, reference_rejected_logps, *, beta) -> losses [B], or (losses, metrics).
+PairwiseLoss = Callable[..., Any]
+
+# Name -> built-in pairwise loss (label_smoothing is bound by `pairwise_loss`).
+PAIRWISE_LOSSES: dict[str, PairwiseLoss] = {
+    name: functools.partial(dpo_loss, loss_type=name) for name in DPO_LOSS_TYPES
+}
+
+
+def pairwise_loss(
+    loss: str | PairwiseLoss, *, label_smoothing: Scalar = 0.0
+) -> Callable[..., tuple[Float[Array, " B"], dict[str, Array]]]:
+    """A pairwise loss by name (`PAIRWISE_LOSSES`) or a user's function, as
+    `fn(pc, pr, rc, rr, *, beta) -> (losses [B], metrics)`.
+
+    A user's function follows the contract above (e.g. DPO-Positive, Pal et al. 2024) and may
+    return the per-example losses alone; it binds its own extra parameters. `label_smoothing`
+    applies to the built-in "sigmoid" (cDPO) and "robust" only.
+
+    Raises:
+      ValueError: an unknown name (naming the accepted ones), or label_smoothing given with a
+        function.
+    """
+    if callable(loss):
+        if _concrete(label_smoothing) != 0.0:
+            raise ValueError(
+                "label_smoothing applies to the built-in losses; bind it in your loss function"
+            )
+        fn = loss
+    else:
+        _check_choice("loss_type", loss, tuple(PAIRWISE_LOSSES))
+        _check_label_smoothing(label_smoothing)
+        fn = functools.partial(PAIRWISE_LOSSES[loss], label_smoothing=label_smoothing)
+
+    def call(pc, pr, rc, rr, *, beta):
+        out = fn(pc, pr, rc, rr, beta=beta)
+        losses, metrics = out if isinstance(out, tuple) else (out, {})
+        return _f32(losses), dict(metrics)
+
+    return call
 
 
 def simpo_loss(

@@ -1,6 +1,8 @@
 """KL divergence estimators, exact KL, the KL-penalized per-token reward and the adaptive KL
 controller (the KL term of seed Eq. 3)."""
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Shaped
@@ -11,7 +13,10 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_estimate(
-    logps: Float[ArrayLike, "B T"], ref_logps: Float[ArrayLike, "B T"], *, estimator: str = "k1"
+    logps: Float[ArrayLike, "B T"],
+    ref_logps: Float[ArrayLike, "B T"],
+    *,
+    estimator: str | Callable[[Array, Array], Array] = "k1",
 ) -> Float[Array, "B T"]:
     """Per-token Monte Carlo estimate of KL(pi || pi_ref) from tokens sampled from pi.
 
@@ -22,11 +27,14 @@ def kl_estimate(
     Args:
       logps: [B, T] log pi of the sampled tokens.
       ref_logps: [B, T] log pi_ref of the same tokens.
-      estimator: "k1", "k2" or "k3".
+      estimator: "k1", "k2" or "k3", or a function `(logps, ref_logps) -> [B, T]` (float32
+        arrays in, per-token estimates out).
 
     Returns:
       [B, T] float32 per-token estimates (unmasked; the caller masks).
     """
+    if callable(estimator):
+        return _f32(estimator(_f32(logps), _f32(ref_logps)))
     _check_choice("estimator", estimator, KL_ESTIMATORS)
     log_r = _f32(ref_logps) - _f32(logps)  # [B, T]
     if estimator == "k1":
@@ -73,7 +81,7 @@ def kl_penalized_rewards(
     mask: Shaped[ArrayLike, "B T"],
     *,
     kl_coef: Scalar,
-    estimator: str = "k1",
+    estimator: str | Callable[[Array, Array], Array] = "k1",
 ) -> Float[Array, "B T"]:
     """Per-token rewards of the KL-regularized objective (seed Eq. 3, as in Ziegler et al. 2019).
 
@@ -87,7 +95,7 @@ def kl_penalized_rewards(
       ref_logps: [B, T] log pi_ref of the same tokens.
       mask: [B, T] 0/1 (any dtype), 1 on response tokens; may end before T.
       kl_coef: KL coefficient beta (float or 0-d array).
-      estimator: "k1", "k2" or "k3".
+      estimator: "k1", "k2", "k3" or a function (see `kl_estimate`).
 
     Returns:
       [B, T] float32 per-token rewards.

@@ -1,24 +1,28 @@
 """Train state and pure steps `step(state, batch) -> (state, metrics)`: SFT, reward model, DPO
-family, PPO, and precomputed reference log-probs. Steps are un-jitted; drivers compile them with
+family, Unlikelihood, PPO, and precomputed reference log-probs. Every step is
+`make_step(loss_fn, optimizer)` of a loss `loss_fn(params, batch, *, frozen, hparams) -> (loss,
+metrics)`, so a user's loss trains the same way. Steps are un-jitted; drivers compile them with
 `rlhf_jax.sharding`'s helper (donating the state)."""
 
 from rlhf_jax.train.dpo import LOSS_TYPES, make_dpo_eval, make_dpo_loss, make_dpo_step, pair_logps
 from rlhf_jax.train.ppo import (
     PPOConfig,
-    PPOFunctions,
     PPOState,
     Rollout,
     create_ppo_state,
-    make_ppo,
-    make_ppo_loss,
     make_ppo_rollout,
     make_ppo_score,
-    make_ppo_step,
-    make_ppo_update,
     penalize_missing_eos,
     response_token_lists,
     reward_model_fn,
     rollout_metrics,
+)
+from rlhf_jax.train.ppo_update import (
+    PPOFunctions,
+    make_ppo,
+    make_ppo_loss,
+    make_ppo_step,
+    make_ppo_update,
 )
 from rlhf_jax.train.reference import (
     attach_reference_logps,
@@ -31,16 +35,21 @@ from rlhf_jax.train.reference import (
 from rlhf_jax.train.reward import make_reward_eval, make_reward_loss, make_reward_step
 from rlhf_jax.train.sft import make_sft_eval, make_sft_loss, make_sft_step
 from rlhf_jax.train.state import (
+    HPARAM_RANGES,
     TrainState,
     apply_gradients,
+    check_hparams,
     create_train_state,
     make_optimizer,
     rng_for_step,
     stack_states,
     unstack_state,
 )
+from rlhf_jax.train.step import make_eval, make_step, paired_optimizer
+from rlhf_jax.train.unlikelihood import make_unlikelihood_loss, make_unlikelihood_step
 
 __all__ = [
+    "HPARAM_RANGES",
     "LOSS_TYPES",
     "PPOConfig",
     "PPOFunctions",
@@ -49,6 +58,7 @@ __all__ = [
     "TrainState",
     "apply_gradients",
     "attach_reference_logps",
+    "check_hparams",
     "attach_reference_to_records",
     "compute_reference_logps",
     "create_ppo_state",
@@ -57,6 +67,7 @@ __all__ = [
     "make_dpo_eval",
     "make_dpo_loss",
     "make_dpo_step",
+    "make_eval",
     "make_optimizer",
     "make_ppo",
     "make_ppo_loss",
@@ -71,7 +82,11 @@ __all__ = [
     "make_sft_eval",
     "make_sft_loss",
     "make_sft_step",
+    "make_step",
+    "make_unlikelihood_loss",
+    "make_unlikelihood_step",
     "pair_logps",
+    "paired_optimizer",
     "penalize_missing_eos",
     "response_token_lists",
     "reward_model_fn",

@@ -9,6 +9,15 @@ Batch (contract "Preference batch", right-padded, int32 [B, T], same T for both 
 State: a `TrainState` whose `params` are the policy's, `frozen` the reference params (only needed
 when the batch carries no reference log-probs, and never for SimPO/ORPO) and `hparams` holds
 "beta" (and "gamma" for SimPO), float32 scalars, so that a beta sweep is `vmap` over states.
+
+The loss is chosen by name or given as a function of the four sequence log-probs
+(`losses.pairwise_loss`'s contract), e.g. DPO-Positive (Pal et al. 2024):
+
+    def dpop(pc, pr, rc, rr, *, beta, lam=50.0):
+        h = (pc - rc) - (pr - rr) - lam * jnp.maximum(0.0, rc - pc)
+        return -jax.nn.log_sigmoid(beta * h)
+
+    step = train.make_dpo_step(model, optimizer, loss_type=dpop)
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from jaxtyping import Array, Float
 
 from rlhf_jax import losses
 from rlhf_jax.train.reward import concat_pairs
-from rlhf_jax.train.state import TrainState, apply_gradients
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.step import LossFn, make_eval, make_step
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -59,18 +69,20 @@ def pair_logps(
 def make_dpo_loss(
     model: nn.Module,
     *,
-    loss_type: str = "sigmoid",
+    loss_type: str | losses.PairwiseLoss = "sigmoid",
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
     gamma: float = 0.5,
-) -> Callable[[Any, Any, Mapping[str, jax.Array], Batch], tuple[jax.Array, Metrics]]:
-    """Builds `loss_fn(params, frozen, hparams, batch) -> (loss, metrics)`.
+) -> LossFn:
+    """Builds `loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)` (train.make_step's
+    contract) for the DPO family.
 
-    sigmoid/ipo/hinge/robust: `losses.dpo_loss` (Rafailov et al. 2023 eq. 7; Azar et al. 2023;
-      Zhao et al. 2023; Chowdhury et al. 2024) on policy and reference sequence log-probs, beta =
-      hparams["beta"]. Reference log-probs come from the batch when it has
-      `reference_chosen_logps` (a trace-time decision on the batch keys), otherwise from a forward
-      of `frozen` (the reference params) under stop_gradient.
+    sigmoid/ipo/hinge/robust, or a user's pairwise loss `fn(pc, pr, rc, rr, *, beta) -> losses
+      [B]` (or `(losses, metrics)`; `losses.pairwise_loss`): the mean of the pairwise loss on
+      policy and reference sequence log-probs (Rafailov et al. 2023 eq. 7; Azar et al. 2023; Zhao
+      et al. 2023; Chowdhury et al. 2024), beta = hparams["beta"]. Reference log-probs come from
+      the batch when it has `reference_chosen_logps` (a trace-time decision on the batch keys),
+      otherwise from a forward of `frozen` (the reference params) under stop_gradient.
     simpo: `losses.simpo_loss` on length-averaged log-probs (Meng et al. 2024, eq. 6), beta =
       hparams["beta"], gamma = hparams["gamma"] if present else the builder's `gamma`.
     orpo: `L = NLL(chosen) + lambda * losses.orpo_odds_ratio_loss` on length-averaged log-probs
@@ -81,19 +93,26 @@ def make_dpo_loss(
     Metrics: loss, rewards/chosen, rewards/rejected (means of beta * implicit rewards),
     rewards/accuracy (fraction with chosen reward > rejected), rewards/margin, logps/chosen,
     logps/rejected (policy sequence log-probs as used by the loss); ORPO adds nll and
-    odds_ratio_loss.
+    odds_ratio_loss; a user's loss adds the means of the metrics it returns.
+
+    Raises:
+      ValueError: an unknown loss_type name (naming the accepted ones).
     """
-    if loss_type not in LOSS_TYPES:
+    if not callable(loss_type) and loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; accepted values: {LOSS_TYPES}")
-    average = average_log_prob or loss_type in ("simpo", "orpo")
+    reference_free = loss_type in ("simpo", "orpo")
+    average = average_log_prob or reference_free
+    pairwise = (
+        None if reference_free else losses.pairwise_loss(loss_type, label_smoothing=label_smoothing)
+    )
 
     def loss_fn(
-        params: Any, frozen: Any, hparams: Mapping[str, jax.Array], batch: Batch
+        params: Any, batch: Batch, *, frozen: Any = None, hparams: Mapping[str, jax.Array]
     ) -> tuple[jax.Array, Metrics]:
         beta = hparams["beta"]
         pc, pr, tlp = pair_logps(model, params, batch, average=average)  # [B], [B]
         extra = {}
-        if loss_type in DPO_LOSS_TYPES:
+        if pairwise is not None:
             if REFERENCE_KEYS[0] in batch:
                 rc = jnp.asarray(batch[REFERENCE_KEYS[0]], jnp.float32)
                 rr = jnp.asarray(batch[REFERENCE_KEYS[1]], jnp.float32)
@@ -106,11 +125,11 @@ def make_dpo_loss(
                     )
                 rc, rr, _ = pair_logps(model, jax.lax.stop_gradient(frozen), batch, average=average)
                 rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
-            per_ex, m = losses.dpo_loss(
-                pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
-            )
-            r_c, r_r = m["chosen_rewards"], m["rejected_rewards"]
+            per_ex, m = pairwise(pc, pr, rc, rr, beta=beta)
+            r_c, r_r = beta * (pc - rc), beta * (pr - rr)  # [B] implicit rewards
             loss = jnp.mean(per_ex)
+            known = ("chosen_rewards", "rejected_rewards", "margins", "accuracies")
+            extra = {k: jnp.mean(v) for k, v in m.items() if k not in known}
         elif loss_type == "simpo":
             g = hparams["gamma"] if "gamma" in hparams else gamma
             loss = jnp.mean(losses.simpo_loss(pc, pr, beta=beta, gamma=g))
@@ -142,18 +161,20 @@ def make_dpo_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     *,
-    loss_type: str = "sigmoid",
+    loss_type: str | losses.PairwiseLoss = "sigmoid",
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
     gamma: float = 0.5,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Builds the pure DPO-family step `step(state, batch) -> (state, metrics)` (un-jitted).
+    """Builds the pure DPO-family step `step(state, batch) -> (state, metrics)` (un-jitted):
+    `train.make_step(make_dpo_loss(...), optimizer)`.
 
     Args:
       model: the policy `Transformer` (the reference, if run, is the same module).
       optimizer: the optax transformation `state.opt_state` belongs to.
       loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" (all `losses.dpo_loss`), "simpo",
-        "orpo". IPO is defined on length-averaged log-probs in TRL: pass average_log_prob=True.
+        "orpo", or a pairwise loss function `fn(pc, pr, rc, rr, *, beta) -> losses [B]`.
+        IPO is defined on length-averaged log-probs in TRL: pass average_log_prob=True.
       label_smoothing: conservative-DPO / robust-DPO label noise epsilon.
       average_log_prob: use mean instead of sum of token log-probs (forced for simpo/orpo).
         Precomputed reference log-probs must have been computed with the same setting.
@@ -169,20 +190,10 @@ def make_dpo_step(
         average_log_prob=average_log_prob,
         gamma=gamma,
     )
-
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(
-            state.params, state.frozen, state.hparams, batch
-        )
-        params, opt_state, norms = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        return state, {**metrics, **norms}
-
-    return step
+    return make_step(loss_fn, optimizer)
 
 
 def make_dpo_eval(model: nn.Module, **kwargs) -> Callable[[TrainState, Batch], Metrics]:
     """`eval_fn(state, batch) -> metrics`: the DPO metrics without an update (same kwargs as
     `make_dpo_step` minus the optimizer)."""
-    loss_fn = make_dpo_loss(model, **kwargs)
-    return lambda state, batch: loss_fn(state.params, state.frozen, state.hparams, batch)[1]
+    return make_eval(make_dpo_loss(model, **kwargs))

@@ -16,7 +16,8 @@ One iteration (DESIGN.md, "the data flow of one PPO iteration") is three pure fu
                                                      then the adaptive KL coefficient
 
 When the reward is a JAX function (a reward model: `reward_model_fn(RewardModel(cfg))`),
-`make_ppo_step` fuses all three into `step(state, prompt_batch) -> (state, metrics)`.
+`make_ppo_step` fuses all three into `step(state, prompt_batch) -> (state, metrics)`. The update
+and `make_ppo` live in `rlhf_jax.train.ppo_update`.
 
 Prompt batch: {"prompt_tokens": [B, P] int32 LEFT-padded, "prompt_mask": [B, P]}.
 Sequence layout of every forward: `[prompt (left-padded, P)][response (N, pad after EOS)]`, mask
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -46,7 +47,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from rlhf_jax import losses
 from rlhf_jax.sampling import generate
-from rlhf_jax.train.state import _unalias, apply_gradients, as_key
+from rlhf_jax.train.state import _unalias, as_key
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -64,7 +65,8 @@ class PPOConfig:
       kl_target: target per-sequence KL of the adaptive controller (Ziegler et al. 2019, 2.2);
         None keeps kl_coef fixed.
       kl_horizon: controller horizon in episodes.
-      kl_estimator: "k1", "k2" or "k3", the per-token KL in the reward and in the controller.
+      kl_estimator: "k1", "k2" or "k3", or a function `(logps, ref_logps) -> [B, T]`: the
+        per-token KL in the reward and in the controller.
       gamma, lam: GAE discount and lambda.
       clip_eps: policy ratio clip range; value_clip_eps: value clip range.
       vf_coef: value-loss weight in loss = policy_loss + vf_coef * value_loss.
@@ -81,7 +83,7 @@ class PPOConfig:
     kl_coef: float = 0.05
     kl_target: float | None = None
     kl_horizon: float = 10000.0
-    kl_estimator: str = "k1"
+    kl_estimator: str | Callable[[Any, Any], Any] = "k1"
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -101,14 +103,34 @@ class PPOConfig:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.kl_estimator not in losses.KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {losses.KL_ESTIMATORS}")
+        """Checks every field on the host (a traced coefficient could not be checked later);
+        the message names the field and the accepted values."""
+        if not (callable(self.kl_estimator) or self.kl_estimator in losses.KL_ESTIMATORS):
+            raise ValueError(
+                f"kl_estimator must be one of {losses.KL_ESTIMATORS} or a function, got "
+                f"{self.kl_estimator!r}"
+            )
         if self.missing_eos_mode not in ("subtract", "replace"):
             raise ValueError("missing_eos_mode must be 'subtract' or 'replace'")
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError("ppo_epochs and num_minibatches must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("PPO needs temperature > 0 (sampling, and logits / temperature)")
+        checks = [
+            ("kl_coef", self.kl_coef >= 0, ">= 0"),
+            ("kl_target", self.kl_target is None or self.kl_target > 0, "> 0 (or None)"),
+            ("kl_horizon", self.kl_horizon > 0, "> 0"),
+            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
+            ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
+            ("clip_eps", self.clip_eps > 0, "> 0"),
+            ("value_clip_eps", self.value_clip_eps > 0, "> 0"),
+            ("vf_coef", self.vf_coef >= 0, ">= 0"),
+            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
+            ("num_minibatches", self.num_minibatches >= 1, ">= 1"),
+            ("temperature", self.temperature > 0, "> 0 (sampling, and logits / temperature)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("top_k", self.top_k is None or self.top_k >= 1, ">= 1 (or None)"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "in (0, 1] (or None)"),
+        ]
+        for name, ok, accepted in checks:
+            if not ok:
+                raise ValueError(f"PPO {name} must be {accepted}, got {getattr(self, name)!r}")
 
 
 @flax.struct.dataclass
@@ -170,13 +192,13 @@ class Rollout:
 
 def create_ppo_state(
     cfg: PPOConfig,
+    *,
     policy_params: Any,
     value_params: Any,
     ref_params: Any,
     policy_optimizer: optax.GradientTransformation,
     value_optimizer: optax.GradientTransformation,
     rng: Any,
-    *,
     reward_params: Any = None,
 ) -> PPOState:
     """A `PPOState` at step 0 with `kl_coef = cfg.kl_coef`.
@@ -349,146 +371,6 @@ def rollout_metrics(ro: Rollout, cfg: PPOConfig, kl_coef: jax.Array) -> Metrics:
     }
 
 
-def make_ppo_loss(
-    policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfig
-) -> Callable[[tuple[Any, Any], Mapping[str, jax.Array]], tuple[jax.Array, Metrics]]:
-    """`loss_fn((policy_params, value_params), minibatch) -> (loss, metrics)`.
-
-    `loss = ppo_policy_loss(logps, old_logps, A) + vf_coef * ppo_value_loss(V, old_V, returns)`
-    (Schulman et al. 2017, eq. 7 and 9), logps recomputed under softmax(logits / temperature) as
-    in the rollout. The minibatch is a dict of Rollout fields.
-    """
-
-    def loss_fn(params, mb):
-        policy_params, value_params = params
-        r_tok, r_mask = mb["response_tokens"], mb["response_mask"]
-        p, n = mb["query_tokens"].shape[1], r_tok.shape[1]
-        tokens, mask = _sequence(mb["query_tokens"], mb["query_mask"], r_tok, r_mask)
-        logits, logps = _policy_forward(
-            policy_model, policy_params, tokens, mask, r_tok, p, cfg.temperature
-        )
-        pg_loss, pg_m = losses.ppo_policy_loss(
-            logps, mb["logps"], mb["advantages"], r_mask, clip_eps=cfg.clip_eps
-        )
-        values = _response_slice(value_model.apply({"params": value_params}, tokens, mask), p, n)
-        vf_loss, vf_m = losses.ppo_value_loss(
-            values, mb["values"], mb["returns"], r_mask, clip_eps=cfg.value_clip_eps
-        )
-        live = r_mask > 0
-        n_tok = jnp.maximum(jnp.sum(live), 1)
-        entropy = losses.entropy_from_logits(logits)  # [b, N]
-        metrics = {
-            "policy_loss": pg_loss,
-            "value_loss": vf_loss,
-            "clipfrac": pg_m["clipfrac"],
-            "approx_kl": pg_m["approx_kl"],
-            "value_clipfrac": vf_m["clipfrac"],
-            "entropy": jnp.sum(jnp.where(live, entropy, 0.0)) / n_tok,
-            "value_error": jnp.sum(jnp.where(live, jnp.square(values - mb["returns"]), 0.0))
-            / n_tok,
-        }
-        loss = pg_loss + cfg.vf_coef * vf_loss
-        return loss, {"loss": loss, **metrics}
-
-    return loss_fn
-
-
-_TRAIN_FIELDS = (
-    "query_tokens",
-    "query_mask",
-    "response_tokens",
-    "response_mask",
-    "logps",
-    "values",
-    "advantages",
-    "returns",
-)
-
-
-def make_ppo_update(
-    policy_model: nn.Module,
-    value_model: nn.Module,
-    policy_optimizer: optax.GradientTransformation,
-    value_optimizer: optax.GradientTransformation,
-    cfg: PPOConfig,
-) -> Callable[[PPOState, Rollout], tuple[PPOState, Metrics]]:
-    """Builds `update(state, rollout) -> (state, metrics)`: one compiled PPO update.
-
-    `lax.scan` over cfg.ppo_epochs epochs, each a `lax.scan` over cfg.num_minibatches minibatches
-    of a permutation drawn from fold_in(fold_in(rng, step), 1); every minibatch takes one step of
-    each optimizer on the gradient of `loss = policy_loss + vf_coef * value_loss` w.r.t. both
-    param trees. Then, with cfg.kl_target set, `kl_coef = adaptive_kl_coef(kl_coef, mean_b
-    sum_t k(t), B, target, horizon)` (k = cfg.kl_estimator on the rollout). step += 1.
-
-    Metrics (minibatch means, plus rollout statistics): loss, grad_norm / update_norm (joint over
-    both trees), policy_grad_norm, value_grad_norm, policy_loss, value_loss, clipfrac, approx_kl,
-    value_clipfrac, entropy, value_error, score, score_penalized, rlhf_reward, kl_k1, kl_k3,
-    kl_exact, kl_coef (the one used for this rollout), kl_coef_next, response_length, eos_rate,
-    advantage_mean, return_mean.
-    """
-    loss_fn = make_ppo_loss(policy_model, value_model, cfg)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-
-    def minibatch_step(carry, mb):
-        pp, po, vp, vo = carry
-        (gp, gv), metrics = grad_fn((pp, vp), mb)
-        pp, po, pn = apply_gradients(policy_optimizer, pp, po, gp)
-        vp, vo, vn = apply_gradients(value_optimizer, vp, vo, gv)
-        metrics = {
-            **metrics,
-            "grad_norm": jnp.sqrt(pn["grad_norm"] ** 2 + vn["grad_norm"] ** 2),
-            "update_norm": jnp.sqrt(pn["update_norm"] ** 2 + vn["update_norm"] ** 2),
-            "policy_grad_norm": pn["grad_norm"],
-            "value_grad_norm": vn["grad_norm"],
-        }
-        return (pp, po, vp, vo), metrics
-
-    def update(state: PPOState, ro: Rollout) -> tuple[PPOState, Metrics]:
-        b = ro.response_tokens.shape[0]
-        nmb = cfg.num_minibatches
-        if b % nmb:
-            raise ValueError(f"rollout batch {b} is not divisible by num_minibatches={nmb}")
-        data = {k: getattr(ro, k) for k in _TRAIN_FIELDS}
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _RNG_MINIBATCH)
-
-        def epoch(carry, rng_epoch):
-            perm = jax.random.permutation(rng_epoch, b).reshape(nmb, b // nmb)  # [M, b/M]
-            return jax.lax.scan(
-                lambda c, idx: minibatch_step(c, jax.tree.map(lambda x: x[idx], data)), carry, perm
-            )
-
-        carry = (state.policy_params, state.policy_opt_state, state.value_params)
-        carry = (*carry, state.value_opt_state)
-        carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(rng, cfg.ppo_epochs))
-        metrics = jax.tree.map(jnp.mean, metrics)  # over epochs x minibatches
-        kl_coef = state.kl_coef
-        if cfg.kl_target is not None:
-            seq_kl = _masked_seq_sum(
-                losses.kl_estimate(ro.logps, ro.ref_logps, estimator=cfg.kl_estimator),
-                ro.response_mask,
-            )  # [B]
-            kl_coef = losses.adaptive_kl_coef(
-                kl_coef, jnp.mean(seq_kl), b, target=cfg.kl_target, horizon=cfg.kl_horizon
-            )
-        pp, po, vp, vo = carry
-        metrics = {
-            **metrics,
-            **rollout_metrics(ro, cfg, state.kl_coef),
-            "kl_coef_next": jnp.asarray(kl_coef, jnp.float32),
-        }
-        state = state.replace(
-            policy_params=pp,
-            policy_opt_state=po,
-            value_params=vp,
-            value_opt_state=vo,
-            kl_coef=jnp.asarray(kl_coef, jnp.float32),
-            step=state.step + 1,
-        )
-        return state, metrics
-
-    return update
-
-
 def reward_model_fn(reward_model: nn.Module) -> Callable[[Any, Rollout], jax.Array]:
     """`reward_fn(reward_params, rollout) -> scores [B]`: a `RewardModel` on prompt + response
     (its head reads the last real token: EOS, or the last sampled token when truncated)."""
@@ -500,72 +382,6 @@ def reward_model_fn(reward_model: nn.Module) -> Callable[[Any, Rollout], jax.Arr
         return reward_model.apply({"params": params}, tokens, mask)
 
     return reward_fn
-
-
-class PPOFunctions(NamedTuple):
-    """The pure PPO functions of one configuration (see the module doc for the data flow)."""
-
-    rollout: Callable[[PPOState, Batch], tuple[PPOState, Rollout]]
-    score: Callable[[PPOState, Rollout], tuple[PPOState, Rollout]]
-    update: Callable[[PPOState, Rollout], tuple[PPOState, Metrics]]
-    rollout_and_score: Callable[[PPOState, Batch], tuple[PPOState, Rollout]] | None
-    step: Callable[[PPOState, Batch], tuple[PPOState, Metrics]] | None
-
-
-def make_ppo(
-    policy_model: nn.Module,
-    value_model: nn.Module,
-    policy_optimizer: optax.GradientTransformation,
-    value_optimizer: optax.GradientTransformation,
-    cfg: PPOConfig,
-    *,
-    reward_fn: Callable[[Any, Rollout], jax.Array] | None = None,
-) -> PPOFunctions:
-    """All PPO functions for one configuration.
-
-    Args:
-      policy_model: the policy (and reference) `Transformer`.
-      value_model: the critic `ValueModel`.
-      policy_optimizer, value_optimizer: optax transformations of the two param trees.
-      cfg: PPOConfig.
-      reward_fn: a JAX function `(state.reward_params, rollout) -> scores [B]` (e.g.
-        `reward_model_fn(RewardModel(cfg))`); then `rollout_and_score` and the fused `step`
-        exist. None for a host reward (Python on decoded texts): use rollout → host → score.
-    Returns:
-      PPOFunctions(rollout, score, update, rollout_and_score, step); un-jitted.
-    """
-    rollout = make_ppo_rollout(policy_model, value_model, cfg)
-    score = make_ppo_score(cfg)
-    update = make_ppo_update(policy_model, value_model, policy_optimizer, value_optimizer, cfg)
-    if reward_fn is None:
-        return PPOFunctions(rollout, score, update, None, None)
-
-    def rollout_and_score(state: PPOState, batch: Batch) -> tuple[PPOState, Rollout]:
-        state, ro = rollout(state, batch)
-        scores = jax.lax.stop_gradient(reward_fn(state.reward_params, ro))  # [B]
-        return score(state, ro.replace(scores=jnp.asarray(scores, jnp.float32)))
-
-    def step(state: PPOState, batch: Batch) -> tuple[PPOState, Metrics]:
-        state, ro = rollout_and_score(state, batch)
-        return update(state, ro)
-
-    return PPOFunctions(rollout, score, update, rollout_and_score, step)
-
-
-def make_ppo_step(
-    policy_model: nn.Module,
-    value_model: nn.Module,
-    policy_optimizer: optax.GradientTransformation,
-    value_optimizer: optax.GradientTransformation,
-    cfg: PPOConfig,
-    reward_fn: Callable[[Any, Rollout], jax.Array],
-) -> Callable[[PPOState, Batch], tuple[PPOState, Metrics]]:
-    """The fused `step(state, prompt_batch) -> (state, metrics)`: rollout, JAX reward, score,
-    update in one program (see `make_ppo`)."""
-    fns = make_ppo(
-        policy_model, value_model, policy_optimizer, value_optimizer, cfg, reward_fn=reward_fn
-    )
-    return fns.step
 
 
 def response_token_lists(

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
-from rlhf_jax.train.state import TrainState, apply_gradients
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.step import LossFn, make_step
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -30,17 +31,18 @@ def concat_pairs(batch: Batch, name: str) -> jax.Array:
     return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
 
 
-def make_reward_loss(
-    reward_model: nn.Module, *, margin: float = 0.0
-) -> Callable[[Any, Batch], tuple[jax.Array, Metrics]]:
-    """Builds `loss_fn(params, batch) -> (loss, metrics)` for the Bradley-Terry reward model.
+def make_reward_loss(reward_model: nn.Module, *, margin: float = 0.0) -> LossFn:
+    """Builds `loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)` (train.make_step's
+    contract) for the Bradley-Terry reward model.
 
     `L = mean_b -log sigmoid(r(x, y_w) - r(x, y_l) - margin_b)` (seed eq. 2; the margin as in
     Touvron et al. 2023, eq. 2). Metrics: loss, accuracy (fraction with r_c > r_r), margin (mean
     r_c - r_r), rewards/chosen, rewards/rejected (means).
     """
 
-    def loss_fn(params: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
+    def loss_fn(
+        params: Any, batch: Batch, *, frozen=None, hparams=None
+    ) -> tuple[jax.Array, Metrics]:
         b = batch["chosen_tokens"].shape[0]
         scores = reward_model.apply(
             {"params": params},
@@ -74,18 +76,10 @@ def make_reward_step(
       optimizer: the optax transformation `state.opt_state` belongs to.
       margin: constant margin subtracted from r_c - r_r inside the sigmoid.
     Returns:
-      The step; metrics: loss, grad_norm, update_norm, accuracy, margin, rewards/chosen,
-      rewards/rejected.
+      The step (`train.make_step` of `make_reward_loss`); metrics: loss, grad_norm, update_norm,
+      accuracy, margin, rewards/chosen, rewards/rejected.
     """
-    loss_fn = make_reward_loss(reward_model, margin=margin)
-
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
-        params, opt_state, norms = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        return state, {**metrics, **norms}
-
-    return step
+    return make_step(make_reward_loss(reward_model, margin=margin), optimizer)
 
 
 def make_reward_eval(reward_model: nn.Module, *, margin: float = 0.0) -> Callable:

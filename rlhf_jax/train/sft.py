@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
-from rlhf_jax.train.state import TrainState, apply_gradients
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.step import LossFn, make_step
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -26,10 +27,9 @@ Metrics = dict[str, jax.Array]
 _REDUCTIONS = ("token", "example")
 
 
-def make_sft_loss(
-    model: nn.Module, *, reduction: str = "token"
-) -> Callable[[Any, Batch], tuple[jax.Array, Metrics]]:
-    """Builds `loss_fn(params, batch) -> (loss, metrics)` for SFT (seed, "Supervised Fine-Tuning").
+def make_sft_loss(model: nn.Module, *, reduction: str = "token") -> LossFn:
+    """Builds `loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)` (train.make_step's
+    contract) for SFT (seed, "Supervised Fine-Tuning").
 
     reduction="token": `L = -sum_{b,t} m[b,t] log pi(x[b,t+1] | x[b,:t+1]) / max(sum m, 1)`, every
     response token weighs the same (long demonstrations count more; the usual SFT choice).
@@ -42,7 +42,9 @@ def make_sft_loss(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; accepted values: {_REDUCTIONS}")
 
-    def loss_fn(params: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
+    def loss_fn(
+        params: Any, batch: Batch, *, frozen=None, hparams=None
+    ) -> tuple[jax.Array, Metrics]:
         tokens = batch["tokens"]
         logits = model.apply({"params": params}, tokens, attention_mask=batch["attention_mask"])
         logits, targets = logits[:, :-1], tokens[:, 1:]  # [B, T-1, V], [B, T-1]
@@ -77,17 +79,10 @@ def make_sft_step(
       reduction: "token" (token-weighted mean NLL, default) or "example" (mean over examples of
         the per-example mean NLL, `losses.sft_loss`).
     Returns:
-      The step; metrics: loss, grad_norm, update_norm, nll_token, accuracy, num_tokens.
+      The step (`train.make_step` of `make_sft_loss`); metrics: loss, grad_norm, update_norm,
+      nll_token, accuracy, num_tokens.
     """
-    loss_fn = make_sft_loss(model, reduction=reduction)
-
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
-        params, opt_state, norms = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        return state, {**metrics, **norms}
-
-    return step
+    return make_step(make_sft_loss(model, reduction=reduction), optimizer)
 
 
 def make_sft_eval(model: nn.Module, *, reduction: str = "token") -> Callable[[Any, Batch], Metrics]:

@@ -10,12 +10,14 @@ one `jit(vmap(step, in_axes=(0, None)))`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Params = Any  # a nested dict of arrays
@@ -61,13 +63,45 @@ def as_key(rng: Any) -> jax.Array:
     return rng
 
 
+# Ranges of the hyperparameters the library's steps read from `TrainState.hparams`: checked on
+# the host when a state is created, because inside the step they are traced values.
+HPARAM_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "beta": (lambda v: v > 0, "> 0"),
+    "alpha": (lambda v: v >= 0, ">= 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "kl_coef": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def check_hparams(hparams: Mapping[str, Any]) -> None:
+    """Raises ValueError for a non-finite hyperparameter, or one outside `HPARAM_RANGES` (every
+    entry of a stacked sweep is checked). Traced values cannot be checked and pass.
+
+    Raises:
+      ValueError: "hparams['beta'] must be > 0, got -1.0".
+    """
+    for name, value in hparams.items():
+        try:
+            values = np.asarray(value, np.float64).ravel()
+        except jax.errors.TracerArrayConversionError:
+            continue
+        bad = [v for v in values if not math.isfinite(v)]
+        if not bad and name in HPARAM_RANGES:
+            ok, what = HPARAM_RANGES[name]
+            bad = [v for v in values if not ok(v)]
+        else:
+            what = "finite"
+        if bad:
+            raise ValueError(f"hparams[{name!r}] must be {what}, got {float(bad[0])!r}")
+
+
 def create_train_state(
     params: Params,
     optimizer: optax.GradientTransformation,
     rng: Any,
     *,
     frozen: Params | None = None,
-    hparams: Mapping[str, float] | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> TrainState:
     """Builds a `TrainState` at step 0.
 
@@ -77,10 +111,14 @@ def create_train_state(
       rng: int seed or PRNG key.
       frozen: parameters read but not trained (DPO: the reference params). Leaves that are the
         same arrays as leaves of `params` are copied so that the state can be donated.
-      hparams: float hyperparameters read by the step; stored as float32 scalars.
+      hparams: float hyperparameters read by the step; stored as float32 scalars. Checked
+        on the host (`check_hparams`): e.g. beta must be > 0.
     Returns:
       The state with `step == 0`.
+    Raises:
+      ValueError: a hyperparameter out of its range, named.
     """
+    check_hparams(hparams or {})
     if frozen is not None:
         frozen = _unalias(frozen, params)
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
@@ -153,16 +191,25 @@ def make_optimizer(
 
 
 def apply_gradients(
-    optimizer: optax.GradientTransformation, params: Params, opt_state: Any, grads: Params
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    opt_state: Any,
+    grads: Params,
+    *,
+    norm_groups: Mapping[str, Any] | None = None,
 ) -> tuple[Params, Any, dict[str, jax.Array]]:
     """One optimizer update; returns new params, new opt state, and grad/update global norms.
 
     `grad_norm` is the norm of the raw gradient (before clipping), `update_norm` the norm of the
-    update actually added to the params.
+    update actually added to the params; each `norm_groups` entry (name -> selector of a part of
+    the tree) adds `<name>_grad_norm` and `<name>_update_norm` of that part.
     """
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     norms = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
+    for name, select in (norm_groups or {}).items():
+        norms[f"{name}_grad_norm"] = optax.tree.norm(select(grads))
+        norms[f"{name}_update_norm"] = optax.tree.norm(select(updates))
     return params, opt_state, norms
 
 

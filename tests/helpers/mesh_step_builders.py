@@ -221,12 +221,12 @@ def _ppo():
     )
     state = create_ppo_state(
         PPO_CFG,
-        lm_params(14),
-        head_params(15, init_value_params),
-        lm_params(16),
-        tx_policy,
-        tx_value,
-        0,
+        policy_params=lm_params(14),
+        value_params=head_params(15, init_value_params),
+        ref_params=lm_params(16),
+        policy_optimizer=tx_policy,
+        value_optimizer=tx_value,
+        rng=0,
         reward_params=head_params(17),
     )
     return _host(state), fns

@@ -1,0 +1,105 @@
+"""The one step contract: `make_step(loss_fn, optimizer)` builds every training step.
+
+A loss function takes the trained params, a batch, and keyword-only the state's frozen params
+and hyperparameters:
+
+    loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)
+
+(`metrics` a dict of scalars; "loss" is added when missing). The step built from it is
+
+    step(state, batch) -> (state, metrics)
+
+for any state with `params`, `opt_state` and `step` fields (a `TrainState`): gradient of the loss
+w.r.t. `state.params`, one optimizer update, `step + 1`, and the metrics plus `grad_norm` (raw
+gradient) and `update_norm` (the update applied). SFT, reward model, the DPO family,
+Unlikelihood, the PPO minibatch update and the bandit learners are all this step with their own
+loss, so a user's loss written to the contract trains the same way:
+
+    def my_loss(params, batch, *, frozen, hparams):
+        ...
+        return loss, {"my_metric": m}
+
+    step = train.make_step(my_loss, optimizer)      # un-jitted; compile with sharding
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from rlhf_jax.train.state import apply_gradients
+
+Batch = Any
+Metrics = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
+Step = Callable[[Any, Batch], tuple[Any, Metrics]]
+
+
+def make_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    norm_groups: Mapping[str, Callable[[Any], Any]] | None = None,
+) -> Step:
+    """Builds the pure step `step(state, batch) -> (state, metrics)` (un-jitted).
+
+    Args:
+      loss_fn: `loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)`; it receives
+        `state.frozen` and `state.hparams` (None / {} when the state has none).
+      optimizer: the optax transformation `state.opt_state` belongs to.
+      norm_groups: optional name -> selector of a part of the params tree (e.g. the policy and
+        the value halves of PPO's joint params); adds `<name>_grad_norm` and `<name>_update_norm`.
+    Returns:
+      The step; metrics are the loss's plus grad_norm and update_norm.
+    """
+
+    def step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
+        frozen = getattr(state, "frozen", None)
+        hparams = getattr(state, "hparams", None) or {}
+
+        def objective(params):
+            loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams)
+            return loss, {"loss": loss, **metrics}
+
+        grads, metrics = jax.grad(objective, has_aux=True)(state.params)
+        params, opt_state, norms = apply_gradients(
+            optimizer, state.params, state.opt_state, grads, norm_groups=norm_groups
+        )
+        state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return state, {**metrics, **norms}
+
+    return step
+
+
+def make_eval(loss_fn: LossFn) -> Callable[[Any, Batch], Metrics]:
+    """`eval_fn(state, batch) -> metrics`: the loss's metrics (and "loss") without an update."""
+
+    def eval_fn(state: Any, batch: Batch) -> Metrics:
+        frozen = getattr(state, "frozen", None)
+        hparams = getattr(state, "hparams", None) or {}
+        loss, metrics = loss_fn(state.params, batch, frozen=frozen, hparams=hparams)
+        return {"loss": loss, **metrics}
+
+    return eval_fn
+
+
+def paired_optimizer(
+    first: optax.GradientTransformation, second: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """One transformation over a pair of param trees `(a, b)`: `first` updates `a` and `second`
+    updates `b` (e.g. PPO's policy and critic with their own learning rates). Its state is the
+    pair of the two states, so `state[0]` / `state[1]` are each optimizer's own."""
+
+    def init(params):
+        return (first.init(params[0]), second.init(params[1]))
+
+    def update(grads, state, params=None):
+        pa, pb = (None, None) if params is None else params
+        ua, sa = first.update(grads[0], state[0], pa)
+        ub, sb = second.update(grads[1], state[1], pb)
+        return (ua, ub), (sa, sb)
+
+    return optax.GradientTransformation(init, update)
