@@ -102,7 +102,7 @@ MUTANTS = (
     ),
     Mutant(
         "unlikelihood-alpha-ignored",
-        "rlhf_jax/frontier.py",
+        "rlhf_jax/train/unlikelihood.py",
         'tlp[:b], mask[:b], tlp[b:], mask[b:], alpha=hparams["alpha"]',
         "tlp[:b], mask[:b], tlp[b:], mask[b:], alpha=1.0",
         STEP_TESTS,
@@ -116,10 +116,26 @@ MUTANTS = (
         ("tests/test_train_sft.py",),
         "grad_norm reports the update's norm",
     ),
+    Mutant(
+        "pairwise-function-ignored",
+        "rlhf_jax/losses/dpo.py",
+        "        fn = loss\n",
+        '        fn = PAIRWISE_LOSSES["sigmoid"]\n',
+        ("tests/test_train_step.py", "tests/test_bandit.py"),
+        "a user's pairwise loss function is replaced by the built-in sigmoid",
+    ),
+    Mutant(
+        "hparams-unchecked",
+        "rlhf_jax/train/state.py",
+        "    check_hparams(hparams or {})\n",
+        "\n",
+        ("tests/test_train_step.py",),
+        "create_train_state accepts beta <= 0 (a traced value, unchecked later)",
+    ),
     # --- PPO ----------------------------------------------------------------------------------
     Mutant(
         "ppo-stale-ratio",
-        "rlhf_jax/train/ppo.py",
+        "rlhf_jax/train/ppo_update.py",
         'logps, mb["logps"], mb["advantages"], r_mask, clip_eps=cfg.clip_eps',
         'logps, jax.lax.stop_gradient(logps), mb["advantages"], r_mask, clip_eps=cfg.clip_eps',
         PPO_TESTS,
@@ -135,7 +151,7 @@ MUTANTS = (
     ),
     Mutant(
         "ppo-vf-coef-ignored",
-        "rlhf_jax/train/ppo.py",
+        "rlhf_jax/train/ppo_update.py",
         "loss = pg_loss + cfg.vf_coef * vf_loss",
         "loss = pg_loss + vf_loss",
         PPO_TESTS,
@@ -143,9 +159,9 @@ MUTANTS = (
     ),
     Mutant(
         "ppo-value-with-policy-optimizer",
-        "rlhf_jax/train/ppo.py",
-        "vp, vo, vn = apply_gradients(value_optimizer, vp, vo, gv)",
-        "vp, vo, vn = apply_gradients(policy_optimizer, vp, vo, gv)",
+        "rlhf_jax/train/step.py",
+        "ub, sb = second.update(grads[1], state[1], pb)",
+        "ub, sb = first.update(grads[1], state[1], pb)",
         PPO_TESTS,
         "the critic is stepped by the policy's optimizer",
     ),
@@ -273,11 +289,11 @@ def _tree_files() -> list[str]:
     return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
 
 
-def _copy_tree(dest: Path, files: list[str]) -> None:
+def _copy_tree(dest: Path, files: list[str], source: Path = ROOT) -> None:
     for f in files:
         target = dest / f
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, target)
+        shutil.copy2(source / f, target)
     if (ROOT / "data").is_dir():  # the prepared offline task: read-only for the tests
         (dest / "data").symlink_to(ROOT / "data", target_is_directory=True)
 
@@ -315,11 +331,13 @@ def _line_of(mutant: Mutant) -> int:
     return text[: text.find(mutant.old)].count("\n") + 1
 
 
-def run_one(mutant: Mutant, files: list[str], timeout: float) -> tuple[str, str, float]:
-    """(result, detail, seconds) of one mutant in its own temporary copy."""
+def run_one(
+    mutant: Mutant, files: list[str], timeout: float, snapshot: Path
+) -> tuple[str, str, float]:
+    """(result, detail, seconds) of one mutant in its own temporary copy of `snapshot`."""
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         dest = Path(tmp)
-        _copy_tree(dest, files)
+        _copy_tree(dest, files, snapshot)
         _apply(dest, mutant)
         code, output, seconds = _run_pytest(dest, mutant.tests, timeout)
     if code == 1:
@@ -330,10 +348,12 @@ def run_one(mutant: Mutant, files: list[str], timeout: float) -> tuple[str, str,
     return "ERROR", f"pytest exit {code}: {tail[0][:100]}", seconds
 
 
-def run_baseline(tests: tuple[str, ...], files: list[str], timeout: float) -> tuple[int, str]:
+def run_baseline(
+    tests: tuple[str, ...], files: list[str], timeout: float, snapshot: Path
+) -> tuple[int, str]:
     with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
         dest = Path(tmp)
-        _copy_tree(dest, files)
+        _copy_tree(dest, files, snapshot)
         code, output, _ = _run_pytest(dest, tests, timeout)
     return code, output
 
@@ -365,11 +385,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     files = _tree_files()
+    # One snapshot of the working tree at the start: edits made while the tool runs do not leak
+    # into later mutants.
+    with tempfile.TemporaryDirectory(prefix="mutant-snapshot-") as snap:
+        _copy_tree(Path(snap), files)
+        return _run_all(args, mutants, files, Path(snap), width)
+
+
+def _run_all(args, mutants, files, snapshot, width) -> int:
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         if not args.no_baseline:
             union = tuple(sorted({t for m in mutants for t in m.tests}))
             print(f"baseline: {len(union)} test files on the unmutated tree ...", flush=True)
-            code, output = run_baseline(union, files, args.timeout)
+            code, output = run_baseline(union, files, args.timeout, snapshot)
             if code != 0:
                 print(f"baseline FAILED (pytest exit {code}):\n{output[-3000:]}")
                 return 1
@@ -377,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         header = f"{'mutant':<{width}}  {'result':<8}  {'time':>6}  caught by / detail"
         print(header + "\n" + "-" * len(header), flush=True)
         results = {}
-        futures = {pool.submit(run_one, m, files, args.timeout): m for m in mutants}
+        futures = {pool.submit(run_one, m, files, args.timeout, snapshot): m for m in mutants}
         for future in concurrent.futures.as_completed(futures):
             m = futures[future]
             result, detail, seconds = future.result()

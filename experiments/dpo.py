@@ -20,11 +20,13 @@ grad_norm, update_norm), tensorboard/, checkpoints/, and when finished hf/ and m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 
-from rlhf_jax import data, models, runner, sharding, train
+from rlhf_jax import data, models, pairs, runner, sharding, train
 from rlhf_jax.data import synthetic
+from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,24 +100,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if config.pairs:
         records = data.read_preference_jsonl(config.pairs)
     else:
-        records = runner.task_preference_pairs(
+        records = pairs.task_preference_pairs(
             task,
-            cfg,
+            models.Transformer(cfg),
             params,
-            config.workdir,
             num_prompts=config.num_prompts,
             seed=config.seed,
+            sampling=SamplingConfig(config.max_new_tokens, config.temperature),
             completions_per_prompt=config.completions_per_prompt,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
             max_prompt_length=config.max_prompt_length,
+            cache_path=os.path.join(config.workdir, "pairs.jsonl"),
         )
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
     needs_reference = config.loss_type not in ("simpo", "orpo")
     frozen = params if needs_reference else None
     if needs_reference and config.precompute_reference:
         cache = os.path.join(config.workdir, "reference_logps.npz")
-        records = runner.attach_reference(model, params, records, tok, cache_path=cache, **lengths)
+        collate = functools.partial(
+            data.collate_preferences, tokenizer=tok, buckets=None, **lengths
+        )
+        records = train.attach_reference(
+            model,
+            params,
+            [data.record_to_dict(r) for r in records],
+            collate,
+            cache_path=cache,
+            is_primary=sharding.is_primary(),
+        )
         frozen = None  # the batches carry the reference log-probs
     print(f"dpo ({config.loss_type}, beta {config.beta}): {len(records)} training pairs")
 

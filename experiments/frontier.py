@@ -42,8 +42,9 @@ import numpy as np
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
 from rlhf_jax import frontier as fr
-from rlhf_jax import models, runner, sharding, train
+from rlhf_jax import models, pairs, runner, sharding, train
 from rlhf_jax.data import synthetic
+from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +171,7 @@ class Context:
             self.sft_params,
             self.eval_batch,
             self.eval_rng,
-            max_new_tokens=c.max_new_tokens,
-            temperature=c.temperature,
+            sampling=SamplingConfig(c.max_new_tokens, c.temperature),
             eos_id=self.tok.eos_id,
             pad_id=self.tok.pad_id,
             reward_fn=synthetic.ground_truth_reward,
@@ -319,14 +319,13 @@ def stage_pairs(ctx: Context) -> tuple[list, list]:
     c = ctx.config
     common = dict(
         completions_per_prompt=c.completions_per_prompt,
-        max_new_tokens=c.max_new_tokens,
-        temperature=c.temperature,
+        sampling=SamplingConfig(c.max_new_tokens, c.temperature),
         reward_fn=synthetic.ground_truth_reward,
         max_prompt_length=c.max_prompt_length,
         batch_size=512,
     )
     rng = jax.random.PRNGKey(c.seed + 1)
-    train_pairs = runner.make_preference_pairs(
+    train_pairs = pairs.make_preference_pairs(
         ctx.model,
         ctx.sft_params,
         ctx.task.train_prompts[: c.pair_prompts],
@@ -336,7 +335,7 @@ def stage_pairs(ctx: Context) -> tuple[list, list]:
         **common,
     )
     start = c.eval_prompts  # held-out prefixes disjoint from the evaluation prompts
-    heldout = runner.make_preference_pairs(
+    heldout = pairs.make_preference_pairs(
         ctx.model,
         ctx.sft_params,
         ctx.task.test_prompts[start : start + c.heldout_prompts],
@@ -596,11 +595,10 @@ def stage_best_of_n(ctx: Context) -> list[dict]:
             batch,
             jax.random.fold_in(ctx.eval_rng, n),
             n=n,
-            max_new_tokens=c.max_new_tokens,
+            sampling=SamplingConfig(c.max_new_tokens, c.temperature),
             score_fn=score_fn,
             reward_fn=synthetic.ground_truth_reward,
             tokenizer=ctx.tok,
-            temperature=c.temperature,
             eos_id=ctx.tok.eos_id,
             pad_id=ctx.tok.pad_id,
             batch_size=c.bon_prompts,  # one compiled shape for every N

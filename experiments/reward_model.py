@@ -21,12 +21,14 @@ head.safetensors) and model_config.json: the --reward of ppo.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
 
-from rlhf_jax import data, models, runner, sharding, train
+from rlhf_jax import data, models, pairs, runner, sharding, train
 from rlhf_jax.data import synthetic
+from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,22 +102,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     else:
         sample = dict(
             seed=config.seed,
+            sampling=SamplingConfig(config.max_new_tokens, config.temperature),
             completions_per_prompt=config.completions_per_prompt,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
             max_prompt_length=config.max_prompt_length,
         )
-        pairs = runner.task_preference_pairs
-        records = pairs(
-            task, cfg, lm_params, config.workdir, num_prompts=config.num_prompts, **sample
-        )
-        test_records = pairs(
+        policy = models.Transformer(cfg)
+        records = pairs.task_preference_pairs(
             task,
-            cfg,
+            policy,
             lm_params,
-            config.workdir,
+            num_prompts=config.num_prompts,
+            cache_path=os.path.join(config.workdir, "pairs.jsonl"),
+            **sample,
+        )
+        test_records = pairs.task_preference_pairs(
+            task,
+            policy,
+            lm_params,
             split="test",
             num_prompts=config.num_test_prompts,
+            cache_path=os.path.join(config.workdir, "pairs_test.jsonl"),
             **sample,
         )
     print(f"reward model: {len(records)} training pairs, {len(test_records)} held-out pairs")

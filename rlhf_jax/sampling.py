@@ -16,13 +16,48 @@ distribution; its log-probs differ from `logps` by the log of the kept mass.) At
 (greedy) the logps are those of `log_softmax(logits)`.
 """
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
 from rlhf_jax.models.transformer import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are drawn, shared by evaluation, PPO rollouts and preference-pair sampling.
+
+    Attributes:
+      max_new_tokens: N, the completion length cap (>= 1).
+      temperature: > 0 samples from softmax(logits / temperature); 0 is greedy.
+      top_k: keep the k most likely tokens (>= 1), or None.
+      top_p: keep the smallest nucleus of mass >= top_p (in (0, 1]), or None.
+
+    `generate(model, params, tokens, mask, rng, **cfg.generate_kwargs(), eos_id=..., pad_id=...)`.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("top_k", self.top_k is None or self.top_k >= 1, ">= 1 (or None)"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "in (0, 1] (or None)"),
+        ]
+        for name, ok, accepted in checks:
+            if not ok:
+                raise ValueError(f"sampling {name} must be {accepted}, got {getattr(self, name)!r}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `generate` this config sets."""
+        return dataclasses.asdict(self)
 
 
 class Generation(NamedTuple):

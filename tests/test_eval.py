@@ -62,7 +62,7 @@ def _best_token_params(params):
     return params
 
 
-def _evaluate(policy, ref, batch, seed=0, **kw):
+def _evaluate(policy, ref, batch, seed=0, temperature=1.0, **kw):
     kw.setdefault("reward_fn", lambda texts: np.array([len(t) for t in texts], np.float32))
     kw.setdefault("tokenizer", CharTokenizer())
     kw.setdefault("batch_size", B)
@@ -72,7 +72,7 @@ def _evaluate(policy, ref, batch, seed=0, **kw):
         ref,
         batch,
         jax.random.key(seed),
-        max_new_tokens=N,
+        sampling=ev.SamplingConfig(N, temperature),
         eos_id=EOS,
         pad_id=EOS,
         **kw,
@@ -254,7 +254,7 @@ def test_win_rate_sweep(params):
         temperatures=[0.5, 1.0],
         judge_fn=judge,
         tokenizer=CharTokenizer(),
-        max_new_tokens=N,
+        sampling=ev.SamplingConfig(N),
         eos_id=EOS,
         pad_id=EOS,
         batch_size=B,
@@ -322,7 +322,7 @@ def test_best_of_n_selects_the_best_candidate(params):
         batch,
         jax.random.key(12),
         n=4,
-        max_new_tokens=N,
+        sampling=ev.SamplingConfig(N),
         score_fn=score_fn,
         reward_fn=lambda texts: np.array([len(t) for t in texts], np.float32),
         tokenizer=CharTokenizer(),

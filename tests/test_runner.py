@@ -6,6 +6,7 @@ helpers run the "tiny" transformer with a 40-token vocabulary.
 """
 
 import dataclasses
+import functools
 import itertools
 import json
 
@@ -16,8 +17,11 @@ import optax
 import pytest
 import tokenizers
 
-from rlhf_jax import data, models, runner
+from rlhf_jax import data, models, runner, train
+from rlhf_jax import eval as ev
+from rlhf_jax import pairs as pairs_lib
 from rlhf_jax.metrics_writer import read_metrics
+from rlhf_jax.sampling import SamplingConfig
 
 # ---------------------------------------------------------------------------------------------
 # fit on a toy step.
@@ -266,9 +270,14 @@ def test_make_preference_pairs_labels_every_pair_and_caches(tmp_path, lm, tok):
         seen.extend(texts)
         return np.array([float(t.count("good") - t.count("bad")) for t in texts], np.float32)
 
-    kwargs = dict(completions_per_prompt=4, max_new_tokens=6, reward_fn=reward_fn, batch_size=5)
+    kwargs = dict(
+        completions_per_prompt=4,
+        sampling=SamplingConfig(max_new_tokens=6),
+        reward_fn=reward_fn,
+        batch_size=5,
+    )
     cache = tmp_path / "pairs.jsonl"
-    pairs = runner.make_preference_pairs(
+    pairs = pairs_lib.make_preference_pairs(
         models.Transformer(cfg), params, prompts, tok, jax.random.PRNGKey(0),
         cache_path=cache, **kwargs,
     )  # fmt: skip
@@ -286,7 +295,7 @@ def test_make_preference_pairs_labels_every_pair_and_caches(tmp_path, lm, tok):
     assert all(r.metadata["chosen_reward"] > r.metadata["rejected_reward"] for r in pairs)
     # A rerun reads the cache and samples nothing.
     seen.clear()
-    again = runner.make_preference_pairs(
+    again = pairs_lib.make_preference_pairs(
         models.Transformer(cfg), params, prompts, tok, jax.random.PRNGKey(0),
         cache_path=cache, **kwargs,
     )  # fmt: skip
@@ -335,15 +344,15 @@ def test_preference_accuracy_and_attach_reference_match_one_pair_at_a_time(lm, t
     ]
     margins = np.array(scores[0::2]) - np.array(scores[1::2])  # chosen - rejected
     rm = models.RewardModel(cfg)
-    got = runner.preference_accuracy(rm, rm_params, _PAIRS, tok, batch_size=2, **lengths)
+    got = ev.preference_accuracy(rm, rm_params, _PAIRS, tok, batch_size=2, **lengths)
     assert got["accuracy"] == pytest.approx(np.mean(margins > 0))
     assert got["margin"] == pytest.approx(np.mean(margins), abs=1e-5)
 
     model = models.Transformer(cfg)
     cache = tmp_path / "ref.npz"
-    recs = runner.attach_reference(
-        model, params, _PAIRS, tok, batch_size=2, cache_path=cache, **lengths
-    )
+    collate = functools.partial(data.collate_preferences, tokenizer=tok, buckets=None, **lengths)
+    dicts = [data.record_to_dict(r) for r in _PAIRS]
+    recs = train.attach_reference(model, params, dicts, collate, batch_size=2, cache_path=cache)
     logits = _hidden(cfg, params, rows) @ np.asarray(params["wte"]["embedding"], np.float64).T
     logps = []
     for i, (tokens, loss_mask) in enumerate(rows):
@@ -359,7 +368,7 @@ def test_preference_accuracy_and_attach_reference_match_one_pair_at_a_time(lm, t
         assert (rec["prompt"], rec["chosen"], rec["rejected"]) == (r.prompt, r.chosen, r.rejected)
         assert rec["reference_chosen_logps"] == pytest.approx(logps[2 * j], rel=1e-5)
         assert rec["reference_rejected_logps"] == pytest.approx(logps[2 * j + 1], rel=1e-5)
-    assert runner.attach_reference(model, None, _PAIRS, tok, cache_path=cache, **lengths) == recs
+    assert train.attach_reference(model, None, dicts, collate, cache_path=cache) == recs
 
 
 def test_task_loaders_give_fixed_shapes(lm, tok):

@@ -106,6 +106,13 @@ def test_dpo_step_takes_a_loss_function_equal_to_the_builtin():
     _, m3 = jax.jit(make_dpo_step(MODEL, opt, loss_type=with_metrics))(state, batch)
     np.testing.assert_allclose(m3["loss"], m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m3["my_margin"], m1["rewards/margin"] / 0.3, rtol=1e-5)
+
+    def doubled(pc, pr, rc, rr, *, beta):  # no built-in: twice the loss, twice the gradient
+        return 2.0 * hand_sigmoid(pc, pr, rc, rr, beta=beta)
+
+    _, m4 = jax.jit(make_dpo_step(MODEL, opt, loss_type=doubled))(state, batch)
+    np.testing.assert_allclose(m4["loss"], 2 * m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], 2 * m1["grad_norm"], rtol=1e-5)
     with pytest.raises(ValueError, match="accepted values"):
         make_dpo_step(MODEL, opt, loss_type="dpo-positive")
     with pytest.raises(ValueError, match="bind it in your loss function"):

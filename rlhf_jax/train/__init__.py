@@ -25,6 +25,7 @@ from rlhf_jax.train.ppo_update import (
     make_ppo_update,
 )
 from rlhf_jax.train.reference import (
+    attach_reference,
     attach_reference_logps,
     attach_reference_to_records,
     compute_reference_logps,
@@ -57,6 +58,7 @@ __all__ = [
     "Rollout",
     "TrainState",
     "apply_gradients",
+    "attach_reference",
     "attach_reference_logps",
     "check_hparams",
     "attach_reference_to_records",

@@ -46,7 +46,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from rlhf_jax import losses
-from rlhf_jax.sampling import generate
+from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.state import _unalias, as_key
 
 Batch = Mapping[str, jax.Array]
@@ -76,7 +76,8 @@ class PPOConfig:
         per-token rewards (mean kept) before GAE.
       missing_eos_penalty: None, or the penalty for completions without EOS (see module doc);
         missing_eos_mode: "subtract" (TRL) or "replace".
-      temperature, max_new_tokens, top_k, top_p, eos_id, pad_id: sampling (rlhf_jax.sampling).
+      temperature, max_new_tokens, top_k, top_p, eos_id, pad_id: sampling (rlhf_jax.sampling;
+        `cfg.sampling` is the `SamplingConfig` of the first four, shared with eval and pairs).
         The loss's log-probs are under softmax(logits / temperature) (untruncated).
     """
 
@@ -131,6 +132,11 @@ class PPOConfig:
         for name, ok, accepted in checks:
             if not ok:
                 raise ValueError(f"PPO {name} must be {accepted}, got {getattr(self, name)!r}")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The rollout's `SamplingConfig` (max_new_tokens, temperature, top_k, top_p)."""
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
 
 @flax.struct.dataclass
@@ -266,10 +272,7 @@ def make_ppo_rollout(
             q_tok,
             q_mask,
             rng_sample,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
+            **cfg.sampling.generate_kwargs(),
             eos_id=cfg.eos_id,
             pad_id=cfg.pad_id,
         )

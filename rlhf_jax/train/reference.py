@@ -16,13 +16,16 @@ the log-probs are placed at those ids).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from rlhf_jax.chunking import chunk_rows
 from rlhf_jax.train.dpo import REFERENCE_KEYS, pair_logps
 
 Batch = Mapping[str, Any]
@@ -145,3 +148,50 @@ def load_reference_logps(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads what `save_reference_logps` wrote: (chosen [N], rejected [N]) float32."""
     with np.load(path) as z:
         return z[REFERENCE_KEYS[0]], z[REFERENCE_KEYS[1]]
+
+
+def attach_reference(
+    model: nn.Module,
+    params: Any,
+    records: Sequence[Mapping[str, Any]],
+    collate: Callable[[Sequence[Mapping[str, Any]]], Batch],
+    *,
+    batch_size: int = 64,
+    average_log_prob: bool = False,
+    cache_path: str | os.PathLike | None = None,
+    is_primary: bool = True,
+) -> list[dict[str, Any]]:
+    """Runs the reference once over preference records and stores its log-probs WITH them.
+
+    Records go through `collate` (records -> a preference batch, e.g.
+    `functools.partial(data.collate_preferences, tokenizer=tok, max_length=..., buckets=None)`)
+    in fixed-size chunks (`chunking.chunk_rows`: one compiled shape), then
+    `compute_reference_logps`; with `cache_path` (an .npz) the log-probs are read from there when
+    present, else computed and written (by the primary host only, `is_primary`).
+
+    Args:
+      model, params: the reference `Transformer` and its params.
+      records: preference records as mappings (prompt / chosen / rejected, plus any fields).
+      collate: records -> preference batch.
+      batch_size: pairs per forward.
+      average_log_prob: as the DPO step's setting.
+      cache_path: optional .npz cache of the log-probs.
+      is_primary: whether this process writes the cache.
+    Returns:
+      The records as dicts carrying `reference_chosen_logps` / `reference_rejected_logps`, so that
+      batches of them make the DPO step run no reference model.
+    """
+    if cache_path is not None and Path(cache_path).is_file():
+        chosen, rejected = load_reference_logps(str(cache_path))
+    else:
+        records = list(records)
+        batches = (
+            {**collate([records[i] for i in idx]), "index": idx}
+            for idx, _ in chunk_rows(len(records), batch_size)
+        )
+        chosen, rejected = compute_reference_logps(
+            model, params, batches, average_log_prob=average_log_prob
+        )
+        if cache_path is not None and is_primary:
+            save_reference_logps(str(cache_path), chosen, rejected)
+    return attach_reference_to_records([dict(r) for r in records], chosen, rejected)

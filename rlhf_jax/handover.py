@@ -1,0 +1,205 @@
+"""Models between stages: one hand-over mechanism from SFT to the reward model, DPO and PPO.
+
+A language-model stage writes `WORKDIR/hf/`, a Hugging Face GPT-2 folder (`models.save_pretrained`,
+plus the tokenizer), and `WORKDIR/model_config.json` (our `TransformerConfig`, which also keeps
+`dtype`/`remat`); the reward-model stage writes `WORKDIR/reward_model/` (the trunk as an HF
+folder, the head as `head.safetensors`). These are written when a stage finishes, into a temporary
+sibling renamed into place (never half a folder); checkpoints (`WORKDIR/checkpoints`) are only for
+resuming. `load_init_params` reads either back, or any HF GPT-2 folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax import data as rdata
+from rlhf_jax import models
+from rlhf_jax import sharding as sh
+from rlhf_jax.cli import RUN_CONFIG, ConfigError
+
+MODEL_CONFIG = "model_config.json"
+HF_DIR = "hf"
+REWARD_DIR = "reward_model"
+HEAD_FILE = "head.safetensors"
+
+
+def _write_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes a folder into a temporary sibling and renames it into place (primary only)."""
+    if not sh.is_primary():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_model_config(workdir: Path, config: models.TransformerConfig) -> None:
+    if sh.is_primary():
+        (workdir / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+
+def _hf_folder(folder: Path, config, params, tokenizer) -> None:
+    ids = {}
+    if tokenizer is not None:
+        tokenizer.save(folder)
+        ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    models.save_pretrained(str(folder), config, params, **ids)
+
+
+def save_lm(
+    workdir: str | os.PathLike,
+    config: models.TransformerConfig,
+    params: Any,
+    *,
+    tokenizer: rdata.Tokenizer | None = None,
+) -> Path:
+    """Writes a language model for the next stage: `WORKDIR/hf/` and `WORKDIR/model_config.json`.
+
+    Returns:
+      The HF folder (loadable by `load_init_params(workdir)` and by transformers).
+    """
+    workdir = Path(workdir)
+    params = jax.device_get(params)
+    _write_dir(workdir / HF_DIR, lambda d: _hf_folder(d, config, params, tokenizer))
+    _write_model_config(workdir, config)
+    return workdir / HF_DIR
+
+
+def save_reward_model(
+    workdir: str | os.PathLike,
+    config: models.TransformerConfig,
+    params: Any,
+    *,
+    tokenizer: rdata.Tokenizer | None = None,
+) -> Path:
+    """Writes `WORKDIR/reward_model/`: the trunk as an HF folder plus the head as head.safetensors.
+
+    Args:
+      params: `RewardModel` params `{"transformer": ..., "head": {"kernel": [D, 1], "bias": [1]}}`.
+    """
+    from safetensors.numpy import save_file
+
+    workdir = Path(workdir)
+    params = jax.device_get(params)
+
+    def write(d: Path) -> None:
+        _hf_folder(d, config, params["transformer"], tokenizer)
+        head = {k: np.ascontiguousarray(v, np.float32) for k, v in params["head"].items()}
+        save_file(head, str(d / HEAD_FILE))
+
+    _write_dir(workdir / REWARD_DIR, write)
+    _write_model_config(workdir, config)
+    return workdir / REWARD_DIR
+
+
+def model_config(
+    name: str, tokenizer: rdata.Tokenizer, **overrides: Any
+) -> models.TransformerConfig:
+    """`models.get_config(name)` with the vocabulary sized for `tokenizer` (rounded up to 128)."""
+    vocab = -(-tokenizer.vocab_size // 128) * 128
+    return models.get_config(name, **{"vocab_size": vocab, **overrides})
+
+
+def check_model(
+    config: models.TransformerConfig, tokenizer: rdata.Tokenizer, *, max_length: int
+) -> None:
+    """Raises a ConfigError when the model cannot read the task's rows: an embedding with fewer
+    rows than the tokenizer's ids, or a context shorter than `max_length` tokens."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(
+            f"the model's vocabulary ({config.vocab_size}) is smaller than the task tokenizer's "
+            f"({tokenizer.vocab_size}); --init-from a model trained with this task's tokenizer"
+        )
+    if max_length > config.max_len:
+        raise ConfigError(
+            f"rows of {max_length} tokens exceed the model's context of {config.max_len}; "
+            "lower --max-length / --max-new-tokens"
+        )
+
+
+def _is_hf_folder(path: Path) -> bool:
+    weights = (path / "model.safetensors").is_file() or (
+        path / "model.safetensors.index.json"
+    ).is_file()
+    return (path / "config.json").is_file() and weights
+
+
+def _config_overrides(workdir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """dtype/remat of the stage (HF's config.json does not store them), then `overrides`."""
+    out = {}
+    if (workdir / MODEL_CONFIG).is_file():
+        stored = json.loads((workdir / MODEL_CONFIG).read_text())
+        out = {k: stored[k] for k in ("dtype", "remat") if k in stored}
+    return {**out, **overrides}
+
+
+def load_init_params(
+    path: str | os.PathLike, *, kind: str = "lm", **overrides: Any
+) -> tuple[models.TransformerConfig, Any]:
+    """Initial params from a Hugging Face GPT-2 folder or from the workdir of an earlier stage.
+
+    Args:
+      path: an HF GPT-2 folder (config.json + model.safetensors); or a workdir: kind "lm" reads
+        `WORKDIR/hf/` (else the trunk of `WORKDIR/reward_model/`), kind "reward" reads
+        `WORKDIR/reward_model/`.
+      kind: "lm" (`Transformer` params) or "reward" (`RewardModel` params).
+      overrides: TransformerConfig fields HF does not store, e.g. dtype="bfloat16".
+    Returns:
+      (config, params) with float32 NumPy params.
+    Raises:
+      ConfigError: the path is neither (or the stage has not finished), saying what is there.
+    """
+    if kind not in ("lm", "reward"):
+        raise ValueError(f"kind must be 'lm' or 'reward', got {kind!r}")
+    root = Path(path)
+    if not root.exists():
+        raise ConfigError(f"--init-from {path}: no such file or folder")
+    candidates = [root]
+    if kind == "lm":
+        candidates += [root / HF_DIR, root / REWARD_DIR]
+    else:
+        candidates += [root / REWARD_DIR]
+    for folder in candidates:
+        if not _is_hf_folder(folder):
+            continue
+        if kind == "reward" and not (folder / HEAD_FILE).is_file():
+            continue
+        workdir = folder.parent if folder != root else root
+        config, lm = models.from_pretrained(str(folder), **_config_overrides(workdir, overrides))
+        if kind == "lm":
+            return config, lm
+        from safetensors.numpy import load_file
+
+        head = {k: np.asarray(v, np.float32) for k, v in load_file(folder / HEAD_FILE).items()}
+        return config, {"transformer": lm, "head": head}
+    found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "a file"
+    if (root / RUN_CONFIG).is_file():
+        want = HF_DIR if kind == "lm" else REWARD_DIR
+        hint = (
+            f"it is a workdir without {want}/: run its stage to completion first (rerun its "
+            "command)" + ("" if kind == "lm" else ", or pass a reward-model workdir")
+        )
+    else:
+        need = "config.json + model.safetensors" + (f" + {HEAD_FILE}" if kind == "reward" else "")
+        hint = f"expected a Hugging Face GPT-2 folder ({need}) or a workdir of an earlier stage"
+    raise ConfigError(f"--init-from {path}: {hint}; found {found}")
+
+
+def load_reward_model(path: str | os.PathLike, **overrides: Any) -> tuple[Any, Any]:
+    """(config, RewardModel params) from a reward-model workdir or its `reward_model/` folder."""
+    return load_init_params(path, kind="reward", **overrides)
