@@ -1,7 +1,7 @@
 """DPO, its variants and policy gradient against the closed-form optimum on random bandits.
 
-    .venv/bin/python experiments/bandit.py                       # = `make demo`, about 30 s on CPU
-    .venv/bin/python experiments/bandit.py tiny                  # a few seconds
+    .venv/bin/python experiments/bandit.py                       # about 30 s on CPU
+    .venv/bin/python experiments/bandit.py --preset tiny         # a few seconds
     .venv/bin/python experiments/bandit.py --data expected --label-noise 0 --steps 2000
 
 For each seed a random tabular bandit (reference policy π_ref, reward table r) and a set of
@@ -26,14 +26,15 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 
 from rlhf_jax import bandit as bd
+from rlhf_jax import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +61,15 @@ class Config:
 
 
 PRESETS = {
-    "default": ("5 bandits of 8 contexts × 6 arms, 4 β, 7 learners.", Config()),
-    "tiny": (
-        "A seconds-long smoke run.",
-        Config(n_seeds=2, n_contexts=3, n_arms=4, betas=(0.5, 2.0), n_pairs=2000, steps=100),
+    "default": Config(),  # 5 bandits of 8 contexts x 6 arms, 4 betas, 7 learners
+    "tiny": Config(  # a seconds-long smoke run
+        workdir="runs/bandit_tiny",
+        n_seeds=2,
+        n_contexts=3,
+        n_arms=4,
+        betas=(0.5, 2.0),
+        n_pairs=2000,
+        steps=100,
     ),
 }
 
@@ -217,18 +223,30 @@ def main(config: Config) -> list[dict]:
     return rows
 
 
-def _cli() -> Config:
-    defaults = {name: cfg for name, (_, cfg) in PRESETS.items()}
-    descriptions = {name: desc for name, (desc, _) in PRESETS.items()}
-    config_type = tyro.extras.subcommand_type_from_defaults(defaults, descriptions)
-    # CascadeSubcommandArgs: `--steps 10` alone edits the default preset, `tiny --steps 10` the tiny
-    return tyro.cli(
-        config_type,
-        default=defaults["default"],
-        description=__doc__,
-        config=(tyro.conf.CascadeSubcommandArgs,),
+def _cli(argv: Sequence[str] | None = None) -> Config:
+    """`--preset NAME` (default, tiny) and any field as a flag, checked at the door."""
+    config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
+    cli.validate(
+        config,
+        {
+            "label_noise": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+            "n_pairs": (lambda v: v >= 1, ">= 1"),
+            "n_seeds": (lambda v: v >= 1, ">= 1"),
+            "n_contexts": (lambda v: v >= 1, ">= 1"),
+            "n_arms": (lambda v: v >= 2, ">= 2"),
+            "n_samples": (lambda v: v >= 2, ">= 2 (leave-one-out baseline)"),
+            "betas": (lambda v: v > 0, "> 0"),
+            "methods": (lambda m: m in bd.METHODS, f"one of {', '.join(bd.METHODS)}"),
+            "plot_context": (lambda v: 0 <= v < config.n_contexts, "in [0, --n-contexts)"),
+        },
     )
+    return config
+
+
+def main_cli(argv: Sequence[str] | None = None) -> list[dict]:
+    """Runs the command line `argv`; returns the result rows."""
+    return main(_cli(argv))
 
 
 if __name__ == "__main__":
-    main(_cli())
+    cli.run_cli(main_cli)

@@ -23,8 +23,9 @@ import dataclasses
 import functools
 import os
 from collections.abc import Sequence
+from typing import Literal
 
-from rlhf_jax import data, models, pairs, runner, sharding, train
+from rlhf_jax import cli, data, handover, losses, models, pairs, sharding, stages
 from rlhf_jax.data import synthetic
 from rlhf_jax.sampling import SamplingConfig
 
@@ -34,18 +35,20 @@ class Config:
     """DPO-family training on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/dpo"
-    data_dir: str = runner.default_data_dir(__file__)  # prepared synthetic task (cached)
+    data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
     init_from: str | None = None  # the SFT workdir (or HF GPT-2 folder): policy and reference
     pairs: str | None = None  # a preference JSONL to train on instead of sampling pairs
+    on_bad_record: Literal["error", "skip"] = "error"  # a bad --pairs line: stop, or skip it
     num_prompts: int = 2000  # training prefixes; pairs = num_prompts * k(k-1)/2 minus ties
     completions_per_prompt: int = 4  # k
     max_new_tokens: int = 48
     temperature: float = 1.0
     max_prompt_length: int = 8
     max_length: int = 64  # tokens per prompt + completion row
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative / robust DPO label-noise epsilon
+    custom_loss: str | None = None  # set by main(loss_fn=...): the function trained instead
     precompute_reference: bool = False  # reference log-probs once, no reference model in training
     steps: int = 1000
     batch_size: int = 32  # global, over all devices and hosts
@@ -74,32 +77,39 @@ PRESETS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Runs the command line `argv`; returns the metrics rows."""
-    config = runner.parse_config(Config, PRESETS, argv, description=__doc__)
-    sharding.init_distributed()
-    mesh = runner.resolve_mesh(config.mesh)
-    local_batch = runner.check_batch(config.batch_size, mesh)
-    if config.loss_type not in train.LOSS_TYPES:
-        raise runner.ConfigError(f"--loss-type must be one of {', '.join(train.LOSS_TYPES)}")
+def main(
+    argv: Sequence[str] | None = None, *, loss_fn: losses.PairwiseLoss | None = None
+) -> list[dict]:
+    """Runs the command line `argv`; returns the metrics rows.
+
+    `loss_fn` (library use, e.g. experiments/custom_loss.py): a pairwise loss function
+    `fn(pc, pr, rc, rr, *, beta)` trained instead of --loss-type; its name is stored in the run
+    config (`custom_loss`), so a rerun with another function is refused like any other change.
+    """
+    config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
+    if loss_fn is not None:
+        config = dataclasses.replace(config, custom_loss=_describe(loss_fn))
+    cli.validate(config, files=("pairs",))
     if not config.init_from:
-        raise runner.ConfigError(
+        raise cli.ConfigError(
             "DPO starts from (and regularises towards) the SFT model: pass --init-from"
         )
-    runner.write_run_config(config.workdir, config)
+    handover.resolve_init_folder(config.init_from)
+    sharding.init_distributed()
+    mesh = cli.resolve_mesh(config.mesh)
+    cli.check_batch(config.batch_size, mesh)
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = runner.task_tokenizer(task)
-    cfg, params = runner.load_init_params(config.init_from)
-    runner.check_model(
-        cfg,
-        tok,
-        max_length=max(config.max_length, config.max_prompt_length + config.max_new_tokens),
-    )
-    model = models.Transformer(cfg)
+    tok = data.task_tokenizer(task)
+    cfg = handover.init_config(config.init_from)
+    length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
+    handover.check_model(cfg, tok, max_length=length)
+    records = None
+    if config.pairs:  # read (and checked) before anything is written
+        records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size)
+    cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
-    if config.pairs:
-        records = data.read_preference_jsonl(config.pairs)
-    else:
+    cfg, params = handover.load_init_params(config.init_from)
+    if records is None:
         records = pairs.task_preference_pairs(
             task,
             models.Transformer(cfg),
@@ -111,54 +121,44 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             max_prompt_length=config.max_prompt_length,
             cache_path=os.path.join(config.workdir, "pairs.jsonl"),
         )
-    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
-    needs_reference = config.loss_type not in ("simpo", "orpo")
-    frozen = params if needs_reference else None
-    if needs_reference and config.precompute_reference:
-        cache = os.path.join(config.workdir, "reference_logps.npz")
-        collate = functools.partial(
-            data.collate_preferences, tokenizer=tok, buckets=None, **lengths
-        )
-        records = train.attach_reference(
-            model,
-            params,
-            [data.record_to_dict(r) for r in records],
-            collate,
-            cache_path=cache,
-            is_primary=sharding.is_primary(),
-        )
-        frozen = None  # the batches carry the reference log-probs
-    print(f"dpo ({config.loss_type}, beta {config.beta}): {len(records)} training pairs")
-
-    opt = train.make_optimizer(
-        config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps
-    )
-    state = train.create_train_state(
-        params, opt, config.seed, frozen=frozen, hparams={"beta": config.beta}
-    )
-    loader = runner.task_loaders(
-        task, "preference", records=records, batch_size=local_batch, seed=config.seed, **lengths
-    )
-    step = train.make_dpo_step(
-        model, opt, loss_type=config.loss_type, label_smoothing=config.label_smoothing
-    )
-    state, rows = runner.fit(
-        step,
-        state,
-        loader,
+        if len(records) < config.batch_size:
+            raise cli.ConfigError(
+                f"{len(records)} sampled pairs, fewer than one batch of --batch-size "
+                f"{config.batch_size}; raise --num-prompts"
+            )
+    name = config.custom_loss or config.loss_type
+    print(f"dpo ({name}, beta {config.beta}): {len(records)} training pairs")
+    schedule = stages.Schedule.from_config(config)
+    _, rows, _ = stages.train_dpo(
+        cfg,
+        params,
+        records,
+        tok,
         workdir=config.workdir,
-        steps=config.steps,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
         mesh=mesh,
-        desc=f"dpo ({config.loss_type})",
+        schedule=schedule,
+        betas=config.beta,
+        loss_type=config.loss_type if loss_fn is None else loss_fn,
+        label_smoothing=config.label_smoothing,
+        precompute_reference=config.precompute_reference,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        seed=config.seed,
     )
-    runner.save_lm(config.workdir, cfg, state.params, tokenizer=tok)
     if rows:
         last = rows[-1]
         print(f"dpo: step {last['step']} loss {last['loss']:.4f}; wrote {config.workdir}")
     return rows
 
 
+def _describe(fn: losses.PairwiseLoss) -> str:
+    """`module.name(keyword=value, ...)` of a function or a functools.partial of one."""
+    args = ""
+    if isinstance(fn, functools.partial):
+        args = ", ".join(f"{k}={v!r}" for k, v in sorted(fn.keywords.items()))
+        fn = fn.func
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}({args})"
+
+
 if __name__ == "__main__":
-    runner.run_cli(main)
+    cli.run_cli(main)

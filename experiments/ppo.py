@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
-
-from rlhf_jax import models, runner, sharding, train
+from rlhf_jax import cli, data, handover, sharding, stages, train
 from rlhf_jax.data import synthetic
 
 GROUND_TRUTH = "ground-truth"
@@ -37,7 +35,7 @@ class Config:
     """PPO with a reward model or the ground-truth reward."""
 
     workdir: str = "runs/ppo"
-    data_dir: str = runner.default_data_dir(__file__)  # prepared synthetic task (cached)
+    data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
     init_from: str | None = None  # the SFT workdir (or HF GPT-2 folder): policy and reference
     reward: str = GROUND_TRUTH  # a reward-model workdir, or "ground-truth" (PPO-GT)
     kl_coef: float = 0.05  # initial KL coefficient beta
@@ -77,35 +75,28 @@ PRESETS = {
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the metrics rows."""
-    config = runner.parse_config(Config, PRESETS, argv, description=__doc__)
+    config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
+    cli.validate(config, {"temperature": (lambda t: t > 0, "> 0 (PPO samples)")})
+    if not config.init_from:
+        raise cli.ConfigError(
+            "PPO starts from (and regularises towards) the SFT model: pass --init-from"
+        )
+    handover.resolve_init_folder(config.init_from)
+    if config.reward != GROUND_TRUTH:
+        handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
     sharding.init_distributed()
-    mesh = runner.resolve_mesh(config.mesh)
-    local_batch = runner.check_batch(config.batch_size, mesh)
+    mesh = cli.resolve_mesh(config.mesh)
+    cli.check_batch(config.batch_size, mesh)
     if config.batch_size % config.num_minibatches:
-        raise runner.ConfigError(
+        raise cli.ConfigError(
             f"--batch-size {config.batch_size} is not divisible by --num-minibatches "
             f"{config.num_minibatches}"
         )
-    if not config.init_from:
-        raise runner.ConfigError(
-            "PPO starts from (and regularises towards) the SFT model: pass --init-from"
-        )
-    runner.write_run_config(config.workdir, config)
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = runner.task_tokenizer(task)
-    cfg, params = runner.load_init_params(config.init_from)
-    max_length = config.max_prompt_length + config.max_new_tokens
-    runner.check_model(cfg, tok, max_length=max_length)
-    rng_value = jax.random.PRNGKey(config.seed)
-    if config.reward == GROUND_TRUTH:
-        value_cfg, reward_params, reward_fn = cfg, None, None
-        value_params = models.init_value_params(cfg, rng_value, params)
-    else:
-        value_cfg, reward_params = runner.load_reward_model(config.reward)
-        reward_fn = train.reward_model_fn(models.RewardModel(value_cfg))
-        value_params = models.init_value_params(value_cfg, rng_value, reward_params["transformer"])
-
-    ppo = train.PPOConfig(
+    tok = data.task_tokenizer(task)
+    cfg = handover.init_config(config.init_from)
+    handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
+    ppo = train.PPOConfig(  # checks its own ranges too
         kl_coef=config.kl_coef,
         kl_target=config.target_kl,
         kl_horizon=config.kl_horizon,
@@ -117,47 +108,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
     )
-    opts = (
-        train.make_optimizer(config.learning_rate),
-        train.make_optimizer(config.value_learning_rate),
-    )
-    nets = (models.Transformer(cfg), models.ValueModel(value_cfg))
-    fns = train.make_ppo(*nets, *opts, ppo, reward_fn=reward_fn)
-    state = train.create_ppo_state(
-        ppo,
-        policy_params=params,
-        value_params=value_params,
-        ref_params=params,
-        policy_optimizer=opts[0],
-        value_optimizer=opts[1],
-        rng=config.seed,
-        reward_params=reward_params,
-    )
-    loader = runner.task_loaders(
+    cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
+
+    cfg, params = handover.load_init_params(config.init_from)
+    reward = {"host_reward": task.reward_fn, "reward_on": "text"}  # PPO-GT: VADER on the host
+    if config.reward != GROUND_TRUTH:
+        reward = {"reward_model": handover.load_reward_model(config.reward)}
+    schedule = stages.Schedule.from_config(config, decay=False)
+    _, rows = stages.train_ppo(
+        cfg,
+        params,
         task,
-        "prompt",
-        batch_size=local_batch,
-        max_length=max_length,
+        workdir=config.workdir,
+        mesh=mesh,
+        schedule=schedule,
+        ppo=ppo,
+        value_learning_rate=config.value_learning_rate,
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
+        **reward,
     )
-    if reward_fn is None:  # PPO-GT: the reward is a host function of the decoded text
-        step, jit = runner.make_text_reward_ppo_step(fns, task.reward_fn, tok, mesh), False
-    else:
-        step, jit = fns.step, True
-    state, rows = runner.fit(
-        step,
-        state,
-        loader,
-        workdir=config.workdir,
-        steps=config.steps,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        mesh=mesh,
-        desc="ppo" if jit else "ppo-gt",
-        jit=jit,
-    )
-    runner.save_lm(config.workdir, cfg, state.policy_params, tokenizer=tok)
     if rows:
         last = rows[-1]
         print(f"ppo: step {last['step']} score {last['score']:.3f} kl {last['kl_exact']:.3f}")
@@ -165,4 +135,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    runner.run_cli(main)
+    cli.run_cli(main)

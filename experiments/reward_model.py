@@ -23,10 +23,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from typing import Literal
 
-import jax
-
-from rlhf_jax import data, models, pairs, runner, sharding, train
+from rlhf_jax import cli, data, handover, models, pairs, sharding, stages
 from rlhf_jax.data import synthetic
 from rlhf_jax.sampling import SamplingConfig
 
@@ -36,9 +35,10 @@ class Config:
     """Bradley-Terry reward model on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/reward_model"
-    data_dir: str = runner.default_data_dir(__file__)  # prepared synthetic task (cached)
+    data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
     init_from: str | None = None  # the SFT workdir (or HF GPT-2 folder): sampler and trunk
     pairs: str | None = None  # a preference JSONL to train on instead of sampling pairs
+    on_bad_record: Literal["error", "skip"] = "error"  # a bad --pairs line: stop, or skip it
     num_prompts: int = 2000  # training prefixes; pairs = num_prompts * k(k-1)/2 minus ties
     num_test_prompts: int = 200  # held-out prefixes
     completions_per_prompt: int = 4  # k
@@ -79,27 +79,34 @@ PRESETS = {
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the metrics rows."""
-    config = runner.parse_config(Config, PRESETS, argv, description=__doc__)
-    sharding.init_distributed()
-    mesh = runner.resolve_mesh(config.mesh)
-    local_batch = runner.check_batch(config.batch_size, mesh)
+    config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
+    cli.validate(config, files=("pairs",))
     if not config.init_from:
-        raise runner.ConfigError("the reward model starts from the SFT model: pass --init-from")
-    runner.write_run_config(config.workdir, config)
+        raise cli.ConfigError("the reward model starts from the SFT model: pass --init-from")
+    handover.resolve_init_folder(config.init_from)
+    sharding.init_distributed()
+    mesh = cli.resolve_mesh(config.mesh)
+    cli.check_batch(config.batch_size, mesh)
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = runner.task_tokenizer(task)
-    cfg, lm_params = runner.load_init_params(config.init_from)
-    runner.check_model(
-        cfg,
-        tok,
-        max_length=max(config.max_length, config.max_prompt_length + config.max_new_tokens),
-    )
-
-    if config.pairs:
-        records = data.read_preference_jsonl(config.pairs)
+    tok = data.task_tokenizer(task)
+    cfg = handover.init_config(config.init_from)
+    length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
+    handover.check_model(cfg, tok, max_length=length)
+    records = test_records = None
+    if config.pairs:  # read (and checked) before anything is written; the last tenth held out
+        records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size + 1)
         n_test = max(1, len(records) // 10)
+        if len(records) - n_test < config.batch_size:
+            raise cli.ConfigError(
+                f"--pairs {config.pairs}: {len(records)} valid pairs leave "
+                f"{len(records) - n_test} for training after {n_test} held out, fewer than one "
+                f"batch of --batch-size {config.batch_size}"
+            )
         records, test_records = records[:-n_test], records[-n_test:]
-    else:
+    cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
+
+    cfg, lm_params = handover.load_init_params(config.init_from)
+    if records is None:
         sample = dict(
             seed=config.seed,
             sampling=SamplingConfig(config.max_new_tokens, config.temperature),
@@ -124,43 +131,30 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             cache_path=os.path.join(config.workdir, "pairs_test.jsonl"),
             **sample,
         )
+        if len(records) < config.batch_size:
+            raise cli.ConfigError(
+                f"{len(records)} sampled pairs, fewer than one batch of --batch-size "
+                f"{config.batch_size}; raise --num-prompts"
+            )
     print(f"reward model: {len(records)} training pairs, {len(test_records)} held-out pairs")
-
-    reward_model = models.RewardModel(cfg)
-    opt = train.make_optimizer(
-        config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.steps,
-        weight_decay=config.weight_decay,
-    )
-    params = models.init_reward_params(cfg, jax.random.PRNGKey(config.seed), lm_params)
-    state = train.create_train_state(params, opt, config.seed)
-    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length)
-    loader = runner.task_loaders(
-        task, "preference", records=records, batch_size=local_batch, seed=config.seed, **lengths
-    )
-
-    def eval_fn(state, step):
-        return runner.preference_accuracy(reward_model, state.params, test_records, tok, **lengths)
-
-    state, rows = runner.fit(
-        train.make_reward_step(reward_model, opt),
-        state,
-        loader,
+    schedule = stages.Schedule.from_config(config)
+    _, rows, info = stages.train_reward_model(
+        cfg,
+        lm_params,
+        records,
+        test_records,
+        tok,
         workdir=config.workdir,
-        steps=config.steps,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
         mesh=mesh,
-        eval_fn=eval_fn,
-        eval_every=config.eval_every,
-        desc="reward model",
+        schedule=schedule,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        seed=config.seed,
     )
-    runner.save_reward_model(config.workdir, cfg, state.params, tokenizer=tok)
-    if rows and "eval/accuracy" in rows[-1]:
-        print(f"reward model: held-out pair accuracy {rows[-1]['eval/accuracy']:.3f}")
+    if "heldout_accuracy" in info:
+        print(f"reward model: held-out pair accuracy {info['heldout_accuracy']:.3f}")
     return rows
 
 
 if __name__ == "__main__":
-    runner.run_cli(main)
+    cli.run_cli(main)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import jax
 
-from rlhf_jax import models, runner, sharding, train
+from rlhf_jax import cli, data, handover, models, sharding, stages
 from rlhf_jax.data import synthetic
 
 
@@ -32,7 +32,7 @@ class Config:
     """Supervised fine-tuning on the synthetic reviews."""
 
     workdir: str = "runs/sft"
-    data_dir: str = runner.default_data_dir(__file__)  # prepared synthetic task (cached)
+    data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
     init_from: str | None = None  # HF GPT-2 folder or an earlier workdir; None: random `model`
     model: str = "small"  # models.PRESETS name for a random init
     n_layers: int | None = None  # overrides the preset's depth
@@ -69,71 +69,43 @@ PRESETS = {
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the metrics rows."""
-    config = runner.parse_config(Config, PRESETS, argv, description=__doc__)
-    sharding.init_distributed()
-    mesh = runner.resolve_mesh(config.mesh)
-    local_batch = runner.check_batch(config.batch_size, mesh)
-    runner.write_run_config(config.workdir, config)
-    task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = runner.task_tokenizer(task)
+    config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
+    cli.validate(config, {"model": (lambda m: m in models.PRESETS, "a models.PRESETS name")})
     if config.init_from:
-        cfg, params = runner.load_init_params(config.init_from)
+        handover.resolve_init_folder(config.init_from)
+    sharding.init_distributed()
+    mesh = cli.resolve_mesh(config.mesh)
+    cli.check_batch(config.batch_size, mesh)
+    task = synthetic.load_task(synthetic.prepare(config.data_dir))
+    tok = data.task_tokenizer(task)
+    if config.init_from:
+        cfg = handover.init_config(config.init_from)
     else:
         depth = {} if config.n_layers is None else {"n_layers": config.n_layers}
-        cfg = runner.model_config(config.model, tok, **depth)
+        cfg = handover.model_config(config.model, tok, **depth)
+    handover.check_model(cfg, tok, max_length=config.max_length)
+    cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
+
+    if config.init_from:
+        cfg, params = handover.load_init_params(config.init_from)
+    else:
         params = models.init_params(cfg, jax.random.PRNGKey(config.seed))
-    runner.check_model(cfg, tok, max_length=config.max_length)
-
-    model = models.Transformer(cfg)
-    opt = train.make_optimizer(
-        config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        total_steps=config.steps,
-        weight_decay=config.weight_decay,
-    )
-    state = train.create_train_state(params, opt, config.seed)
-    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_length - 1)
-    loader = runner.task_loaders(
-        task, "demonstration", batch_size=local_batch, seed=config.seed, **lengths
-    )
-    eval_fn = None
-    if config.eval_batches:
-        held_out = runner.task_loaders(
-            task,
-            "demonstration",
-            batch_size=local_batch,
-            seed=0,
-            split="test",
-            shuffle=False,
-            **lengths,
-        )
-        eval_set = [next(held_out) for _ in range(config.eval_batches)]
-        sft_eval = jax.jit(train.make_sft_eval(model))
-
-        def eval_fn(state, step):
-            rows = jax.device_get([sft_eval(state.params, b) for b in eval_set])
-            return {
-                k: sum(float(r[k]) for r in rows) / len(rows) for k in ("nll_token", "accuracy")
-            }
-
-    state, rows = runner.fit(
-        train.make_sft_step(model, opt),
-        state,
-        loader,
+    schedule = stages.Schedule.from_config(config)
+    _, rows = stages.train_sft(
+        task,
+        cfg,
+        params,
         workdir=config.workdir,
-        steps=config.steps,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
         mesh=mesh,
-        eval_fn=eval_fn,
-        eval_every=config.eval_every,
-        desc="sft",
+        schedule=schedule,
+        max_length=config.max_length,
+        seed=config.seed,
+        eval_batches=config.eval_batches,
     )
-    runner.save_lm(config.workdir, cfg, state.params, tokenizer=tok)
     if rows:
         print(f"sft: step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}; wrote {config.workdir}")
     return rows
 
 
 if __name__ == "__main__":
-    runner.run_cli(main)
+    cli.run_cli(main)

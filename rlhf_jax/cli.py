@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,151 @@ def parse_config(
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any]) -> None:
-    """Runs `main(sys.argv[1:])`; a `ConfigError` prints "error: ..." and exits with status 2."""
+    """Runs `main(sys.argv[1:])`; an input error prints one line "error: ..." on stderr and exits
+    with status 2 (no traceback): a `ConfigError`, a bad record (`data.BadRecordError`: its file
+    and line), a missing file."""
+    from rlhf_jax.data import BadRecordError
+
     try:
         main(None)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except BadRecordError as e:
+        _fail(
+            f"{e.path}:{e.line}: {e.reason} (fix or remove this line, or pass --on-bad-record "
+            "skip to skip bad lines with a report)"
+        )
+    except FileNotFoundError as e:
+        _fail(f"{e.filename}: no such file or folder" if e.filename else str(e))
+
+
+def _fail(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks at the door: every range, choice and file of a driver's config, before anything is
+# written or sampled.
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _at_least(n: int) -> Callable[[Any], bool]:
+    return lambda v: v >= n
+
+
+# Exact field names, then name suffixes: the ranges every driver shares.
+RANGES: dict[str, Rule] = {
+    "warmup_steps": (_at_least(0), ">= 0"),
+    "weight_decay": (_at_least(0), ">= 0"),
+    "max_length": (_at_least(2), ">= 2"),
+    "max_prompt_length": (_at_least(1), ">= 1"),
+    "max_new_tokens": (_at_least(1), ">= 1"),
+    "temperature": (_at_least(0), ">= 0"),
+    "completions_per_prompt": (_at_least(2), ">= 2"),
+    "beta": (_positive, "> 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "kl_coef": (_at_least(0), ">= 0"),
+    "target_kl": (_positive, "> 0"),
+    "kl_horizon": (_positive, "> 0"),
+    "ppo_epochs": (_at_least(1), ">= 1"),
+    "num_minibatches": (_at_least(1), ">= 1"),
+    "ppo_minibatches": (_at_least(1), ">= 1"),
+    "eval_batches": (_at_least(0), ">= 0"),
+    "n_layers": (_at_least(1), ">= 1"),
+    "seed": (_at_least(0), ">= 0"),
+}
+SUFFIX_RANGES: dict[str, Rule] = {
+    "steps": (_at_least(1), ">= 1"),
+    "batch_size": (_at_least(1), ">= 1"),
+    "learning_rate": (_positive, "> 0"),
+    "_lr": (_positive, "> 0"),
+    "_every": (_at_least(1), ">= 1"),
+    "_prompts": (_at_least(1), ">= 1"),
+    "_betas": (_positive, "> 0"),
+    "_kl_coefs": (_at_least(0), ">= 0"),
+    "_alphas": (_at_least(0), ">= 0"),
+    "_ns": (_at_least(1), ">= 1"),
+    "_thresholds": (_positive, "> 0"),
+    "d_model": (_at_least(1), ">= 1"),
+    "n_heads": (_at_least(1), ">= 1"),
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: `warmup_steps` -> `--warmup-steps`."""
+    return "--" + name.replace("_", "-")
+
+
+def _rule(name: str, rules: Mapping[str, Rule]) -> Rule | None:
+    if name in rules:
+        return rules[name]
+    if name in RANGES:
+        return RANGES[name]
+    for suffix, rule in SUFFIX_RANGES.items():
+        if name == suffix.lstrip("_") or name.endswith(suffix):
+            return rule
+    return None
+
+
+def validate(
+    config: Any,
+    rules: Mapping[str, Rule] | None = None,
+    *,
+    files: Sequence[str] = (),
+) -> None:
+    """Checks a driver's config before it writes or samples anything.
+
+    Every field with a rule (`rules`, then `RANGES`, then `SUFFIX_RANGES`; for a tuple field each
+    entry) must satisfy it, `Literal` fields must hold one of their values, `warmup_steps` must be
+    below `steps`, and each field named in `files` (when set) must be an existing path.
+
+    Raises:
+      ConfigError: the first violation, e.g. "--beta -1.0: must be > 0".
+    """
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        name, value = field.name, getattr(config, field.name)
+        if value is None:
+            continue
+        choices = _literal_choices(hints.get(name))
+        if choices and value not in choices:
+            raise ConfigError(
+                f"{flag(name)} {value!r}: choose one of {', '.join(map(str, choices))}"
+            )
+        rule = _rule(name, rules or {})
+        numeric = isinstance(value, int | float | tuple | list) and not isinstance(value, bool)
+        if rule is None or not (numeric or name in (rules or {})):
+            continue  # the shared ranges are about numbers; a driver's own rules apply to any
+        ok, accepted = rule
+        for v in value if isinstance(value, tuple | list) else (value,):
+            if not ok(v):
+                shown = value if isinstance(value, tuple | list) else v
+                raise ConfigError(f"{flag(name)} {shown}: must be {accepted}")
+        if isinstance(value, tuple | list) and not value:
+            raise ConfigError(f"{flag(name)}: give at least one value")
+    steps, warmup = getattr(config, "steps", None), getattr(config, "warmup_steps", None)
+    if steps is not None and warmup is not None and warmup >= steps:
+        raise ConfigError(f"--warmup-steps {warmup}: must be < --steps ({steps})")
+    for name in files:
+        path = getattr(config, name)
+        if path and not Path(path).exists():
+            raise ConfigError(f"{flag(name)} {path}: no such file or folder")
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...]:
+    """The values of a `Literal[...]` hint (also inside `X | None`), else ()."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint):
+        if typing.get_origin(arg) is typing.Literal:
+            return typing.get_args(arg)
+    return ()
 
 
 def _json_ready(value: Any) -> Any:
@@ -166,3 +306,28 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_
 def default_data_dir(anchor: str | os.PathLike) -> str:
     """`$RLHF_JAX_DATA`, else `data/` in the repository holding `anchor` (a driver's __file__)."""
     return os.environ.get("RLHF_JAX_DATA") or str(Path(anchor).resolve().parents[1] / "data")
+
+
+def read_pairs(
+    path: str | os.PathLike,
+    on_bad_record: str = "error",
+    *,
+    at_least: int = 1,
+    flag_name: str = "--pairs",
+) -> list[Any]:
+    """Reads a preference JSONL for a driver: bad lines raise `data.BadRecordError` (file:line)
+    or, with on_bad_record="skip", are skipped with one printed line (how many, first line
+    numbers); fewer than `at_least` records is a ConfigError naming the flag and the numbers."""
+    from rlhf_jax import data
+
+    records, report = data.read_jsonl_records(path, "preference", on_bad_record=on_bad_record)
+    if report.num_skipped:
+        first = ", ".join(map(str, report.skipped_lines[:5]))
+        more = ", ..." if report.num_skipped > 5 else ""
+        print(f"{flag_name} {path}: skipped {report.num_skipped} bad lines (lines {first}{more})")
+    if len(records) < at_least:
+        raise ConfigError(
+            f"{flag_name} {path}: {len(records)} valid pairs, fewer than the {at_least} needed "
+            "(one batch of --batch-size; give more pairs or a smaller --batch-size)"
+        )
+    return records

@@ -148,6 +148,51 @@ def _config_overrides(workdir: Path, overrides: Mapping[str, Any]) -> dict[str, 
     return {**out, **overrides}
 
 
+def resolve_init_folder(
+    path: str | os.PathLike, *, kind: str = "lm", flag: str = "--init-from"
+) -> Path:
+    """The HF folder that `load_init_params(path, kind=kind)` would read, found without reading
+    any weights (a driver calls it before it writes anything).
+
+    Raises:
+      ConfigError: the path is neither an HF GPT-2 folder nor a finished stage's workdir, saying
+        what is there and naming `flag`.
+    """
+    if kind not in ("lm", "reward"):
+        raise ValueError(f"kind must be 'lm' or 'reward', got {kind!r}")
+    root = Path(path)
+    if not root.exists():
+        raise ConfigError(f"{flag} {path}: no such file or folder")
+    candidates = [root]
+    if kind == "lm":
+        candidates += [root / HF_DIR, root / REWARD_DIR]
+    else:
+        candidates += [root / REWARD_DIR]
+    for folder in candidates:
+        if _is_hf_folder(folder) and (kind == "lm" or (folder / HEAD_FILE).is_file()):
+            return folder
+    found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "a file"
+    if (root / RUN_CONFIG).is_file():
+        want = HF_DIR if kind == "lm" else REWARD_DIR
+        hint = (
+            f"it is a workdir without {want}/: run its stage to completion first (rerun its "
+            "command)" + ("" if kind == "lm" else ", or pass a reward-model workdir")
+        )
+    else:
+        need = "config.json + model.safetensors" + (f" + {HEAD_FILE}" if kind == "reward" else "")
+        hint = f"expected a Hugging Face GPT-2 folder ({need}) or a workdir of an earlier stage"
+    raise ConfigError(f"{flag} {path}: {hint}; found {found}")
+
+
+def init_config(
+    path: str | os.PathLike, *, kind: str = "lm", flag: str = "--init-from", **overrides: Any
+) -> models.TransformerConfig:
+    """The model config `load_init_params` would return, from config.json alone."""
+    folder = resolve_init_folder(path, kind=kind, flag=flag)
+    workdir = folder.parent if folder != Path(path) else folder
+    return models.config_from_pretrained(str(folder), **_config_overrides(workdir, overrides))
+
+
 def load_init_params(
     path: str | os.PathLike, *, kind: str = "lm", **overrides: Any
 ) -> tuple[models.TransformerConfig, Any]:
@@ -164,40 +209,15 @@ def load_init_params(
     Raises:
       ConfigError: the path is neither (or the stage has not finished), saying what is there.
     """
-    if kind not in ("lm", "reward"):
-        raise ValueError(f"kind must be 'lm' or 'reward', got {kind!r}")
-    root = Path(path)
-    if not root.exists():
-        raise ConfigError(f"--init-from {path}: no such file or folder")
-    candidates = [root]
+    folder = resolve_init_folder(path, kind=kind)
+    workdir = folder.parent if folder != Path(path) else folder
+    config, lm = models.from_pretrained(str(folder), **_config_overrides(workdir, overrides))
     if kind == "lm":
-        candidates += [root / HF_DIR, root / REWARD_DIR]
-    else:
-        candidates += [root / REWARD_DIR]
-    for folder in candidates:
-        if not _is_hf_folder(folder):
-            continue
-        if kind == "reward" and not (folder / HEAD_FILE).is_file():
-            continue
-        workdir = folder.parent if folder != root else root
-        config, lm = models.from_pretrained(str(folder), **_config_overrides(workdir, overrides))
-        if kind == "lm":
-            return config, lm
-        from safetensors.numpy import load_file
+        return config, lm
+    from safetensors.numpy import load_file
 
-        head = {k: np.asarray(v, np.float32) for k, v in load_file(folder / HEAD_FILE).items()}
-        return config, {"transformer": lm, "head": head}
-    found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "a file"
-    if (root / RUN_CONFIG).is_file():
-        want = HF_DIR if kind == "lm" else REWARD_DIR
-        hint = (
-            f"it is a workdir without {want}/: run its stage to completion first (rerun its "
-            "command)" + ("" if kind == "lm" else ", or pass a reward-model workdir")
-        )
-    else:
-        need = "config.json + model.safetensors" + (f" + {HEAD_FILE}" if kind == "reward" else "")
-        hint = f"expected a Hugging Face GPT-2 folder ({need}) or a workdir of an earlier stage"
-    raise ConfigError(f"--init-from {path}: {hint}; found {found}")
+    head = {k: np.asarray(v, np.float32) for k, v in load_file(folder / HEAD_FILE).items()}
+    return config, {"transformer": lm, "head": head}
 
 
 def load_reward_model(path: str | os.PathLike, **overrides: Any) -> tuple[Any, Any]:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from rlhf_jax import data as rdata
 from rlhf_jax import sharding as sh
@@ -246,43 +245,9 @@ def _restore(ckpt: Any, state: Any, loader: Any) -> tuple[Any, int] | None:
     return new_state, step
 
 
-# ----------------------------------------------------------------------------------------------
-# PPO with a reward computed on the host (text).
+def make_text_reward_ppo_step(fns: Any, text_reward: Any, tokenizer: Any, mesh: Any) -> Any:
+    """`stages.make_host_reward_ppo_step(fns, text_reward, mesh=mesh, on="text",
+    tokenizer=tokenizer)`: a PPO iteration whose reward is a host function of decoded texts."""
+    from rlhf_jax.stages.ppo import make_host_reward_ppo_step
 
-
-def make_text_reward_ppo_step(
-    fns: Any,
-    text_reward: Callable[[list[str]], Any],
-    tokenizer: rdata.Tokenizer,
-    mesh: jax.sharding.Mesh,
-) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """A PPO iteration whose reward is a host function of decoded text (PPO-GT: VADER), for
-    `fit(..., jit=False)`: compiled rollout -> decode + `text_reward(prompt + completion texts)`
-    on the host -> compiled score + update. Both programs are compiled on the first call.
-
-    Args:
-      fns: `train.make_ppo(...)` functions (reward_fn=None).
-      text_reward: texts [B] -> scores [B].
-      tokenizer: decodes prompt and response tokens (EOS dropped).
-      mesh: the mesh `fit` runs on.
-    """
-    from rlhf_jax.train import response_token_lists
-
-    def score_update(state, ro):
-        return fns.update(*fns.score(state, ro))
-
-    compiled: dict[str, Any] = {}
-    rollout_sharding = sh.batch_sharding(mesh)
-
-    def step(state: Any, batch: Any) -> tuple[Any, Any]:
-        if "rollout" not in compiled:
-            compiled["rollout"] = sh.compile_step(fns.rollout, mesh, state, batch)
-        state, ro = compiled["rollout"](state, batch)
-        rows = response_token_lists(ro, include_query=True, drop_id=tokenizer.eos_id)  # syncs
-        scores = np.asarray(text_reward(tokenizer.decode_batch(rows)), np.float32)  # [B]
-        ro = jax.device_put(ro.replace(scores=scores), rollout_sharding)
-        if "update" not in compiled:
-            compiled["update"] = sh.compile_step(score_update, mesh, state, ro)
-        return compiled["update"](state, ro)
-
-    return step
+    return make_host_reward_ppo_step(fns, text_reward, mesh=mesh, on="text", tokenizer=tokenizer)

@@ -5,7 +5,6 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -22,17 +21,23 @@ def script():
     return module
 
 
-def test_cli_presets_and_overrides(script, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["bandit.py"])
-    assert script._cli() == script.Config()
-    monkeypatch.setattr(sys, "argv", ["bandit.py", "tiny", "--steps", "7", "--workdir", "w"])
-    assert script._cli() == dataclasses.replace(script.PRESETS["tiny"][1], steps=7, workdir="w")
-    monkeypatch.setattr(sys, "argv", ["bandit.py", "--betas", "0.2", "3"])
-    assert script._cli() == script.Config(betas=(0.2, 3.0))
+def test_cli_presets_and_overrides(script):
+    assert script._cli([]) == script.Config()
+    got = script._cli(["--preset", "tiny", "--steps", "7", "--workdir", "w"])
+    assert got == dataclasses.replace(script.PRESETS["tiny"], steps=7, workdir="w")
+    assert script._cli(["--betas", "0.2", "3"]) == script.Config(betas=(0.2, 3.0))
+    for argv, message in [
+        (["--betas", "0.5", "-1"], r"--betas \(0.5, -1.0\): must be > 0"),
+        (["--label-noise", "0.5"], r"--label-noise 0.5: must be in \[0, 0.5\)"),
+        (["--methods", "dpo", "sft"], r"--methods \('dpo', 'sft'\): must be one of dpo, "),
+        (["--preset", "huge"], "unknown preset 'huge'; choose one of: default, tiny"),
+    ]:
+        with pytest.raises(script.cli.ConfigError, match=message):
+            script._cli(argv)
 
 
 def test_main_writes_table_and_plot(script, tmp_path, capsys):
-    tiny = script.PRESETS["tiny"][1]
+    tiny = script.PRESETS["tiny"]
     config = dataclasses.replace(tiny, workdir=str(tmp_path), methods=("dpo", "exact_pg"), steps=20)
     rows = script.main(config)
 

@@ -8,8 +8,10 @@ subprocess.
 """
 
 import importlib.util
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +22,10 @@ import numpy as np
 import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf_jax import data, models, runner, sharding
+from rlhf_jax import data, models, runner, sharding, train
 from rlhf_jax.data import synthetic
 from rlhf_jax.metrics_writer import read_metrics
+from rlhf_jax.stages import ppo as stages_ppo
 
 _ROOT = Path(__file__).resolve().parents[1]
 _NAMES = ("sft", "reward_model", "dpo", "ppo")
@@ -171,17 +174,17 @@ def test_ppo_tiny_with_the_reward_model(drivers, sft, reward_model, tmp_path):
 
 def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path, monkeypatch):
     calls = []  # (texts, scores) of every host reward call, one per PPO iteration
-    make_step = runner.make_text_reward_ppo_step
+    make_step = stages_ppo.make_host_reward_ppo_step
 
-    def recording(fns, text_reward, *args):
+    def recording(fns, host_reward, **kwargs):
         def reward(texts):
-            scores = text_reward(texts)
+            scores = host_reward(texts)
             calls.append((list(texts), np.asarray(scores)))
             return scores
 
-        return make_step(fns, reward, *args)
+        return make_step(fns, reward, **kwargs)
 
-    monkeypatch.setattr(runner, "make_text_reward_ppo_step", recording)
+    monkeypatch.setattr(stages_ppo, "make_host_reward_ppo_step", recording)
     argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
     rows = drivers["ppo"].main(argv + ["--reward", "ground-truth", "--target-kl", "1.0"])
     _check_outputs(tmp_path, rows, 4)
@@ -197,8 +200,10 @@ def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path, 
 
 
 @pytest.mark.parametrize("name", _NAMES)
-def test_bad_configuration_fails_at_start(drivers, name, tmp_path):
+def test_bad_configuration_fails_at_start(drivers, sft, name, tmp_path):
     main, wd = drivers[name].main, ["--workdir", str(tmp_path / "run")]
+    if name != "sft":
+        wd += ["--init-from", str(sft[0])]
     with pytest.raises(
         runner.ConfigError, match="unknown preset 'huge'; choose one of: default, tiny"
     ):
@@ -219,3 +224,131 @@ def test_resume_with_other_settings_and_cli_errors(drivers, sft, monkeypatch, ca
         runner.run_cli(drivers["dpo"].main)
     assert exit_info.value.code == 2
     assert "error: DPO starts from" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, nothing written; the corrected command then runs
+# in the same workdir.
+
+
+def _pairs_file(path, n, bad_line=None):
+    lines = [
+        json.dumps({"prompt": f"the film {i}", "chosen": " was great fun", "rejected": " was dull"})
+        for i in range(n)
+    ]
+    if bad_line is not None:
+        lines.insert(bad_line - 1, '{"prompt": "a plot", "chosen": " fine"}')  # no "rejected"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    return {
+        "good": _pairs_file(root / "good.jsonl", 20),
+        "few": _pairs_file(root / "few.jsonl", 5),
+        "bad": _pairs_file(root / "bad.jsonl", 20, bad_line=3),
+        "missing": str(root / "missing.jsonl"),
+        "nowhere": str(root / "no_such_model"),
+    }
+
+
+def _run_cli(drivers, name, argv, monkeypatch, capsys):
+    """The driver as its command line (`run_cli`): (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    try:
+        runner.run_cli(drivers[name].main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+BAD_INPUTS = [
+    ("dpo", ["--beta", "-1"], r"--beta -1.0: must be > 0$"),
+    ("dpo", ["--label-smoothing", "0.5"], r"--label-smoothing 0.5: must be in \[0, 0.5\)"),
+    ("dpo", ["--steps", "0"], r"--steps 0: must be >= 1"),
+    ("dpo", ["--warmup-steps", "40"], r"--warmup-steps 40: must be < --steps \(30\)"),
+    ("dpo", ["--init-from", "{nowhere}"], r"--init-from .*no_such_model: no such file or folder"),
+    ("dpo", ["--pairs", "{missing}"], r"--pairs .*missing.jsonl: no such file or folder"),
+    ("dpo", ["--pairs", "{few}"], r"--pairs .*few.jsonl: 5 valid pairs, fewer than the 16"),
+    (
+        "dpo",
+        ["--pairs", "{bad}"],
+        r"bad.jsonl:3: missing field 'rejected'.*--on-bad-record skip",
+    ),
+    ("reward_model", ["--pairs", "{few}"], r"--pairs .*few.jsonl: 5 valid pairs, fewer"),
+    ("reward_model", ["--learning-rate", "0"], r"--learning-rate 0.0: must be > 0"),
+    ("ppo", ["--kl-coef", "-1"], r"--kl-coef -1.0: must be >= 0"),
+    ("ppo", ["--temperature", "0"], r"--temperature 0.0: must be > 0 \(PPO samples\)"),
+    ("ppo", ["--reward", "{nowhere}"], r"--reward .*no_such_model: no such file or folder"),
+    ("ppo", ["--reward", "{sft}"], r"--reward .*: it is a workdir without reward_model/"),
+    ("ppo", ["--target-kl", "0"], r"--target-kl 0.0: must be > 0"),
+    ("sft", ["--model", "huge"], r"--model huge: must be a models.PRESETS name"),
+    ("sft", ["--max-length", "4096"], r"rows of 4096 tokens exceed the model's context"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,argv,message",
+    BAD_INPUTS,
+    ids=[f"{n}-{a[0]}-{i}" for i, (n, a, _) in enumerate(BAD_INPUTS)],
+)
+def test_bad_input_is_one_line_before_any_side_effect(
+    drivers, sft, pair_files, name, argv, message, tmp_path, monkeypatch, capsys
+):
+    workdir = tmp_path / "run"
+    argv = [a.format(sft=sft[0], **pair_files) for a in argv]
+    base = ["--preset", "tiny", "--workdir", str(workdir)]
+    if name != "sft" and "--init-from" not in argv:
+        base += ["--init-from", str(sft[0])]
+    code, _, err = _run_cli(drivers, name, base + argv, monkeypatch, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert not workdir.exists()  # no run_config.json, no pairs sampled, no folder
+
+
+def test_the_corrected_command_runs_in_the_same_workdir(
+    drivers, sft, pair_files, tmp_path, monkeypatch, capsys
+):
+    workdir = tmp_path / "run"
+    base = ["--preset", "tiny", "--workdir", str(workdir), "--steps", "2", "--warmup-steps", "0"]
+    base += ["--log-every", "1"]
+    for wrong in (["--init-from", pair_files["nowhere"]], ["--beta", "-1"]):
+        code, _, _ = _run_cli(drivers, "dpo", base + wrong, monkeypatch, capsys)
+        assert code == 2 and not workdir.exists()
+    base += ["--init-from", str(sft[0])]
+    code, _, err = _run_cli(
+        drivers, "dpo", base + ["--pairs", pair_files["bad"]], monkeypatch, capsys
+    )
+    assert code == 2 and "bad.jsonl:3:" in err and not workdir.exists()
+    argv = base + ["--pairs", pair_files["bad"], "--on-bad-record", "skip"]
+    code, out, err = _run_cli(drivers, "dpo", argv, monkeypatch, capsys)
+    assert code == 0, err
+    assert "skipped 1 bad lines (lines 3)" in out
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    # The DPO hparams check on the host also covers the library path (not only the CLI).
+    with pytest.raises(ValueError, match=r"hparams\['beta'\] must be > 0, got -1.0"):
+        train.create_train_state(
+            {"w": np.zeros(2)}, train.make_optimizer(1e-3), 0, hparams={"beta": -1.0}
+        )
+
+
+def test_custom_loss_example_trains_with_the_dpo_driver(sft, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "custom_loss_example", _ROOT / "experiments" / "custom_loss.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--init-from", str(sft[0]), "--workdir", str(tmp_path), "--steps", "3"]
+    rows = example.main(argv + ["--warmup-steps", "0", "--log-every", "1"])
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    stored = json.loads((tmp_path / "run_config.json").read_text())
+    assert stored["custom_loss"].endswith("dpop(lam=50.0)")
+    out = capsys.readouterr().out
+    assert "bandit: dpop lam=0 TV(pi, pi*) = 0.0000" in out and "dpo (" in out

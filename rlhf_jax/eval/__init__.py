@@ -8,7 +8,7 @@ held-out preference accuracy of a reward model.
     result.kl_mean, result.reward_mean, result.reward_stderr, result.texts[:3]
 """
 
-from rlhf_jax.eval.accuracy import preference_accuracy
+from rlhf_jax.eval.accuracy import preference_accuracy, preference_scores
 from rlhf_jax.eval.best_of_n import BestOfN, best_of_n, best_of_n_kl, best_of_n_probs
 from rlhf_jax.eval.common import (
     SequenceKL,
@@ -38,6 +38,7 @@ __all__ = [
     "masked_sequence_sum",
     "mean_and_stderr",
     "preference_accuracy",
+    "preference_scores",
     "reward_model_score_fn",
     "sample_completions",
     "sequence_kl",

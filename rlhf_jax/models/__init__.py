@@ -8,7 +8,7 @@ from rlhf_jax.models.heads import (
     init_value_params,
     last_token_index,
 )
-from rlhf_jax.models.hf import from_pretrained, save_pretrained
+from rlhf_jax.models.hf import config_from_pretrained, from_pretrained, save_pretrained
 from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, init_params
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "RewardModel",
     "Transformer",
     "TransformerConfig",
+    "config_from_pretrained",
     "ValueModel",
     "from_pretrained",
     "get_config",

@@ -69,13 +69,19 @@ def _load_tensors(path: str) -> dict[str, np.ndarray]:
     )
 
 
+def config_from_pretrained(path: str, **config_overrides) -> TransformerConfig:
+    """The `TransformerConfig` of a local HF GPT-2 folder, from its config.json alone (no
+    weights read): what a driver checks before it writes or loads anything."""
+    with open(os.path.join(path, "config.json")) as f:
+        return _config_from_hf(json.load(f), config_overrides)
+
+
 def from_pretrained(path: str, **config_overrides) -> tuple[TransformerConfig, dict]:
     """Read a local HF GPT-2 folder -> (config, float32 params for `Transformer(config)`).
 
     `config_overrides` set fields HF does not store, e.g. `dtype="bfloat16"`, `remat=True`.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        config = _config_from_hf(json.load(f), config_overrides)
+    config = config_from_pretrained(path, **config_overrides)
     tensors = {}
     for name, value in _load_tensors(path).items():
         name = name.removeprefix("transformer.")

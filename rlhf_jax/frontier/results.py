@@ -1,7 +1,4 @@
-"""The reward-vs-KL frontier (DPO paper, Rafailov et al. 2023, Fig. 2 left): its CSV, table, plot,
-and sweeps of a hyperparameter as one program. (The Preferred-FT and Unlikelihood steps live in
-`rlhf_jax.train.unlikelihood`; `make_unlikelihood_loss` / `make_unlikelihood_step` are
-re-exported here.)
+"""The frontier's results: one CSV row per evaluated point, the best-reward table, the figure.
 
 Every evaluated point is one CSV row with the columns `COLUMNS`:
 
@@ -16,11 +13,6 @@ nats, `reward` the mean ground-truth reward over held-out prompts and `stderr` i
     table = frontier_table(rows, thresholds=(1, 2, 5, 10))   # method -> best reward at KL <= t
     print(format_table(table, (1, 2, 5, 10)))
     plot_frontier(rows, "frontier.png")
-
-A sweep over a hyperparameter held in the train state (`state.hparams`, or PPO's `kl_coef`) runs
-as one program: `sweep_step(step)` is `vmap(step)` over the stacked member states of
-`stack_sweep(states)`, with a scalar sweep step and the metrics flattened to scalars ("loss/0",
-"loss/1", ...) so that `runner.fit` can log and checkpoint it like any run.
 """
 
 from __future__ import annotations
@@ -28,35 +20,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, SupportsFloat, SupportsInt
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-from rlhf_jax.train.state import stack_states, unstack_state
-from rlhf_jax.train.unlikelihood import make_unlikelihood_loss, make_unlikelihood_step
-
-__all__ = [
-    "COLUMNS",
-    "METHODS",
-    "flatten_sweep_metrics",
-    "format_table",
-    "frontier_table",
-    "make_row",
-    "make_unlikelihood_loss",
-    "make_unlikelihood_step",
-    "plot_frontier",
-    "read_csv",
-    "stack_sweep",
-    "sweep_member",
-    "sweep_step",
-    "time_sweep",
-    "write_csv",
-]
 
 COLUMNS = ("method", "hyperparameter", "seed", "step", "kl", "reward", "stderr")
 METHODS = ("sft", "dpo", "ppo", "ppo-gt", "preferred-ft", "unlikelihood", "best-of-n")
@@ -231,105 +200,3 @@ def plot_frontier(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweeps as one program.
-
-
-def flatten_sweep_metrics(metrics: Mapping[str, jax.Array]) -> Metrics:
-    """[S]-shaped metrics of a vmapped step -> scalars "name/i", plus `loss` (mean over the
-    sweep: a NaN anywhere shows) and the max of grad_norm / update_norm (the health metrics)."""
-    out: Metrics = {}
-    for name, value in metrics.items():
-        for i in range(value.shape[0]):
-            out[f"{name}/{i}"] = value[i]
-    out["loss"] = jnp.mean(metrics["loss"])
-    for name in ("grad_norm", "update_norm"):
-        if name in metrics:
-            out[name] = jnp.max(metrics[name])
-    return out
-
-
-def stack_sweep(states: Sequence[Any]) -> dict[str, Any]:
-    """A sweep state: `{"step": int32 [], "members": the states stacked leaf-wise}`.
-
-    The members are stacked by `train.stack_states`; the scalar step is the sweep's own update
-    count (what `runner.fit` reads and checkpoints).
-    """
-    return {"step": jnp.zeros((), jnp.int32), "members": stack_states(list(states))}
-
-
-def sweep_member(sweep: Mapping[str, Any], i: int) -> Any:
-    """The i-th member state of a sweep state."""
-    return unstack_state(sweep["members"], i)
-
-
-def sweep_step(
-    step: Callable[[Any, Batch], tuple[Any, Metrics]],
-) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], Metrics]]:
-    """`vmap(step)` over the members of a sweep state (`stack_sweep`) sharing one batch, with
-    scalar metrics (`flatten_sweep_metrics`); compile it like any step."""
-    vstep = jax.vmap(step, in_axes=(0, None))
-
-    def run(sweep: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], Metrics]:
-        members, metrics = vstep(sweep["members"], batch)
-        return {"step": sweep["step"] + 1, "members": members}, flatten_sweep_metrics(metrics)
-
-    return run
-
-
-def time_sweep(
-    sweep: Callable[[Any, Batch], tuple[Any, Metrics]],
-    member: Callable[[Any, Batch], tuple[Any, Metrics]],
-    states: Mapping[str, Any],
-    batches: Sequence[Batch],
-    *,
-    place: Callable[[Any], Any] = lambda s: s,
-) -> dict[str, float]:
-    """Wall time of the sweep as one program against the same runs one by one.
-
-    Runs `len(batches) - 1` timed steps (after one warm-up step on `batches[0]`, so compilation
-    and first-call costs are excluded) of `sweep` on the sweep state `states`, then of `member`
-    on each member state in turn, and compares the resulting params (the two paths compute the
-    same runs; floating-point summation order may differ).
-
-    Args:
-      sweep: compiled `sweep_step(step)` (it may donate its state).
-      member: compiled `step` for one member state.
-      states: the sweep state (`stack_sweep`), not modified.
-      batches: >= 2 batches, already placed for the compiled functions.
-      place: puts a state where the compiled functions want it (fresh buffers, e.g.
-        `sharding.shard_state`).
-    Returns:
-      {"steps", "members", "vmapped_s", "one_by_one_s", "speedup", "max_param_diff"}.
-    """
-
-    def run(fn, state):
-        state, metrics = fn(place(state), batches[0])  # warm-up
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for batch in batches[1:]:
-            state, metrics = fn(state, batch)
-        jax.block_until_ready((state, metrics))
-        return time.perf_counter() - start, state
-
-    n = jax.tree.leaves(states["members"])[0].shape[0]
-    t_sweep, swept = run(sweep, states)
-    t_one, diff = 0.0, 0.0
-    for i in range(n):
-        dt, single = run(member, sweep_member(states, i))
-        t_one += dt
-        other = sweep_member(swept, i)
-        diffs = jax.tree.leaves(
-            jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), single.params, other.params)
-        )
-        diff = max(diff, *diffs)
-    return {
-        "steps": len(batches) - 1,
-        "members": n,
-        "vmapped_s": t_sweep,
-        "one_by_one_s": t_one,
-        "speedup": t_one / t_sweep,
-        "max_param_diff": diff,
-    }

@@ -1,0 +1,149 @@
+"""The DPO stage: the DPO family on preference pairs from the SFT model, one beta or a beta sweep
+as one vmapped program."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from rlhf_jax import data as rdata
+from rlhf_jax import handover, losses, models, runner, sweeps, train
+from rlhf_jax import sharding as sh
+from rlhf_jax.stages.common import Schedule, preference_loader
+
+REFERENCE_CACHE = "reference_logps.npz"
+TIMING_FILE = "timing.json"
+
+
+def train_dpo(
+    cfg: models.TransformerConfig,
+    params: Any,
+    records: Sequence[Any],
+    tokenizer: rdata.Tokenizer,
+    *,
+    workdir: str | os.PathLike,
+    mesh: jax.sharding.Mesh,
+    schedule: Schedule,
+    betas: float | Sequence[float],
+    loss_type: str | losses.PairwiseLoss = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    precompute_reference: bool = False,
+    max_length: int,
+    max_prompt_length: int,
+    seed: int = 0,
+    eval_fn: Callable[[Any, int], dict] | None = None,
+    time_sweep_steps: int = 0,
+    progress: bool = True,
+) -> tuple[Any, list[dict], dict[str, Any]]:
+    """Trains the policy from `params` (also the reference) with `train.make_dpo_step`.
+
+    One beta trains one policy and writes `WORKDIR/hf/` (`handover.save_lm`); several betas
+    train them all as one `jit(vmap(step))` (`sweeps.sweep_step`; metrics "loss/i", ...), and,
+    with `time_sweep_steps` > 0, time that program against the same runs one by one
+    (`WORKDIR/timing.json`). With `precompute_reference` the reference log-probs are computed
+    once (`train.attach_reference`, cached in `WORKDIR/reference_logps.npz`) and training holds
+    no reference model. `loss_type` is a name or a pairwise loss function
+    (`losses.pairwise_loss`); "simpo" / "orpo" need no reference.
+
+    Args:
+      eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state for several betas).
+    Returns:
+      (final params (stacked over betas for a sweep), metrics rows, info: pairs, timing).
+    """
+    sweep = not isinstance(betas, int | float)
+    beta_list = [float(b) for b in betas] if sweep else [float(betas)]
+    model = models.Transformer(cfg)
+    workdir = Path(workdir)
+    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    needs_reference = callable(loss_type) or loss_type not in ("simpo", "orpo")
+    frozen = params if needs_reference else None
+    if needs_reference and precompute_reference:
+        collate = functools.partial(
+            rdata.collate_preferences, tokenizer=tokenizer, buckets=None, **lengths
+        )
+        if sh.is_primary():
+            workdir.mkdir(parents=True, exist_ok=True)
+        records = train.attach_reference(
+            model,
+            params,
+            [r if isinstance(r, dict) else rdata.record_to_dict(r) for r in records],
+            collate,
+            average_log_prob=average_log_prob,
+            cache_path=workdir / REFERENCE_CACHE,
+            is_primary=sh.is_primary(),
+        )
+        frozen = None  # the batches carry the reference log-probs
+    opt = schedule.optimizer()
+    step = train.make_dpo_step(
+        model,
+        opt,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        average_log_prob=average_log_prob,
+    )
+    states = [
+        train.create_train_state(params, opt, seed, frozen=frozen, hparams={"beta": b})
+        for b in beta_list
+    ]
+    loader = preference_loader(
+        records, tokenizer, batch_size=schedule.local_batch_size, seed=seed, **lengths
+    )
+    info: dict[str, Any] = {"pairs": len(records)}
+    if not sweep:
+        state, rows = runner.fit(
+            step,
+            states[0],
+            loader,
+            workdir=workdir,
+            mesh=mesh,
+            eval_fn=eval_fn,
+            desc="dpo",
+            progress=progress,
+            **schedule.fit_kwargs(),
+        )
+        handover.save_lm(workdir, cfg, state.params, tokenizer=tokenizer)
+        return state.params, rows, info
+
+    stacked = sweeps.stack_sweep(states)
+    first = records[: schedule.local_batch_size]  # a batch of the training shapes
+    example = next(
+        preference_loader(
+            first, tokenizer, batch_size=schedule.local_batch_size, seed=seed, **lengths
+        )
+    )
+    compiled = sh.compile_step(sweeps.sweep_step(step), mesh, stacked, example)
+    timing_path = workdir / TIMING_FILE
+    if time_sweep_steps and not timing_path.is_file():
+        timing_loader = preference_loader(
+            records, tokenizer, batch_size=schedule.local_batch_size, seed=seed + 100, **lengths
+        )
+        batches = [sh.shard_batch(next(timing_loader), mesh) for _ in range(time_sweep_steps + 1)]
+        one = sh.compile_step(step, mesh, sweeps.sweep_member(stacked, 0), example)
+        timing = sweeps.time_sweep(
+            compiled, one, stacked, batches, place=lambda s: sh.shard_state(s, mesh)
+        )
+        if sh.is_primary():
+            workdir.mkdir(parents=True, exist_ok=True)
+            timing_path.write_text(json.dumps(timing, indent=2) + "\n")
+    if timing_path.is_file():
+        info["timing"] = json.loads(timing_path.read_text())
+    state, rows = runner.fit(
+        compiled,
+        stacked,
+        loader,
+        workdir=workdir,
+        mesh=mesh,
+        eval_fn=eval_fn,
+        desc="dpo sweep",
+        progress=progress,
+        jit=False,  # compiled above
+        **schedule.fit_kwargs(),
+    )
+    return state["members"].params, rows, info

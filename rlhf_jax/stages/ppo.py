@@ -1,0 +1,170 @@
+"""The PPO stage: the KL-regularized objective (seed Eq. 3) with a learned reward model (one
+compiled program per iteration, a KL-coefficient sweep as one vmapped program) or with a reward
+computed on the host, on decoded texts or on token ids.
+
+    step = make_host_reward_ppo_step(fns, my_reward, mesh=mesh, tokenizer=tok, on="text")
+    step = make_host_reward_ppo_step(fns, exact_match, mesh=mesh, on="tokens")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax import data as rdata
+from rlhf_jax import handover, models, runner, sweeps, train
+from rlhf_jax import sharding as sh
+from rlhf_jax.stages.common import Schedule, prompt_loader
+
+# A host reward: one sample per row -> [B] scores. A sample is the decoded prompt + completion
+# (on="text", EOS dropped) or its token ids (on="tokens", as sampled: EOS kept when emitted).
+HostReward = Callable[[list[Any]], Any]
+REWARD_ON = ("text", "tokens")
+
+
+def make_host_reward_ppo_step(
+    fns: train.PPOFunctions,
+    reward: HostReward,
+    *,
+    mesh: jax.sharding.Mesh,
+    on: str = "text",
+    tokenizer: rdata.Tokenizer | None = None,
+    include_prompt: bool = True,
+) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """A PPO iteration whose reward is a host function, for `runner.fit(..., jit=False)`:
+    compiled rollout -> `reward(samples)` on the host -> compiled score + update (both programs
+    compiled on the first call).
+
+    Args:
+      fns: `train.make_ppo(...)` functions (reward_fn=None).
+      reward: samples [B] -> scores [B] (e.g. VADER on texts, an exact-match check on ids).
+      mesh: the mesh `fit` runs on.
+      on: "text" (decoded with `tokenizer`, EOS dropped) or "tokens" (lists of token ids).
+      tokenizer: needed for on="text".
+      include_prompt: samples are prompt + completion (True) or the completion alone.
+    Raises:
+      ValueError: an unknown `on`, a text reward without a tokenizer, or a reward that returns
+        another number of scores than rows (at the first call).
+    """
+    if on not in REWARD_ON:
+        raise ValueError(f"on must be one of {REWARD_ON}, got {on!r}")
+    if on == "text" and tokenizer is None:
+        raise ValueError("a text reward needs the tokenizer that decodes the samples")
+
+    def score_update(state, ro):
+        return fns.update(*fns.score(state, ro))
+
+    compiled: dict[str, Any] = {}
+    rollout_sharding = sh.batch_sharding(mesh)
+
+    def step(state: Any, batch: Any) -> tuple[Any, Any]:
+        if "rollout" not in compiled:
+            compiled["rollout"] = sh.compile_step(fns.rollout, mesh, state, batch)
+        state, ro = compiled["rollout"](state, batch)
+        drop = tokenizer.eos_id if on == "text" else None
+        rows = train.response_token_lists(ro, include_query=include_prompt, drop_id=drop)  # syncs
+        samples = tokenizer.decode_batch(rows) if on == "text" else rows
+        scores = np.asarray(reward(samples), np.float32).reshape(-1)  # [B]
+        if scores.shape[0] != len(rows):
+            raise ValueError(
+                f"the host reward returned {scores.shape[0]} scores for {len(rows)} rows"
+            )
+        ro = jax.device_put(ro.replace(scores=scores), rollout_sharding)
+        if "update" not in compiled:
+            compiled["update"] = sh.compile_step(score_update, mesh, state, ro)
+        return compiled["update"](state, ro)
+
+    return step
+
+
+def train_ppo(
+    cfg: models.TransformerConfig,
+    params: Any,
+    task: Any,
+    *,
+    workdir: str | os.PathLike,
+    mesh: jax.sharding.Mesh,
+    schedule: Schedule,
+    ppo: train.PPOConfig,
+    value_learning_rate: float,
+    reward_model: tuple[models.TransformerConfig, Any] | None = None,
+    host_reward: HostReward | None = None,
+    reward_on: str = "text",
+    kl_coefs: Sequence[float] | None = None,
+    max_prompt_length: int,
+    seed: int = 0,
+    eval_fn: Callable[[Any, int], dict] | None = None,
+    progress: bool = True,
+) -> tuple[Any, list[dict]]:
+    """PPO from `params` (policy and frozen reference) on the task's training prompts.
+
+    Exactly one reward: `reward_model` = (its config, its params) scores inside the compiled
+    iteration (`train.reward_model_fn`), and the critic starts from its trunk; or `host_reward`
+    (on decoded texts or token ids, `make_host_reward_ppo_step`), and the critic starts from the
+    policy. With `kl_coefs` (reward model only) the runs of each KL coefficient train as one
+    vmapped program (`sweeps`); otherwise `ppo.kl_coef`. One run writes `WORKDIR/hf/`.
+
+    Args:
+      schedule: steps, prompts per iteration (batch_size), the policy's learning rate and its
+        warmup / decay, intervals; the critic uses the same schedule at `value_learning_rate`.
+      eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state with `kl_coefs`).
+    Returns:
+      (final policy params (stacked over kl_coefs for a sweep), metrics rows).
+    """
+    if (reward_model is None) == (host_reward is None):
+        raise ValueError("pass exactly one of reward_model and host_reward")
+    if kl_coefs is not None and host_reward is not None:
+        raise ValueError("a KL-coefficient sweep needs the reward model (one compiled program)")
+    tok = rdata.task_tokenizer(task)
+    popt = schedule.optimizer()
+    vopt = dataclasses.replace(schedule, learning_rate=value_learning_rate).optimizer()
+    rng_value = jax.random.PRNGKey(seed)
+    if reward_model is not None:
+        value_cfg, reward_params = reward_model
+        reward_fn = train.reward_model_fn(models.RewardModel(value_cfg))
+        value_params = models.init_value_params(value_cfg, rng_value, reward_params["transformer"])
+    else:
+        value_cfg, reward_params, reward_fn = cfg, None, None
+        value_params = models.init_value_params(cfg, rng_value, params)
+    nets = (models.Transformer(cfg), models.ValueModel(value_cfg))
+    fns = train.make_ppo(*nets, popt, vopt, ppo, reward_fn=reward_fn)
+
+    def state_for(kl_coef: float) -> train.PPOState:
+        return train.create_ppo_state(
+            dataclasses.replace(ppo, kl_coef=kl_coef),
+            policy_params=params,
+            value_params=value_params,
+            ref_params=params,
+            policy_optimizer=popt,
+            value_optimizer=vopt,
+            rng=seed,
+            reward_params=reward_params,
+        )
+
+    loader = prompt_loader(
+        task, batch_size=schedule.local_batch_size, max_prompt_length=max_prompt_length, seed=seed
+    )
+    common = dict(workdir=workdir, mesh=mesh, eval_fn=eval_fn, progress=progress)
+    if kl_coefs is not None:
+        states = sweeps.stack_sweep([state_for(k) for k in kl_coefs])
+        state, rows = runner.fit(
+            sweeps.sweep_step(fns.step), states, loader, desc="ppo sweep", **common,
+            **schedule.fit_kwargs(),
+        )  # fmt: skip
+        return state["members"].policy_params, rows
+    if host_reward is None:
+        step, jit, desc = fns.step, True, "ppo"
+    else:
+        step = make_host_reward_ppo_step(fns, host_reward, mesh=mesh, on=reward_on, tokenizer=tok)
+        jit, desc = False, "ppo (host reward)"
+    state, rows = runner.fit(
+        step, state_for(ppo.kl_coef), loader, desc=desc, jit=jit, **common,
+        **schedule.fit_kwargs(),
+    )  # fmt: skip
+    handover.save_lm(workdir, cfg, state.policy_params, tokenizer=tok)
+    return state.policy_params, rows
