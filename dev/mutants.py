@@ -132,6 +132,22 @@ MUTANTS = (
         ("tests/test_train_step.py",),
         "create_train_state accepts beta <= 0 (a traced value, unchecked later)",
     ),
+    Mutant(
+        "make-step-drops-frozen",
+        "rlhf_jax/train/step.py",
+        "            loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams)\n",
+        "            loss, metrics = loss_fn(params, batch, frozen=None, hparams=hparams)\n",
+        (*STEP_TESTS, "tests/test_train_step.py"),
+        "the step contract does not pass the frozen (reference) params to the loss",
+    ),
+    Mutant(
+        "validate-skips-ranges",
+        "rlhf_jax/cli.py",
+        "        if rule is None or not (numeric or name in (rules or {})):\n",
+        "        if True:\n",
+        ("tests/test_drivers.py", "-k", "bad_input"),
+        "the drivers' range checks are skipped (a bad --beta trains)",
+    ),
     # --- PPO ----------------------------------------------------------------------------------
     Mutant(
         "ppo-stale-ratio",
@@ -239,6 +255,14 @@ MUTANTS = (
         "the sequence score is added at every response token, not the last",
     ),
     # --- sampler and KV cache -----------------------------------------------------------------
+    Mutant(
+        "host-reward-drops-prompt",
+        "rlhf_jax/stages/ppo.py",
+        "rows = train.response_token_lists(ro, include_query=include_prompt, drop_id=drop)",
+        "rows = train.response_token_lists(ro, include_query=False, drop_id=drop)",
+        ("tests/test_train_ppo.py",),
+        "a host reward sees the completions without their prompts",
+    ),
     Mutant(
         "sampler-temperature-ignored",
         "rlhf_jax/sampling.py",

@@ -265,3 +265,50 @@ def test_reward_model_path_equals_host_path(ppo):
     out_state, metrics = jax.eval_shape(jitted["step"], new_state(), PROMPTS)
     assert jax.tree.structure(out_state) == jax.tree.structure(fused)
     assert all(v.shape == () for v in metrics.values()) and "kl_exact" in metrics
+
+
+def test_host_reward_on_token_ids_or_on_text(ppo):
+    """`stages.make_host_reward_ppo_step`: the reward sees each row's prompt + response token ids
+    (EOS kept) or their decoded text, and its scores are the ones the update reports; the same
+    iteration as the compiled rollout -> score(host scores) -> update path."""
+    from rlhf_jax import sharding
+    from rlhf_jax.stages import make_host_reward_ppo_step
+
+    jitted, _, new_state, _ = ppo
+    opt = optax.sgd(0.3)
+    fns = make_ppo(Transformer(CFG), ValueModel(CFG), opt, opt, PPO)  # no JAX reward
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    _, ro = jitted["rollout"](new_state(), PROMPTS)
+    want_rows = response_token_lists(ro, include_query=True)  # with EOS where emitted
+    seen = {}
+
+    def on_tokens(rows):
+        seen["tokens"] = rows
+        return np.array([np.mean([t % 2 == 0 for t in r]) for r in rows], np.float32)
+
+    class Chars:  # decodes ids as letters; EOS is never passed to it
+        eos_id = EOS
+
+        def decode_batch(self, rows):
+            assert all(EOS not in r[-1:] for r in rows)
+            return ["".join(chr(97 + t % 26) for t in r) for r in rows]
+
+    def on_text(texts):
+        seen["text"] = texts
+        return np.array([t.count("a") for t in texts], np.float32)
+
+    for on, reward, tok in (("tokens", on_tokens, None), ("text", on_text, Chars())):
+        step = make_host_reward_ppo_step(fns, reward, mesh=mesh, on=on, tokenizer=tok)
+        _, m = step(new_state(), PROMPTS)
+        scores = reward(seen[on])
+        np.testing.assert_allclose(m["score"], scores.mean(), rtol=1e-6)
+        # The same iteration by hand: compiled rollout, these scores, compiled score + update.
+        state, ro_hand = jitted["rollout"](new_state(), PROMPTS)
+        state, ro_hand = jitted["score"](state, ro_hand.replace(scores=jnp.asarray(scores)))
+        _, m_hand = jitted["update"](state, ro_hand)
+        np.testing.assert_allclose(m["loss"], m_hand["loss"], rtol=1e-5, atol=1e-6)
+    assert seen["tokens"] == want_rows and any(EOS in r for r in want_rows)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        make_host_reward_ppo_step(fns, on_text, mesh=mesh, on="text")
+    with pytest.raises(ValueError, match="on must be one of"):
+        make_host_reward_ppo_step(fns, on_text, mesh=mesh, on="ids")

@@ -33,7 +33,7 @@ def make_host_reward_ppo_step(
     *,
     mesh: jax.sharding.Mesh,
     on: str = "text",
-    tokenizer: rdata.Tokenizer | None = None,
+    tokenizer: Any = None,
     include_prompt: bool = True,
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
     """A PPO iteration whose reward is a host function, for `runner.fit(..., jit=False)`:
@@ -45,7 +45,7 @@ def make_host_reward_ppo_step(
       reward: samples [B] -> scores [B] (e.g. VADER on texts, an exact-match check on ids).
       mesh: the mesh `fit` runs on.
       on: "text" (decoded with `tokenizer`, EOS dropped) or "tokens" (lists of token ids).
-      tokenizer: needed for on="text".
+      tokenizer: needed for on="text": anything with `decode_batch(id lists)` and `eos_id`.
       include_prompt: samples are prompt + completion (True) or the completion alone.
     Raises:
       ValueError: an unknown `on`, a text reward without a tokenizer, or a reward that returns
