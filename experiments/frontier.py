@@ -1,7 +1,7 @@
 """Reward vs KL frontier of DPO, PPO, PPO-GT, Preferred-FT, Unlikelihood and Best-of-N (DPO paper,
 Rafailov et al. 2023, Fig. 2 left), reproduced offline in miniature on the synthetic reviews.
 
-    .venv/bin/python experiments/frontier.py            # `make demo`: ~10 min on 2 CPU cores
+    .venv/bin/python experiments/frontier.py            # `make demo`: ~6 min on 2 CPU cores
     .venv/bin/python experiments/frontier.py --preset tiny --workdir /tmp/frontier_tiny  # ~1.5 min
 
 As the paper does on IMDb: a small GPT-2-shaped SFT model is trained on the reviews; it samples
