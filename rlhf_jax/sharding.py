@@ -49,14 +49,20 @@ BATCH_AXES: tuple[str, str] = ("data", "fsdp")  # the leading (batch) dim of eve
 # than the array is aligned with its trailing dims (stacked layers / sweeps keep a free leading
 # dim); a mesh axis that does not divide its dim is dropped for that dim.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
-    (r"wte/embedding$", P("tensor", "fsdp")),  # [V, D]: vocab over tensor, width over fsdp
-    (r"wpe/embedding$", P(None, "fsdp")),  # [max_len, D]
-    (r"attn/c_attn/kernel$", P("fsdp", "tensor")),  # [D, 3D]: column parallel
-    (r"attn/c_attn/bias$", P("tensor")),  # [3D]
-    (r"mlp/c_fc/kernel$", P("fsdp", "tensor")),  # [D, F]: column parallel
-    (r"mlp/c_fc/bias$", P("tensor")),  # [F]
-    (r"c_proj/kernel$", P("tensor", "fsdp")),  # [D or F, D]: row parallel (attn and mlp)
-    (r".*", P()),  # LayerNorms, c_proj biases, reward/value heads, step, rng, optax counts
+    # One table for every family (models/transformer.py gives them one parameter layout).
+    # Attention projections keep their head axis, so "tensor" splits whole heads: q/k/v kernels
+    # [D, heads, Dh] are column parallel over heads (GQA's kv heads split when their count
+    # divides the tensor axis, else replicated), the output projection [H, Dh, D] row parallel.
+    (r"(^|/)embed/embedding$", P("tensor", "fsdp")),  # [V, D]: vocab over tensor, width fsdp
+    (r"pos_embed/embedding$", P(None, "fsdp")),  # [max_len, D]
+    (r"attn/[qkv]/kernel$", P("fsdp", "tensor", None)),  # [D, heads, Dh]
+    (r"attn/[qkv]/bias$", P("tensor", None)),  # [heads, Dh]
+    (r"attn/o/kernel$", P("tensor", None, "fsdp")),  # [H, Dh, D]
+    (r"mlp/(gate|up)/kernel$", P("fsdp", "tensor")),  # [D, F]: column parallel
+    (r"mlp/(gate|up)/bias$", P("tensor")),  # [F]
+    (r"mlp/down/kernel$", P("tensor", "fsdp")),  # [F, D]: row parallel
+    (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]: vocab over tensor
+    (r".*", P()),  # norms, output biases, reward/value heads, step, rng, optax counts
 )
 
 
@@ -206,9 +212,10 @@ def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh | None) -> P:
 def param_partition_specs(params: Any, mesh: Mesh | None = None) -> Any:
     """PartitionSpec of every leaf of `params` from `PARTITION_RULES` (first match wins).
 
-    Works on any pytree with GPT-2-style names (params, a whole train state, an optax state: the
-    moments end with the same names as the params they mirror, so they get the same specs; counts
-    and other scalars fall to the replicated default). Leaves may be arrays or ShapeDtypeStructs.
+    Works on any pytree with the decoder's parameter names (params, a whole train state, an optax
+    state: the moments end with the same names as the params they mirror, so they get the same
+    specs; counts and other scalars fall to the replicated default).
+    Leaves may be arrays or ShapeDtypeStructs.
 
     Args:
       params: pytree of arrays / ShapeDtypeStructs.

@@ -39,8 +39,8 @@ def _assert_bitwise_equal(a, b):
 def _toy_state(mesh):
     rs = np.random.RandomState(0)
     params = {
-        "h_0": {"mlp": {"c_fc": {"kernel": rs.randn(8, 16).astype(np.float32)}}},
-        "ln_f": {"scale": np.ones(8, np.float32)},
+        "layers_0": {"mlp": {"up": {"kernel": rs.randn(8, 16).astype(np.float32)}}},
+        "final_norm": {"scale": np.ones(8, np.float32)},
     }
     state = {
         "params": params,
@@ -53,10 +53,13 @@ def _toy_state(mesh):
 
 
 def _toy_step(state, batch):
-    k = state["params"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    k = state["params"]["layers_0"]["mlp"]["up"]["kernel"]
     noise = jax.random.normal(jax.random.fold_in(state["rng"], state["step"]), k.shape)
     new_k = k * 0.5 + noise * 1e-3 + batch["x"].mean()
-    params = {"h_0": {"mlp": {"c_fc": {"kernel": new_k}}}, "ln_f": state["params"]["ln_f"]}
+    params = {
+        "layers_0": {"mlp": {"up": {"kernel": new_k}}},
+        "final_norm": state["params"]["final_norm"],
+    }
     opt = {"mu": jax.tree.map(lambda m: m + 1.0, state["opt_state"]["mu"]), "count": state["step"]}
     new = dict(state, params=params, opt_state=opt, step=state["step"] + 1)
     return new, {"loss": jnp.sum(new_k), "grad_norm": jnp.float32(1.0)}
@@ -98,7 +101,7 @@ def test_save_every_keep_last_and_restore_bitwise(tmp_path):
         got_step, got, data_state, _ = again.restore_latest(abstract)
     assert (got_step, data_state) == (5, None)
     _assert_bitwise_equal(got, snapshots[5])
-    spec = got["params"]["h_0"]["mlp"]["c_fc"]["kernel"].sharding.spec
+    spec = got["params"]["layers_0"]["mlp"]["up"]["kernel"].sharding.spec
     assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 

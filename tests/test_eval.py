@@ -45,20 +45,20 @@ def params():
     ref = init_params(CFG, jax.random.key(1))
     # A reference far from the policy (larger logits), so that KLs are O(1).
     ref = jax.tree_util.tree_map_with_path(
-        lambda path, x: x * 40.0 if "wte" in jax.tree_util.keystr(path) else x, ref
+        lambda path, x: x * 40.0 if "'embed'" in jax.tree_util.keystr(path) else x, ref
     )
     return policy, ref
 
 
 def _best_token_params(params):
     """Params whose next-token distribution is (numerically) one-hot on BEST at every position:
-    ln_f outputs the constant e_0 and wte[:, 0] is 100 at BEST, 0 elsewhere."""
+    the final norm outputs the constant e_0 and embed[:, 0] is 100 at BEST, 0 elsewhere."""
     params = jax.tree.map(np.array, params)
-    params["ln_f"]["scale"][:] = 0.0
-    params["ln_f"]["bias"][:] = 0.0
-    params["ln_f"]["bias"][0] = 1.0
-    params["wte"]["embedding"][:, 0] = 0.0
-    params["wte"]["embedding"][BEST, 0] = 100.0
+    params["final_norm"]["scale"][:] = 0.0
+    params["final_norm"]["bias"][:] = 0.0
+    params["final_norm"]["bias"][0] = 1.0
+    params["embed"]["embedding"][:, 0] = 0.0
+    params["embed"]["embedding"][BEST, 0] = 100.0
     return params
 
 

@@ -128,7 +128,7 @@ def test_mesh_matches_single_device(runs, step, mesh):
         full = got[f"state/{path}"].shape
         assert (tuple(shard) != full) == bool(big), (path, spec, shard, full)
     assert used == {a for a in ("fsdp", "tensor") if sizes[a] > 1}
-    kernels = [p for p in info["specs"] if p.endswith("['h_0']['mlp']['c_fc']['kernel']")]
+    kernels = [p for p in info["specs"] if p.endswith("['layers_0']['mlp']['up']['kernel']")]
     assert len(kernels) >= 3
     for path in kernels:
         assert info["shard_shapes"][path] == [32 // sizes["fsdp"], 128 // sizes["tensor"]], path

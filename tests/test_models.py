@@ -73,18 +73,46 @@ def test_presets_and_parameter_counts():
         TransformerConfig(d_model=10, n_heads=3)
 
 
-def test_param_names_mirror_hf():
+# Parameter counts of the released checkpoints (transformers' `num_parameters()` of each model):
+# the published shapes of `get_config` reproduce them exactly, counted from the abstract tree.
+PUBLISHED = {
+    "pythia-2.8b": 2_775_208_960, "llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496, "qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360, "gemma-2-2b": 2_614_341_888, "gemma-2-9b": 9_241_705_984,
+    "mistral-7b": 7_241_732_096,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_shapes(name):
+    cfg = get_config(name)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == PUBLISHED[name]
+    assert cfg.num_params() == PUBLISHED[name]
+
+
+def test_parameter_layout():
+    """One layout for every family; attention projections keep their head axis."""
     p = init_params(CFG, jax.random.key(0))
-    assert set(p) == {"wte", "wpe", "ln_f", "h_0", "h_1"}
-    assert p["wte"]["embedding"].shape == (97, 48)
-    assert p["wpe"]["embedding"].shape == (32, 48)
-    h = p["h_1"]
-    assert h["attn"]["c_attn"]["kernel"].shape == (48, 144)
-    assert h["attn"]["c_proj"]["kernel"].shape == (48, 48)
-    assert h["mlp"]["c_fc"]["kernel"].shape == (48, 192)
-    assert h["mlp"]["c_proj"]["kernel"].shape == (192, 48)
-    assert set(h["ln_1"]) == {"scale", "bias"} and set(h["ln_2"]) == {"scale", "bias"}
+    assert set(p) == {"embed", "pos_embed", "final_norm", "layers_0", "layers_1"}
+    assert p["embed"]["embedding"].shape == (97, 48)
+    assert p["pos_embed"]["embedding"].shape == (32, 48)
+    h = p["layers_1"]
+    heads, dh = CFG.n_heads, 48 // CFG.n_heads
+    for name in "qkv":
+        assert h["attn"][name]["kernel"].shape == (48, heads, dh)
+        assert h["attn"][name]["bias"].shape == (heads, dh)
+    assert h["attn"]["o"]["kernel"].shape == (heads, dh, 48)
+    assert h["mlp"]["up"]["kernel"].shape == (48, 192)
+    assert h["mlp"]["down"]["kernel"].shape == (192, 48)
+    assert set(h["attn_norm"]) == {"scale", "bias"} and set(h["mlp_norm"]) == {"scale", "bias"}
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+    gqa = get_config("llama-tiny")
+    g = init_params(gqa, jax.random.key(0))
+    assert g["layers_0"]["attn"]["k"]["kernel"].shape == (64, 2, 16)
+    assert g["layers_0"]["attn"]["q"]["kernel"].shape == (64, 6, 16)
+    assert set(g) == {"embed", "final_norm", "layers_0", "layers_1", "lm_head"}
+    assert g["lm_head"]["kernel"].shape == (64, gqa.vocab_size)
 
 
 def _padded(rows, lengths, side, pad_id=0):
@@ -232,7 +260,7 @@ def test_decode_attention_against_numpy(slots):
 
 
 def test_attention_config_validation():
-    with pytest.raises(ValueError, match="attention must be 'xla' or 'cudnn'"):
+    with pytest.raises(ValueError, match=r"attention must be one of \('xla', 'cudnn'\)"):
         TransformerConfig(attention="flash")
     with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
         TransformerConfig(attention="cudnn")
@@ -262,23 +290,30 @@ def test_cudnn_attention_wiring(monkeypatch):
     one), and left-padded batches to the XLA mask path; decoding never goes there. The kernel
     needs an NVIDIA GPU: here each call is recorded and answered by the XLA implementation with
     the same arguments."""
-    real = jax.nn.dot_product_attention
+    from rlhf_jax.models import transformer as tr
+
+    real, real_xla = jax.nn.dot_product_attention, tr._attention
     calls = []
 
     def recording(q, k, v, *, implementation=None, **kw):
         given = tuple(
             sorted(k for k, value in kw.items() if value is not None and value is not False)
         )
-        calls.append((implementation, given))
+        calls.append((implementation, tuple(g for g in given if g != "scale")))
         return real(q, k, v, **kw)
 
+    def recording_xla(q, k, v, mask, *args):
+        calls.append(("xla", ("mask",) if mask is not None else ("is_causal",)))
+        return real_xla(q, k, v, mask, *args)
+
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(tr, "_attention", recording_xla)
     bf16 = dataclasses.replace(CFG, dtype="bfloat16")
     cudnn = dataclasses.replace(bf16, attention="cudnn")
     params = _params()
     fused = ("cudnn", ("is_causal",))
     fused_padded = ("cudnn", ("is_causal", "key_value_seq_lengths", "query_seq_lengths"))
-    fallback = (None, ("mask",))
+    fallback = ("xla", ("mask",))
 
     def both(*args):
         calls.clear()
@@ -290,9 +325,9 @@ def test_cudnn_attention_wiring(monkeypatch):
 
     tokens = _tokens((3, 9), seed=2)
     want, got, xla_calls, cudnn_calls = both(tokens)  # unpadded
-    assert xla_calls == [(None, ("is_causal",))] * CFG.n_layers
+    assert xla_calls == [("xla", ("is_causal",))] * CFG.n_layers
     assert cudnn_calls == [fused] * CFG.n_layers
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     for side in ("right", "left"):
         padded, mask, _ = _padded(tokens, [9, 5, 2], side)
         want, got, _, cudnn_calls = both(padded, mask)
@@ -312,6 +347,12 @@ def test_cudnn_attention_wiring(monkeypatch):
     step = np.ones((3, 1), np.int32)
     Transformer(cudnn).apply({"params": params}, step, step, cache, method="decode")
     assert calls == []
+    # Layers with a sliding window or a soft-cap never go to cuDNN.
+    gemma = get_config("gemma2-tiny", vocab_size=97, dtype="bfloat16", attention="cudnn")
+    g_params = init_params(gemma, jax.random.key(1))
+    calls.clear()
+    Transformer(gemma).apply({"params": g_params}, tokens % 97)
+    assert all(impl == "xla" for impl, _ in calls) and len(calls) == gemma.n_layers
 
 
 def test_last_token_index_against_loop():

@@ -353,7 +353,7 @@ def test_preference_accuracy_and_attach_reference_match_one_pair_at_a_time(lm, t
     collate = functools.partial(data.collate_preferences, tokenizer=tok, buckets=None, **lengths)
     dicts = [data.record_to_dict(r) for r in _PAIRS]
     recs = train.attach_reference(model, params, dicts, collate, batch_size=2, cache_path=cache)
-    logits = _hidden(cfg, params, rows) @ np.asarray(params["wte"]["embedding"], np.float64).T
+    logits = _hidden(cfg, params, rows) @ np.asarray(params["embed"]["embedding"], np.float64).T
     logps = []
     for i, (tokens, loss_mask) in enumerate(rows):
         lse = np.log(np.exp(logits[i]).sum(-1))  # [T]

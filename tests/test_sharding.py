@@ -13,7 +13,7 @@ from helpers import toy_steps
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import sharding
+from rlhf_jax import models, sharding
 
 # --------------------------------------------------------------------------------------------
 # Mesh factory and checks
@@ -66,29 +66,13 @@ def test_check_batch_divisible():
 # Partition rules
 
 
-def _fake_gpt2(vocab=64, max_len=16, d=8, n_layers=2):
-    """Params with the contract's names and shapes (rlhf_jax.models may not exist yet)."""
-    f = 4 * d
-
-    def ln():
-        return {"scale": np.ones(d, np.float32), "bias": np.zeros(d, np.float32)}
-
-    def dense(i, o):
-        return {"kernel": np.zeros((i, o), np.float32), "bias": np.zeros(o, np.float32)}
-
-    params = {
-        "wte": {"embedding": np.zeros((vocab, d), np.float32)},
-        "wpe": {"embedding": np.zeros((max_len, d), np.float32)},
-        "ln_f": ln(),
-    }
-    for i in range(n_layers):
-        params[f"h_{i}"] = {
-            "ln_1": ln(),
-            "attn": {"c_attn": dense(d, 3 * d), "c_proj": dense(d, d)},
-            "ln_2": ln(),
-            "mlp": {"c_fc": dense(d, f), "c_proj": dense(f, d)},
-        }
-    return params
+def _fake_gpt2(vocab=64, max_len=16, d=8, n_layers=2, heads=2):
+    """Zero GPT-2 params with the real decoder's names and shapes (no init compiled)."""
+    cfg = models.TransformerConfig(
+        vocab_size=vocab, max_len=max_len, d_model=d, n_layers=n_layers, n_heads=heads
+    )
+    shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
 
 
 def _by_path(tree):
@@ -97,19 +81,20 @@ def _by_path(tree):
 
 
 EXPECTED_GPT2 = {
-    "wte/embedding": P("tensor", "fsdp"),
-    "wpe/embedding": P(None, "fsdp"),
-    "ln_f/scale": P(),
-    "ln_f/bias": P(),
-    "h_1/ln_1/scale": P(),
-    "h_1/attn/c_attn/kernel": P("fsdp", "tensor"),
-    "h_1/attn/c_attn/bias": P("tensor"),
-    "h_1/attn/c_proj/kernel": P("tensor", "fsdp"),
-    "h_1/attn/c_proj/bias": P(),
-    "h_1/mlp/c_fc/kernel": P("fsdp", "tensor"),
-    "h_1/mlp/c_fc/bias": P("tensor"),
-    "h_1/mlp/c_proj/kernel": P("tensor", "fsdp"),
-    "h_1/mlp/c_proj/bias": P(),
+    "embed/embedding": P("tensor", "fsdp"),
+    "pos_embed/embedding": P(None, "fsdp"),
+    "final_norm/scale": P(),
+    "final_norm/bias": P(),
+    "layers_1/attn_norm/scale": P(),
+    "layers_1/attn/q/kernel": P("fsdp", "tensor"),  # [D, H, Dh]: whole heads per shard
+    "layers_1/attn/k/kernel": P("fsdp", "tensor"),
+    "layers_1/attn/v/bias": P("tensor"),  # [H, Dh]
+    "layers_1/attn/o/kernel": P("tensor", None, "fsdp"),  # [H, Dh, D]
+    "layers_1/attn/o/bias": P(),
+    "layers_1/mlp/up/kernel": P("fsdp", "tensor"),
+    "layers_1/mlp/up/bias": P("tensor"),
+    "layers_1/mlp/down/kernel": P("tensor", "fsdp"),
+    "layers_1/mlp/down/bias": P(),
 }
 
 
@@ -118,31 +103,53 @@ def test_partition_specs_gpt2_names():
     specs = _by_path(sharding.param_partition_specs(_fake_gpt2(), mesh))
     for name, spec in EXPECTED_GPT2.items():
         assert specs[name] == spec, name
-    assert specs["h_0/attn/c_attn/kernel"] == P("fsdp", "tensor")
+    assert specs["layers_0/attn/q/kernel"] == P("fsdp", "tensor")
     # Under a prefix (reward backbone, frozen reference) the same rules apply; heads replicate.
     rm = {"transformer": _fake_gpt2(), "head": {"kernel": np.zeros((8, 1)), "bias": np.zeros(1)}}
     rm_specs = _by_path(sharding.param_partition_specs(rm, mesh))
-    assert rm_specs["transformer/h_0/mlp/c_fc/kernel"] == P("fsdp", "tensor")
+    assert rm_specs["transformer/layers_0/mlp/up/kernel"] == P("fsdp", "tensor")
     assert rm_specs["head/kernel"] == P() and rm_specs["head/bias"] == P()
 
 
 def test_partition_specs_drop_axes_that_do_not_divide():
     mesh = sharding.make_mesh(1, 2, 4)
-    specs = _by_path(sharding.param_partition_specs(_fake_gpt2(vocab=66, d=6), mesh))
-    assert specs["wte/embedding"] == P(None, "fsdp")  # 66 % 4 != 0, 6 % 2 == 0
-    assert specs["h_0/attn/c_attn/kernel"] == P("fsdp")  # [6, 18]: 18 % 4 != 0
-    assert specs["h_0/mlp/c_fc/kernel"] == P("fsdp", "tensor")  # [6, 24]
+    specs = _by_path(sharding.param_partition_specs(_fake_gpt2(vocab=66, d=6, heads=3), mesh))
+    assert specs["embed/embedding"] == P(None, "fsdp")  # 66 % 4 != 0, 6 % 2 == 0
+    assert specs["layers_0/attn/q/kernel"] == P("fsdp")  # [6, 3, 2]: 3 heads % 4 != 0
+    assert specs["layers_0/mlp/up/kernel"] == P("fsdp", "tensor")  # [6, 24]
     # Without a mesh nothing is dropped; stacked leading dims stay unsharded.
-    stacked = {"h/attn/c_attn/kernel": np.zeros((3, 6, 18))}
-    assert _by_path(sharding.param_partition_specs(stacked))["h/attn/c_attn/kernel"] == P(
+    stacked = {"h/attn/q/kernel": np.zeros((3, 6, 4, 2))}
+    assert _by_path(sharding.param_partition_specs(stacked))["h/attn/q/kernel"] == P(
         None, "fsdp", "tensor"
     )
     # Every fitted spec can actually place its array.
+    fake = _fake_gpt2(vocab=66, d=6, heads=3)
     for leaf, sh in zip(
-        jax.tree.leaves(_fake_gpt2(vocab=66, d=6)),
-        jax.tree.leaves(sharding.state_shardings(mesh, _fake_gpt2(vocab=66, d=6))),
+        jax.tree.leaves(fake), jax.tree.leaves(sharding.state_shardings(mesh, fake))
     ):
         jax.device_put(leaf, sh)
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny", "llama-tiny", "gemma2-tiny", "qwen2.5-7b", "llama-3.1-8b", "pythia-2.8b"]
+)
+def test_tensor_split_is_head_aligned(name):
+    """On a tensor axis of 2 (and 4), every q/k/v/o shard holds whole heads: the head axis is the
+    one split (when the head count allows), never Dh or the fused width. GQA kv heads split when
+    their count divides the axis, else stay replicated."""
+    cfg = models.get_config(name)
+    params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    for tensor in (2, 4):
+        mesh = sharding.make_mesh(8 // tensor, 1, tensor)
+        specs = _by_path(sharding.param_partition_specs(params, mesh))
+        for layer in range(cfg.n_layers):
+            attn = f"layers_{layer}/attn"
+            for proj, heads in [("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)]:
+                spec = tuple(specs[f"{attn}/{proj}/kernel"]) + (None,) * 3
+                assert spec[2] is None  # Dh is never split
+                assert spec[1] == ("tensor" if heads % tensor == 0 else None), (proj, spec)
+            o = tuple(specs[f"{attn}/o/kernel"]) + (None,) * 3
+            assert o[0] == ("tensor" if cfg.n_heads % tensor == 0 else None) and o[1] is None
 
 
 def _assert_opt_state_mirrors_params(state_sh, params_key="params", opt_key="opt_state"):
@@ -175,14 +182,13 @@ def test_state_shardings_optimizer_mirrors_params():
     shardings = sharding.state_shardings(mesh, state)
     _assert_opt_state_mirrors_params(shardings)
     assert shardings["step"].spec == P() and shardings["rng"].spec == P()
-    assert shardings["ref_params"]["wte"]["embedding"].spec == P("tensor", "fsdp")
+    assert shardings["ref_params"]["embed"]["embedding"].spec == P("tensor", "fsdp")
     # Abstract states (jax.eval_shape) give the same shardings.
     abstract = jax.eval_shape(lambda: state)
     assert sharding.state_shardings(mesh, abstract) == shardings
 
 
 def test_rules_on_the_real_model_if_present():
-    models = pytest.importorskip("rlhf_jax.models")
     cfg = models.get_config("tiny")
     params = jax.eval_shape(lambda key: models.init_params(cfg, key), jax.random.PRNGKey(0))
     mesh = sharding.make_mesh(2, 2, 2)
@@ -235,7 +241,7 @@ def test_mesh_step_matches_single_device(shape, single_device_run):
     expected = sharding.state_shardings(mesh, state)
     assert jax.tree.map(lambda x: x.sharding, state) == expected
     if shape == (2, 2, 2):
-        kernel = state["params"]["h_0"]["mlp"]["c_fc"]["kernel"]
+        kernel = state["params"]["layers_0"]["mlp"]["up"]["kernel"]
         assert kernel.addressable_shards[0].data.shape == (16 // 2, 64 // 2)
     train_step = sharding.compile_step(toy_steps.train_step, mesh, state, batches[0])
 

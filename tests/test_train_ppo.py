@@ -61,8 +61,8 @@ def policy_params():
     p = init_params(CFG, jax.random.PRNGKey(0))
     u = np.zeros((CFG.d_model,), np.float32)
     u[0] = 1.2
-    p["ln_f"]["bias"] = jnp.asarray(u)
-    p["wte"]["embedding"] = p["wte"]["embedding"].at[EOS].set(jnp.asarray(u))
+    p["final_norm"]["bias"] = jnp.asarray(u)
+    p["embed"]["embedding"] = p["embed"]["embedding"].at[EOS].set(jnp.asarray(u))
     return p
 
 
@@ -104,7 +104,7 @@ def ppo():
         ref = policy
         if ref_scale is not None:
             ref = jax.tree.map(jnp.copy, pol)
-            ref["wte"] = {"embedding": pol["wte"]["embedding"] * ref_scale}
+            ref["embed"] = {"embedding": pol["embed"]["embedding"] * ref_scale}
         value = init_value_params(CFG, jax.random.PRNGKey(1), policy)
         if value_head:
             value["head"]["kernel"] = 0.3 * jax.random.normal(

@@ -1,33 +1,123 @@
-"""Hugging Face GPT-2 checkpoints in and out: a local folder with config.json + model.safetensors.
+"""Hugging Face checkpoints in and out, for every family: a local folder with config.json and
+model.safetensors (or a sharded model.safetensors.index.json).
 
-No network and no torch: `safetensors` (NumPy) and `json` only. The parameter mapping is a renaming
-(`transformer.h.{i}.attn.c_attn.weight` <-> `h_{i}/attn/c_attn/kernel`, LayerNorm `weight` <->
-`scale`, embedding `weight` <-> `embedding`); HF's Conv1D weights are already [in, out]. The
-output layer is tied to `wte`, so `lm_head.weight` is not written (as HF itself saves GPT-2) and is
-ignored on load.
+No network and no torch: `safetensors` (NumPy) and `json` only. `from_pretrained` dispatches on
+config.json's `model_type` (gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gpt_neox),
+reads every architecture field into one `TransformerConfig` (legacy `rope_scaling` / `rope_theta`
+/ `rotary_pct` keys and transformers 5's `rope_parameters` alike) and maps the family's tensors
+onto the one parameter layout of `transformer.py`:
+
+- Linear weights are [out, in] in PyTorch; our kernels are [in..., out...] with the head axis
+  kept (q/k/v [D, heads, Dh], o [H, Dh, D]): a transpose and a reshape.
+- GPT-2's Conv1D weights are already [in, out]; its fused `c_attn` is split into q, k, v.
+- GPT-NeoX's fused `query_key_value` is per head ([H, 3, Dh] rows): split per head.
+
+`save_pretrained` writes the inverse, with a config.json that `transformers` reads back to the same
+architecture (checked: the written config is parsed again and must give the same fields).
 """
 
 import json
+import math
 import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.config import FAMILIES, TransformerConfig
 from rlhf_jax.models.transformer import init_params
 
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
+_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+}
+_ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+}
+# Architecture fields compared when a written config.json is read back.
+_ARCH_FIELDS = (
+    "vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "layer_norm_eps",
+    "family", "n_kv_heads", "head_dim", "norm", "norm_offset", "positions", "rope_theta",
+    "rope_type", "rope_factor", "rotary_fraction", "rope_local_theta", "mlp", "activation",
+    "qkv_bias", "out_bias", "mlp_bias", "qk_norm", "post_norms", "parallel_residual",
+    "embed_scale", "tie_embeddings", "attn_scale", "attn_softcap", "final_softcap",
+    "sliding_window", "layer_types",
+)  # fmt: skip
 
 
-def _config_from_hf(hf: dict, overrides: dict) -> TransformerConfig:
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"only GPT-2 checkpoints are supported, got model_type={hf['model_type']}")
+# --------------------------------------------------------------------------------------------
+# config.json -> TransformerConfig
+
+
+def _activation(hf: dict, default: str) -> str:
+    name = hf.get("hidden_activation") or hf.get("hidden_act") or hf.get("activation_function")
+    name = name or default
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r} (supported: {sorted(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+def _rope_fields(hf: dict, family: str) -> dict:
+    """RoPE fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters")
+    default_theta = 1_000_000.0 if family == "gemma3_text" else 10000.0
+    local = None
+    if isinstance(params, dict) and "full_attention" in params:  # per layer type (Gemma 3)
+        local_params = params.get("sliding_attention") or {}
+        if local_params.get("rope_type", "default") != "default":
+            raise ValueError("only unscaled RoPE is supported on sliding layers")
+        local = local_params.get("rope_theta")
+        params = params["full_attention"]
+    if family == "gemma3_text" and local is None:
+        local = hf.get("rope_local_base_freq", 10000.0)
+    scaling = dict(params or hf.get("rope_scaling") or {})
+    theta = scaling.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base")))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    fraction = scaling.get(
+        "partial_rotary_factor",
+        hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25 if family == "gpt_neox" else 1)),
+    )
+    out = {
+        "rope_theta": float(default_theta if theta is None else theta),
+        "rope_type": rope_type,
+        "rotary_fraction": float(fraction),
+        "rope_local_theta": None if local is None else float(local),
+    }
+    if rope_type == "linear":
+        out["rope_factor"] = float(scaling["factor"])
+    elif rope_type == "llama3":
+        out.update(
+            rope_factor=float(scaling["factor"]),
+            rope_low_freq_factor=float(scaling["low_freq_factor"]),
+            rope_high_freq_factor=float(scaling["high_freq_factor"]),
+            rope_original_max_len=int(scaling["original_max_position_embeddings"]),
+        )
+    elif rope_type != "default":
+        raise ValueError(
+            f"unsupported RoPE type {rope_type!r} (supported: default, linear, llama3)"
+        )
+    return out
+
+
+def _gpt2_config(hf: dict) -> dict:
     act = hf.get("activation_function", "gelu_new")
-    if act not in _TANH_GELUS:
-        raise ValueError(f"unsupported activation_function {act!r} (need one of {_TANH_GELUS})")
+    if _ACTIVATIONS.get(act) != "gelu_tanh":
+        raise ValueError(f"unsupported GPT-2 activation_function {act!r} (need a tanh GELU)")
     for key, ok in [
         ("scale_attn_weights", True),
         ("scale_attn_by_inverse_layer_idx", False),
@@ -36,19 +126,270 @@ def _config_from_hf(hf: dict, overrides: dict) -> TransformerConfig:
     ]:
         if hf.get(key, ok) != ok:
             raise ValueError(f"unsupported GPT-2 variant: {key}={hf[key]}")
-    d_model = hf["n_embd"]
-    return TransformerConfig(
-        **{
-            "vocab_size": hf["vocab_size"],
-            "max_len": hf.get("n_positions", hf.get("n_ctx")),
-            "d_model": d_model,
-            "n_layers": hf["n_layer"],
-            "n_heads": hf["n_head"],
-            "d_ff": hf.get("n_inner") or 4 * d_model,
-            "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5),
-            **overrides,
-        }
+    d = hf["n_embd"]
+    return dict(
+        family="gpt2", vocab_size=hf["vocab_size"], max_len=hf.get("n_positions", hf.get("n_ctx")),
+        d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )  # fmt: skip
+
+
+def _neox_config(hf: dict) -> dict:
+    bias = hf.get("attention_bias", True)
+    return dict(
+        family="gpt_neox", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
+        d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-5), positions="rope",
+        activation=_activation(hf, "gelu"), qkv_bias=bias, out_bias=bias, mlp_bias=True,
+        parallel_residual=hf.get("use_parallel_residual", True),
+        tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_fields(hf, "gpt_neox"),
+    )  # fmt: skip
+
+
+def _decoder_config(hf: dict, family: str) -> dict:
+    """Llama, Mistral, Qwen 2/3, Gemma 2/3: RMSNorm, RoPE, GQA, gated MLP."""
+    gemma = family.startswith("gemma")
+    heads = hf["num_attention_heads"]
+    n_layers = hf["num_hidden_layers"]
+    out = dict(
+        family=family, vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
+        d_model=hf["hidden_size"], n_layers=n_layers, n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, d_ff=hf["intermediate_size"],
+        layer_norm_eps=hf.get("rms_norm_eps", 1e-6), norm="rmsnorm", positions="rope",
+        mlp="gated", activation=_activation(hf, "gelu_pytorch_tanh" if gemma else "silu"),
+        tie_embeddings=hf.get("tie_word_embeddings", gemma), **_rope_fields(hf, family),
+    )  # fmt: skip
+    bias = bool(hf.get("attention_bias", False))
+    out.update(qkv_bias=bias, out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if family == "qwen2":
+        out.update(qkv_bias=True, out_bias=False)
+    if family == "qwen3":
+        out["qk_norm"] = True
+    if family in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window", False):
+            window, layer_types = None, None
+        elif layer_types is None:
+            first = hf.get("max_window_layers", 28)
+            layer_types = [
+                "sliding_attention" if i >= first else "full_attention" for i in range(n_layers)
+            ]
+    if family == "mistral":
+        layer_types = None  # every layer slides when sliding_window is set
+    if gemma:
+        out.update(
+            norm_offset=True, post_norms=True, embed_scale=True, qk_norm=family == "gemma3_text",
+            attn_scale=float(hf.get("query_pre_attn_scalar", out["head_dim"])) ** -0.5,
+            attn_softcap=hf.get("attn_logit_softcapping", 50.0 if family == "gemma2" else None),
+            final_softcap=hf.get("final_logit_softcapping", 30.0 if family == "gemma2" else None),
+        )  # fmt: skip
+        if layer_types is None:
+            period = 2 if family == "gemma2" else hf.get("sliding_window_pattern", 6)
+            layer_types = [
+                "full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                for i in range(n_layers)
+            ]
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window, layer_types = None, None
+    out.update(sliding_window=window, layer_types=None if window is None else layer_types)
+    return out
+
+
+def _config_from_hf(hf: dict, overrides: dict) -> TransformerConfig:
+    family = hf.get("model_type", "gpt2")
+    if family not in FAMILIES:
+        raise ValueError(
+            f"unsupported model_type {family!r}; supported: {', '.join(FAMILIES)} (a multimodal "
+            "Gemma 3 checkpoint, model_type 'gemma3', needs its text model saved on its own)"
+        )
+    if family == "gpt2":
+        fields = _gpt2_config(hf)
+    elif family == "gpt_neox":
+        fields = _neox_config(hf)
+    else:
+        fields = _decoder_config(hf, family)
+    return TransformerConfig(**{**fields, **overrides})
+
+
+def config_from_pretrained(path: str, **config_overrides) -> TransformerConfig:
+    """The `TransformerConfig` of a local HF folder, from its config.json alone (no weights
+    read): what a driver checks before it writes or loads anything."""
+    with open(os.path.join(path, "config.json")) as f:
+        return _config_from_hf(json.load(f), config_overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor maps: one entry per HF tensor, shared by load and save
+
+
+class _Entry(NamedTuple):
+    hf: str  # HF tensor name
+    ours: tuple[str, ...]  # '/'-joined parameter paths it maps onto (one, or q/k/v)
+    split: Callable[[np.ndarray, list[tuple]], list[np.ndarray]]  # HF -> ours (target shapes)
+    join: Callable[[list[np.ndarray]], np.ndarray]  # ours -> HF
+
+
+def _same() -> tuple:
+    return (lambda a, shapes: [a.reshape(shapes[0])], lambda xs: xs[0])
+
+
+def _vector() -> tuple:
+    return (lambda a, shapes: [a.reshape(shapes[0])], lambda xs: xs[0].reshape(-1))
+
+
+def _linear(n_in: int = 1) -> tuple:  # torch Linear [out, in]
+    return (
+        lambda a, shapes: [a.T.reshape(shapes[0])],
+        lambda xs: xs[0].reshape(math.prod(xs[0].shape[:n_in]), -1).T,
     )
+
+
+def _conv1d(n_in: int = 1) -> tuple:  # GPT-2 Conv1D [in, out]
+    return (
+        lambda a, shapes: [a.reshape(shapes[0])],
+        lambda xs: xs[0].reshape(math.prod(xs[0].shape[:n_in]), -1),
+    )
+
+
+def _gpt2_qkv(weight: bool) -> tuple:
+    axis = 1 if weight else 0
+
+    def split(a, shapes):
+        return [x.reshape(s) for x, s in zip(np.split(a, 3, axis=axis), shapes)]
+
+    def join(xs):
+        flat = [x.reshape(x.shape[0], -1) if weight else x.reshape(-1) for x in xs]
+        return np.concatenate(flat, axis=axis)
+
+    return split, join
+
+
+def _neox_qkv(cfg: TransformerConfig, weight: bool) -> tuple:
+    h, dh = cfg.n_heads, cfg.head_dim
+
+    def split(a, shapes):
+        if weight:  # [H * 3 * Dh, D] -> three [D, H, Dh]
+            a = a.reshape(h, 3, dh, -1)
+            return [a[:, j].transpose(2, 0, 1) for j in range(3)]
+        return [a.reshape(h, 3, dh)[:, j] for j in range(3)]
+
+    def join(xs):
+        if weight:
+            return np.stack([x.transpose(1, 2, 0) for x in xs], axis=1).reshape(3 * h * dh, -1)
+        return np.stack(xs, axis=1).reshape(-1)
+
+    return split, join
+
+
+def _e(hf: str, ours: str | tuple[str, ...], kind: tuple) -> _Entry:
+    return _Entry(hf, (ours,) if isinstance(ours, str) else ours, *kind)
+
+
+def _norm_entries(cfg: TransformerConfig, hf: str, ours: str) -> list[_Entry]:
+    out = [_e(f"{hf}.weight", f"{ours}/scale", _vector())]
+    if cfg.norm == "layernorm":
+        out.append(_e(f"{hf}.bias", f"{ours}/bias", _vector()))
+    return out
+
+
+def _gpt2_entries(cfg: TransformerConfig) -> list[_Entry]:
+    out = [
+        _e("transformer.wte.weight", "embed/embedding", _same()),
+        _e("transformer.wpe.weight", "pos_embed/embedding", _same()),
+    ]
+    for i in range(cfg.n_layers):
+        p, o = f"transformer.h.{i}.", f"layers_{i}/"
+        qkv = tuple(f"{o}attn/{x}" for x in "qkv")
+        out += _norm_entries(cfg, p + "ln_1", o + "attn_norm")
+        out += [
+            _e(p + "attn.c_attn.weight", tuple(f"{x}/kernel" for x in qkv), _gpt2_qkv(True)),
+            _e(p + "attn.c_attn.bias", tuple(f"{x}/bias" for x in qkv), _gpt2_qkv(False)),
+            _e(p + "attn.c_proj.weight", o + "attn/o/kernel", _conv1d(2)),
+            _e(p + "attn.c_proj.bias", o + "attn/o/bias", _vector()),
+            _e(p + "mlp.c_fc.weight", o + "mlp/up/kernel", _conv1d()),
+            _e(p + "mlp.c_fc.bias", o + "mlp/up/bias", _vector()),
+            _e(p + "mlp.c_proj.weight", o + "mlp/down/kernel", _conv1d()),
+            _e(p + "mlp.c_proj.bias", o + "mlp/down/bias", _vector()),
+        ]
+        out += _norm_entries(cfg, p + "ln_2", o + "mlp_norm")
+    return out + _norm_entries(cfg, "transformer.ln_f", "final_norm")
+
+
+def _neox_entries(cfg: TransformerConfig) -> list[_Entry]:
+    out = [_e("gpt_neox.embed_in.weight", "embed/embedding", _same())]
+    for i in range(cfg.n_layers):
+        p, o = f"gpt_neox.layers.{i}.", f"layers_{i}/"
+        qkv = tuple(f"{o}attn/{x}" for x in "qkv")
+        out += _norm_entries(cfg, p + "input_layernorm", o + "attn_norm")
+        out += _norm_entries(cfg, p + "post_attention_layernorm", o + "mlp_norm")
+        qkv_w = p + "attention.query_key_value.weight"
+        out.append(_e(qkv_w, tuple(f"{x}/kernel" for x in qkv), _neox_qkv(cfg, True)))
+        out.append(_e(p + "attention.dense.weight", o + "attn/o/kernel", _linear(2)))
+        if cfg.qkv_bias:
+            qkv_b = p + "attention.query_key_value.bias"
+            out.append(_e(qkv_b, tuple(f"{x}/bias" for x in qkv), _neox_qkv(cfg, False)))
+        if cfg.out_bias:
+            out.append(_e(p + "attention.dense.bias", o + "attn/o/bias", _vector()))
+        for hf_name, ours in [("dense_h_to_4h", "up"), ("dense_4h_to_h", "down")]:
+            out.append(_e(f"{p}mlp.{hf_name}.weight", f"{o}mlp/{ours}/kernel", _linear()))
+            out.append(_e(f"{p}mlp.{hf_name}.bias", f"{o}mlp/{ours}/bias", _vector()))
+    out += _norm_entries(cfg, "gpt_neox.final_layer_norm", "final_norm")
+    if not cfg.tie_embeddings:
+        out.append(_e("embed_out.weight", "lm_head/kernel", _linear()))
+    return out
+
+
+def _decoder_entries(cfg: TransformerConfig) -> list[_Entry]:
+    out = [_e("model.embed_tokens.weight", "embed/embedding", _same())]
+    for i in range(cfg.n_layers):
+        p, o = f"model.layers.{i}.", f"layers_{i}/"
+        out += _norm_entries(cfg, p + "input_layernorm", o + "attn_norm")
+        for x in "qkvo":
+            out.append(
+                _e(f"{p}self_attn.{x}_proj.weight", f"{o}attn/{x}/kernel", _linear(1 + (x == "o")))
+            )
+            if (cfg.qkv_bias and x != "o") or (cfg.out_bias and x == "o"):
+                out.append(_e(f"{p}self_attn.{x}_proj.bias", f"{o}attn/{x}/bias", _vector()))
+        if cfg.qk_norm:
+            out += _norm_entries(cfg, p + "self_attn.q_norm", o + "attn/q_norm")
+            out += _norm_entries(cfg, p + "self_attn.k_norm", o + "attn/k_norm")
+        if cfg.post_norms:  # Gemma: post_attention_layernorm is the attention OUTPUT's norm
+            out += _norm_entries(cfg, p + "post_attention_layernorm", o + "attn_post_norm")
+            out += _norm_entries(cfg, p + "pre_feedforward_layernorm", o + "mlp_norm")
+            out += _norm_entries(cfg, p + "post_feedforward_layernorm", o + "mlp_post_norm")
+        else:
+            out += _norm_entries(cfg, p + "post_attention_layernorm", o + "mlp_norm")
+        for x in ("gate", "up", "down"):
+            out.append(_e(f"{p}mlp.{x}_proj.weight", f"{o}mlp/{x}/kernel", _linear()))
+            if cfg.mlp_bias:
+                out.append(_e(f"{p}mlp.{x}_proj.bias", f"{o}mlp/{x}/bias", _vector()))
+    out += _norm_entries(cfg, "model.norm", "final_norm")
+    if not cfg.tie_embeddings:
+        out.append(_e("lm_head.weight", "lm_head/kernel", _linear()))
+    return out
+
+
+def _entries(cfg: TransformerConfig) -> list[_Entry]:
+    if cfg.family == "gpt2":
+        return _gpt2_entries(cfg)
+    if cfg.family == "gpt_neox":
+        return _neox_entries(cfg)
+    return _decoder_entries(cfg)
+
+
+def _ignored(name: str) -> bool:
+    """Buffers some checkpoints carry (causal masks, RoPE tables) and tied output layers."""
+    return name.endswith(
+        (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".attention.bias",
+         ".attention.masked_bias")
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Load
 
 
 def _load_tensors(path: str) -> dict[str, np.ndarray]:
@@ -69,68 +410,153 @@ def _load_tensors(path: str) -> dict[str, np.ndarray]:
     )
 
 
-def config_from_pretrained(path: str, **config_overrides) -> TransformerConfig:
-    """The `TransformerConfig` of a local HF GPT-2 folder, from its config.json alone (no
-    weights read): what a driver checks before it writes or loads anything."""
-    with open(os.path.join(path, "config.json")) as f:
-        return _config_from_hf(json.load(f), config_overrides)
+def _abstract_params(config: TransformerConfig) -> dict[str, tuple]:
+    tree = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return {
+        "/".join(str(k.key) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _get(tree: dict, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
 
 
 def from_pretrained(path: str, **config_overrides) -> tuple[TransformerConfig, dict]:
-    """Read a local HF GPT-2 folder -> (config, float32 params for `Transformer(config)`).
+    """Read a local HF folder of any supported family -> (config, float32 params for
+    `Transformer(config)`).
 
     `config_overrides` set fields HF does not store, e.g. `dtype="bfloat16"`, `remat=True`.
     """
     config = config_from_pretrained(path, **config_overrides)
-    tensors = {}
-    for name, value in _load_tensors(path).items():
-        name = name.removeprefix("transformer.")
-        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # tied output layer; causal-mask buffers of old checkpoints
-        tensors[name] = np.asarray(value, np.float32)
+    tensors = {k: v for k, v in _load_tensors(path).items() if not _ignored(k)}
+    shapes = _abstract_params(config)
+    prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(config.family, "model.")
 
     def take(name: str) -> np.ndarray:
-        if name not in tensors:
-            raise KeyError(f"{path}: missing tensor {name!r}")
-        return tensors.pop(name)
+        for candidate in (name, name.removeprefix(prefix)):
+            if candidate in tensors:
+                return np.asarray(tensors.pop(candidate), np.float32)
+        raise KeyError(f"{path}: missing tensor {name!r} (model_type {config.family!r})")
 
-    def linear(prefix: str) -> dict:
-        return {"kernel": take(f"{prefix}.weight"), "bias": take(f"{prefix}.bias")}
-
-    def norm(prefix: str) -> dict:
-        return {"scale": take(f"{prefix}.weight"), "bias": take(f"{prefix}.bias")}
-
-    params = {"wte": {"embedding": take("wte.weight")}, "wpe": {"embedding": take("wpe.weight")}}
-    for i in range(config.n_layers):
-        params[f"h_{i}"] = {
-            "ln_1": norm(f"h.{i}.ln_1"),
-            "attn": {
-                "c_attn": linear(f"h.{i}.attn.c_attn"),
-                "c_proj": linear(f"h.{i}.attn.c_proj"),
-            },
-            "ln_2": norm(f"h.{i}.ln_2"),
-            "mlp": {"c_fc": linear(f"h.{i}.mlp.c_fc"), "c_proj": linear(f"h.{i}.mlp.c_proj")},
-        }
-    params["ln_f"] = norm("ln_f")
+    params: dict = {}
+    for entry in _entries(config):
+        try:
+            values = entry.split(take(entry.hf), [shapes[o] for o in entry.ours])
+        except ValueError as e:  # a reshape that does not fit: the shapes disagree
+            raise ValueError(
+                f"{path}: tensor {entry.hf!r} does not match the shapes its config.json gives "
+                f"({[shapes[o] for o in entry.ours]}): {e}"
+            ) from None
+        for ours, value in zip(entry.ours, values):
+            if value.shape != shapes[ours]:
+                raise ValueError(
+                    f"{path}: tensor {entry.hf!r} gives {ours} of shape {value.shape}, but its "
+                    f"config.json gives {shapes[ours]}"
+                )
+            _set(params, ours, np.ascontiguousarray(value))
+    if config.tie_embeddings:
+        for name in ("lm_head.weight", "embed_out.weight"):
+            tensors.pop(name, None)  # a tied output layer some checkpoints store anyway
     if tensors:
         raise ValueError(f"{path}: unexpected tensors {sorted(tensors)[:8]}")
-    _check_shapes(config, params)
+    missing = sorted(set(shapes) - {o for e in _entries(config) for o in e.ours})
+    if missing:  # a family whose map misses a parameter: a bug here, not in the checkpoint
+        raise AssertionError(f"parameters without a tensor: {missing}")
     return config, params
 
 
-def _check_shapes(config: TransformerConfig, params: dict) -> None:
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    if jax.tree.structure(params) != jax.tree.structure(expected):
-        raise ValueError("checkpoint tensors do not match the GPT-2 layout of its config.json")
-    bad = [
-        (jax.tree_util.keystr(k), a.shape, e.shape)
-        for (k, a), e in zip(
-            jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(expected)
+# --------------------------------------------------------------------------------------------
+# Save
+
+
+def _rope_json(config: TransformerConfig) -> dict:
+    params: dict[str, Any] = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    if config.rope_type == "linear":
+        params["factor"] = config.rope_factor
+    elif config.rope_type == "llama3":
+        params.update(
+            factor=config.rope_factor,
+            low_freq_factor=config.rope_low_freq_factor,
+            high_freq_factor=config.rope_high_freq_factor,
+            original_max_position_embeddings=config.rope_original_max_len,
         )
-        if a.shape != e.shape
-    ]
-    if bad:
-        raise ValueError(f"checkpoint shapes do not match its config.json: {bad[:4]}")
+    return params
+
+
+def _hf_config(config: TransformerConfig) -> dict:
+    c = config
+    act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu"}[c.activation]
+    if c.family == "gpt2":
+        return {
+            "activation_function": "gelu_new", "vocab_size": c.vocab_size,
+            "n_positions": c.max_len, "n_embd": c.d_model, "n_layer": c.n_layers,
+            "n_head": c.n_heads, "n_inner": c.d_ff, "layer_norm_epsilon": c.layer_norm_eps,
+            "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+        }  # fmt: skip
+    rope = _rope_json(c)
+    scaling = (
+        None if c.rope_type == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    )
+    common = {
+        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "intermediate_size": c.d_ff,
+        "max_position_embeddings": c.max_len, "hidden_act": act,
+        "tie_word_embeddings": c.tie_embeddings, "rope_theta": c.rope_theta,
+        "rope_scaling": scaling, "attention_dropout": 0.0,
+    }  # fmt: skip
+    if c.family == "gpt_neox":
+        rope["partial_rotary_factor"] = c.rotary_fraction
+        return {
+            **common, "layer_norm_eps": c.layer_norm_eps, "rotary_pct": c.rotary_fraction,
+            "rotary_emb_base": c.rope_theta, "use_parallel_residual": c.parallel_residual,
+            "attention_bias": c.qkv_bias, "hidden_dropout": 0.0, "rope_parameters": rope,
+        }  # fmt: skip
+    out = {
+        **common, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.layer_norm_eps, "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias,
+        "rope_parameters": rope, "sliding_window": c.sliding_window,
+    }  # fmt: skip
+    layer_types = list(c.layer_types) if c.layer_types else None
+    if layer_types is None:
+        kind = "full_attention" if c.sliding_window is None else "sliding_attention"
+        layer_types = [kind] * c.n_layers
+    if c.family in ("qwen2", "qwen3"):
+        out.update(use_sliding_window=c.sliding_window is not None, layer_types=layer_types)
+        out["max_window_layers"] = (
+            layer_types.index("sliding_attention") if out["use_sliding_window"] else c.n_layers
+        )
+    if c.family.startswith("gemma"):
+        scalar = c.head_dim if c.attn_scale is None else c.attn_scale**-2
+        out.update(
+            hidden_activation=act, query_pre_attn_scalar=round(scalar, 6),
+            attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
+            layer_types=layer_types,
+        )  # fmt: skip
+    if c.family == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": c.rope_local_theta or c.rope_theta}
+        out.update(
+            rope_parameters={"full_attention": rope, "sliding_attention": local},
+            rope_local_base_freq=local["rope_theta"],
+        )
+    return out
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def save_pretrained(
@@ -142,51 +568,36 @@ def save_pretrained(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> None:
-    """Write `params` as an HF GPT-2 folder that `GPT2LMHeadModel.from_pretrained(path)` loads."""
-    os.makedirs(path, exist_ok=True)
-    p = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    tensors = {"transformer.wte.weight": p["wte"]["embedding"]}
-    tensors["transformer.wpe.weight"] = p["wpe"]["embedding"]
-    for i in range(config.n_layers):
-        block = p[f"h_{i}"]
-        for hf_name, (a, b) in {
-            "ln_1": (block["ln_1"]["scale"], block["ln_1"]["bias"]),
-            "attn.c_attn": (block["attn"]["c_attn"]["kernel"], block["attn"]["c_attn"]["bias"]),
-            "attn.c_proj": (block["attn"]["c_proj"]["kernel"], block["attn"]["c_proj"]["bias"]),
-            "ln_2": (block["ln_2"]["scale"], block["ln_2"]["bias"]),
-            "mlp.c_fc": (block["mlp"]["c_fc"]["kernel"], block["mlp"]["c_fc"]["bias"]),
-            "mlp.c_proj": (block["mlp"]["c_proj"]["kernel"], block["mlp"]["c_proj"]["bias"]),
-        }.items():
-            tensors[f"transformer.h.{i}.{hf_name}.weight"] = a
-            tensors[f"transformer.h.{i}.{hf_name}.bias"] = b
-    tensors["transformer.ln_f.weight"] = p["ln_f"]["scale"]
-    tensors["transformer.ln_f.bias"] = p["ln_f"]["bias"]
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    save_file(tensors, os.path.join(path, _WEIGHTS), metadata={"format": "pt"})
+    """Write `params` as an HF folder of `config.family` that
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads with the same logits.
+
+    Raises:
+      ValueError: the config is not expressible in its family's config.json (e.g. Mistral with
+        per-layer windows), before anything is written.
+    """
     hf_config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "activation_function": "gelu_new",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.max_len,
-        "n_embd": config.d_model,
-        "n_layer": config.n_layers,
-        "n_head": config.n_heads,
-        "n_inner": config.d_ff,
-        "layer_norm_epsilon": config.layer_norm_eps,
+        "architectures": [_ARCHITECTURES[config.family]],
+        "model_type": config.family,
+        **_hf_config(config),
         "initializer_range": 0.02,
-        "resid_pdrop": 0.1,
-        "embd_pdrop": 0.1,
-        "attn_pdrop": 0.1,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
         "use_cache": True,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
         "dtype": "float32",
     }
+    back = _config_from_hf(json.loads(json.dumps(hf_config)), {})
+    differ = [f for f in _ARCH_FIELDS if not _same_value(getattr(back, f), getattr(config, f))]
+    if differ:
+        raise ValueError(
+            f"this config cannot be written as a {config.family!r} checkpoint: its config.json "
+            f"would read back with other {', '.join(differ)}"
+        )
+    p = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+    tensors = {}
+    for entry in _entries(config):
+        tensors[entry.hf] = np.ascontiguousarray(entry.join([_get(p, o) for o in entry.ours]))
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, _WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)

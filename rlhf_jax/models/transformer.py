@@ -1,30 +1,48 @@
-"""A Flax Linen decoder with the GPT-2 architecture (Radford et al. 2019) and a KV cache.
+"""One Flax Linen decoder for every family (GPT-2, Llama 3, Mistral, Qwen 2/3, Gemma 2/3,
+GPT-NeoX) with a KV cache.
 
-Identical in function to Hugging Face's `GPT2LMHeadModel`: learned positions, pre-LayerNorm blocks,
-GELU with the tanh approximation ("gelu_new"), output logits tied to the token embedding
-(`logits = ln_f(h) @ wte.T`). Parameter names mirror HF's so that the converter in `hf.py` is a
-renaming (HF's Conv1D weights are [in, out], the layout of a Flax Dense kernel).
+Identical in function to the Hugging Face model of each family (`GPT2LMHeadModel`,
+`LlamaForCausalLM`, ...): what differs between families is read from `TransformerConfig` fields
+(norm kind, learned positions or RoPE with its scaling, grouped-query attention, q/k norms,
+sliding windows per layer, soft-caps, gated MLPs, post-norms, parallel residual, tied or untied
+output layer); no code path looks at the family name.
+
+Parameter layout (the same names for every family; `hf.py` maps each family's tensors onto it):
+
+    embed/embedding [V, D]            pos_embed/embedding [max_len, D]  (learned positions only)
+    layers_{i}/attn_norm/scale (+bias for LayerNorm)
+    layers_{i}/attn/{q,k,v}/kernel [D, heads, Dh] (+bias [heads, Dh])   heads = H for q, K for k/v
+    layers_{i}/attn/o/kernel [H, Dh, D] (+bias [D])
+    layers_{i}/attn/{q_norm,k_norm}/scale [Dh]                            (qk_norm)
+    layers_{i}/attn_post_norm, layers_{i}/mlp_post_norm                   (post_norms)
+    layers_{i}/mlp_norm
+    layers_{i}/mlp/{gate,up}/kernel [D, F], layers_{i}/mlp/down/kernel [F, D] (+biases)
+    final_norm                        lm_head/kernel [D, V]             (untied only)
+
+Attention projections keep their head axis, so the tensor-parallel split of `sharding.py` is
+head-aligned by construction (q/k/v/o split over heads, kv heads as their count allows).
 
 Dtype policy: parameters float32; matmuls and attention in `config.dtype`; the residual stream,
-LayerNorm statistics, attention softmax and the logits stay float32.
+norm statistics, RoPE angles, attention softmax and the logits stay float32.
 
-Attention: `jax.nn.dot_product_attention`, XLA's implementation by default; `config.attention =
-"cudnn"` selects cuDNN's fused flash attention for full forward passes on NVIDIA GPUs (bfloat16),
-for unpadded and right-padded batches (others fall back to XLA at run time, see
-`_cudnn_attention`).
-A decode step (one token against the cache) uses `_decode_attention`, the same numbers as fused
-products and sums.
+Attention: scores `q·k * scale` (soft-capped when `attn_softcap`), masked, softmax in float32;
+`config.attention = "cudnn"` selects cuDNN's fused flash attention for full forward passes of
+layers without a sliding window or soft-cap on NVIDIA GPUs (bfloat16), for unpadded and
+right-padded batches (others fall back to XLA at run time, see `_cudnn_attention`). A decode step
+(one token against the cache) uses `_decode_attention`, the same numbers as fused products and sums.
 
 Padding: `attention_mask` [B, T] is 1 on real tokens and 0 on pads (left or right). Positions
 default to `clip(cumsum(attention_mask) - 1, 0)`, so a left-padded row gives the same logits at its
 real tokens as the unpadded row. Keys at pads are masked out; a pad query attends to itself only,
-so no softmax row is empty (no NaN), and its output is meaningless.
+so no softmax row is empty (no NaN), and its output is meaningless. A sliding window of W lets a
+query see itself and the W - 1 slots before it (as transformers' `sliding_window_overlay`); the
+real tokens of a left- or right-padded row are contiguous, so slots and positions agree there.
 
 Decoding: `Transformer.decode` consumes a chunk of tokens against a preallocated `KVCache`
 (`init_cache`), writes their keys/values at slots `[index, index + T)` and returns their logits;
 prefilling a prompt and then feeding one token at a time gives the logits of a full forward pass.
-The cache is head-major ([B, H, S, Dh] per layer) so that a decode step reads it without
-transposes.
+The cache holds the kv heads only ([B, K, S, Dh] per layer, head-major so that a decode step reads
+it without transposes); sliding-window layers mask the slots older than their window.
 """
 
 import functools
@@ -33,11 +51,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
 from rlhf_jax.models.config import TransformerConfig
 
 _INIT_STD = 0.02  # GPT-2 / HF initializer_range
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # masked scores (as jax.nn.dot_product_attention)
 
 
 class KVCache(NamedTuple):
@@ -48,8 +68,8 @@ class KVCache(NamedTuple):
     of each row (its number of real tokens so far).
     """
 
-    k: tuple[Array, ...]  # n_layers x [B, H, S, Dh] (head-major)
-    v: tuple[Array, ...]  # n_layers x [B, H, S, Dh]
+    k: tuple[Array, ...]  # n_layers x [B, K, S, Dh] (head-major, kv heads only)
+    v: tuple[Array, ...]  # n_layers x [B, K, S, Dh]
     key_mask: Array  # [B, S] bool
     index: Array  # [] int32, next free slot
     positions: Array  # [B] int32
@@ -58,10 +78,9 @@ class KVCache(NamedTuple):
 def init_cache(config: TransformerConfig, batch_size: int, max_slots: int, dtype=None) -> KVCache:
     """An empty cache with room for `max_slots` tokens per row (dtype defaults to config.dtype)."""
     dtype = config.compute_dtype if dtype is None else dtype
-    shape = (batch_size, config.n_heads, max_slots, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    shape = (batch_size, config.n_kv_heads, max_slots, config.head_dim)
     return KVCache(
-        k=zeros,
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)),
         key_mask=jnp.zeros((batch_size, max_slots), bool),
         index=jnp.zeros((), jnp.int32),
@@ -69,9 +88,15 @@ def init_cache(config: TransformerConfig, batch_size: int, max_slots: int, dtype
     )
 
 
-def _dense(features: int, cfg: TransformerConfig, name: str, std: float = _INIT_STD) -> nn.Dense:
-    return nn.Dense(
+def _residual_std(cfg: TransformerConfig) -> float:
+    return _INIT_STD / (2 * cfg.n_layers) ** 0.5  # GPT-2's scaled init of residual projections
+
+
+def _dense(features, cfg: TransformerConfig, name: str, *, bias: bool, axis=-1, std=_INIT_STD):
+    return nn.DenseGeneral(
         features,
+        axis=axis,
+        use_bias=bias,
         dtype=cfg.compute_dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(std),
@@ -80,8 +105,26 @@ def _dense(features: int, cfg: TransformerConfig, name: str, std: float = _INIT_
     )
 
 
-def _layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
-    # Statistics are computed in float32 whatever the compute dtype; exact (two-pass) variance.
+class _RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * w (or * (1 + w) with `offset`, Gemma), statistics in float32."""
+
+    eps: float
+    offset: bool
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * ((1.0 + scale) if self.offset else scale)).astype(self.dtype)
+
+
+def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return _RMSNorm(cfg.layer_norm_eps, cfg.norm_offset, cfg.compute_dtype, name=name)
+    # LayerNorm statistics in float32 whatever the compute dtype; exact (two-pass) variance.
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_eps,
         dtype=cfg.compute_dtype,
@@ -118,40 +161,84 @@ def _barrier(cfg: TransformerConfig, x):
     return _grad_barrier(x) if cfg.grad_barrier else x
 
 
-class _Attention(nn.Module):
-    config: TransformerConfig
+# --------------------------------------------------------------------------------------------
+# RoPE
 
-    @nn.compact
-    def __call__(self, x, mask, kv, index):
-        """x [B, T, D]; mask [B, 1, T, S] bool, or None for causal attention without padding (full
-        forward passes only), or a `_Padding` (full forward passes with attention="cudnn"); kv
-        None or (k, v) [B, H, S, Dh] -> (y, kv)."""
-        cfg = self.config
-        b, t, d = x.shape
-        qkv = _dense(3 * d, cfg, "c_attn")(x)  # [B, T, 3D]
-        q, k, v = (a.reshape(b, t, cfg.n_heads, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
-        if kv is not None:
-            # The cache is head-major [B, H, S, Dh]: a decode step streams it per (row, head)
-            # without transposes, and for a chunk XLA cancels the swapaxes below against
-            # dot_product_attention's own.
-            k_cache, v_cache = kv
-            k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)  # [B, H, T, Dh]
-            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, index, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
-            kv = (k_cache, v_cache)
-            if t == 1:  # one decode step: a batched mat-vec, see _decode_attention
-                y = _decode_attention(q[:, 0], k_cache, v_cache, mask[:, 0, 0])[:, None]
-            else:  # a chunk (prefill): softmax in float32 inside dot_product_attention (XLA)
-                k = jnp.swapaxes(k_cache, 1, 2).astype(q.dtype)  # [B, S, H, Dh]
-                v = jnp.swapaxes(v_cache, 1, 2).astype(q.dtype)
-                y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, Dh]
-        elif cfg.attention == "cudnn":
-            y = _cudnn_attention(q, k, v, mask)
-        else:  # mask None: causal without padding; softmax in float32 (XLA implementation)
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
-        y = _dense(d, cfg, "c_proj", _INIT_STD / (2 * cfg.n_layers) ** 0.5)(y.reshape(b, t, d))
-        return y, kv
+
+def rope_inv_freq(cfg: TransformerConfig, table: str = "global") -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2] (float32, computed as transformers does) of the
+    "global" table or of Gemma 3's "local" one (sliding layers: `rope_local_theta`, unscaled)."""
+    dim = cfg.rotary_dim
+    theta = cfg.rope_local_theta if table == "local" else cfg.rope_theta
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if table == "local" or cfg.rope_type == "default":
+        return inv
+    factor = np.float32(cfg.rope_factor)
+    if cfg.rope_type == "linear":
+        return (inv / factor).astype(np.float32)
+    # "llama3" (Llama 3.1+): long wavelengths divided by the factor, short ones kept, a smooth
+    # interpolation in between.
+    old = np.float32(cfg.rope_original_max_len)
+    low, high = np.float32(cfg.rope_low_freq_factor), np.float32(cfg.rope_high_freq_factor)
+    wavelen = np.float32(2 * np.pi) / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_tables(cfg: TransformerConfig, positions: Array) -> dict[str, tuple[Array, Array]]:
+    """(cos, sin) [B, T, 1, rotary_dim / 2] float32 of every table the layers use."""
+    if cfg.positions != "rope":
+        return {}
+    keys = {cfg.rope_key(i) for i in range(cfg.n_layers)}
+    out = {}
+    for key in sorted(keys):
+        inv = jnp.asarray(rope_inv_freq(cfg, key))
+        angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, R/2]
+        out[key] = (jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+    return out
+
+
+def _apply_rope(x: Array, rope: tuple[Array, Array], rotary_dim: int) -> Array:
+    """Rotates the first `rotary_dim` dims of each head of x [B, T, heads, Dh] (transformers'
+    rotate-half convention: pairs (i, i + R/2)), in float32, back to x's dtype."""
+    cos, sin = rope
+    half = rotary_dim // 2
+    x32 = x.astype(jnp.float32)
+    x1, x2, rest = x32[..., :half], x32[..., half:rotary_dim], x32[..., rotary_dim:]
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    return jnp.concatenate([*rotated, rest], axis=-1).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+
+def _softcap(x, cap):
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _attention(q, k, v, mask, scale, softcap=None):
+    """Grouped-query attention of a full pass or a prefill chunk, XLA ops.
+
+    q [B, T, H, Dh]; k, v [B, S, K, Dh] with H a multiple of K; mask [B or 1, 1, T, S] bool, or
+    None for causal attention (T == S) -> [B, T, H, Dh]. The numbers of
+    `jax.nn.dot_product_attention`'s XLA path (float32 scores and softmax), plus the soft-cap.
+    """
+    b, t, h, dh = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = _softcap(scores * jnp.float32(scale), softcap)  # [B, K, G, T, S]
+    if mask is None:
+        mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None, None]
+    scores = jnp.where(mask[:, :, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    y = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return y.reshape(b, t, h, dh)
 
 
 class _Padding(NamedTuple):
@@ -170,7 +257,7 @@ def _padding(attention_mask: Array, mask: Array) -> _Padding:
     return _Padding(mask, lengths, right_padded)
 
 
-def _cudnn_attention(q, k, v, padding: _Padding | None):
+def _cudnn_attention(q, k, v, padding: _Padding | None, scale: float):
     """Causal attention through cuDNN's fused flash kernel, [B, T, H, Dh] in and out.
 
     Padding goes in as sequence lengths, never as a bias: cuDNN (through JAX) has no gradient for
@@ -181,8 +268,8 @@ def _cudnn_attention(q, k, v, padding: _Padding | None):
 
     def fused(lengths=None):
         return jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-            implementation="cudnn",
+            q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths, implementation="cudnn",
         )  # fmt: skip
 
     if padding is None:
@@ -190,7 +277,7 @@ def _cudnn_attention(q, k, v, padding: _Padding | None):
     return jax.lax.cond(
         padding.right_padded,
         lambda: fused(padding.lengths),
-        lambda: jax.nn.dot_product_attention(q, k, v, mask=padding.mask),
+        lambda: _attention(q, k, v, padding.mask, scale),
     )
 
 
@@ -208,21 +295,81 @@ def _pairwise_sum(x, axis):
     return jnp.sum(x, axis=axis)
 
 
-def _decode_attention(q, k_cache, v_cache, key_ok):
+def _decode_attention(q, k_cache, v_cache, key_ok, *, scale=None, softcap=None):
     """Attention of one query per row against the cache, as fused products and sums.
 
-    q [B, H, Dh]; k_cache, v_cache [B, H, S, Dh]; key_ok [B, S] bool -> [B, H, Dh]. The same
-    numbers as `jax.nn.dot_product_attention` with one query (float32 softmax). A [1, Dh] x
-    [Dh, S] product per (row, head) is far below what a matmul kernel is built for: XLA:CPU's
-    batched dot runs it at a few GFLOP/s, twice slower than streaming the cache in a loop fusion.
+    q [B, H, Dh]; k_cache, v_cache [B, K, S, Dh] (H a multiple of K); key_ok [B, S] bool ->
+    [B, H, Dh]. The same numbers as `_attention` with one query (float32 scores and softmax;
+    `scale` defaults to Dh ** -0.5). A [1, Dh] x [Dh, S] product per (row, head) is far below what
+    a matmul kernel is built for: XLA:CPU's batched dot runs it at a few GFLOP/s, twice slower than
+    streaming the cache in a loop fusion.
     """
-    scale = q.shape[-1] ** -0.5
-    q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k_cache, v_cache))
-    scores = _pairwise_sum(q32[:, :, None, :] * k32, axis=-1)  # [B, H, S]
-    scores = jnp.where(key_ok[:, None, :], scores * scale, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)  # [B, H, S]
-    y = _pairwise_sum(probs[..., None] * v32, axis=2)  # [B, H, Dh]
-    return y.astype(q.dtype)
+    b, h, dh = q.shape
+    kh = k_cache.shape[1]
+    scale = dh**-0.5 if scale is None else scale
+    q32 = q.astype(jnp.float32).reshape(b, kh, h // kh, 1, dh)
+    k32, v32 = (a.astype(jnp.float32)[:, :, None] for a in (k_cache, v_cache))  # [B, K, 1, S, Dh]
+    scores = _pairwise_sum(q32 * k32, axis=-1)  # [B, K, G, S]
+    scores = _softcap(scores * jnp.float32(scale), softcap)
+    scores = jnp.where(key_ok[:, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, S]
+    y = _pairwise_sum(probs[..., None] * v32, axis=3)  # [B, K, G, Dh]
+    return y.reshape(b, h, dh).astype(q.dtype)
+
+
+class _Attention(nn.Module):
+    config: TransformerConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, mask, rope, kv, index):
+        """x [B, T, D]; mask [B or 1, 1, T, S] bool, or None for causal attention without padding
+        (full forward passes only), or a `_Padding` (full passes with attention="cudnn"); rope
+        (cos, sin) or None; kv None or (k, v) [B, K, S, Dh] -> (y [B, T, D], kv)."""
+        cfg = self.config
+        h, kh, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q = _dense((h, dh), cfg, "q", bias=cfg.qkv_bias)(x)  # [B, T, H, Dh]
+        k = _dense((kh, dh), cfg, "k", bias=cfg.qkv_bias)(x)  # [B, T, K, Dh]
+        v = _dense((kh, dh), cfg, "v", bias=cfg.qkv_bias)(x)
+        if cfg.qk_norm:  # per head, before RoPE (Qwen 3, Gemma 3)
+            q = _RMSNorm(cfg.layer_norm_eps, cfg.norm_offset, cfg.compute_dtype, name="q_norm")(q)
+            k = _RMSNorm(cfg.layer_norm_eps, cfg.norm_offset, cfg.compute_dtype, name="k_norm")(k)
+        if rope is not None:
+            q, k = _apply_rope(q, rope, cfg.rotary_dim), _apply_rope(k, rope, cfg.rotary_dim)
+        scale = dh**-0.5 if cfg.attn_scale is None else cfg.attn_scale
+        softcap = cfg.attn_softcap
+        if kv is not None:
+            # The cache is head-major [B, K, S, Dh]: a decode step streams it per (row, head)
+            # without transposes, and for a chunk XLA cancels the swapaxes below against the
+            # attention's own.
+            k_cache, v_cache = kv
+            k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)  # [B, K, T, Dh]
+            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, index, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
+            kv = (k_cache, v_cache)
+            if x.shape[1] == 1:  # one decode step: a batched mat-vec, see _decode_attention
+                y = _decode_attention(
+                    q[:, 0], k_cache, v_cache, mask[:, 0, 0], scale=scale, softcap=softcap
+                )[:, None]
+            else:  # a chunk (prefill)
+                k = jnp.swapaxes(k_cache, 1, 2).astype(q.dtype)  # [B, S, K, Dh]
+                v = jnp.swapaxes(v_cache, 1, 2).astype(q.dtype)
+                y = _attention(q, k, v, mask, scale, softcap)  # [B, T, H, Dh]
+        elif cfg.attention == "cudnn" and softcap is None and cfg.window(self.layer) is None:
+            y = _cudnn_attention(q, k, v, mask, scale)  # mask: None or a _Padding
+        else:
+            mask = mask.mask if isinstance(mask, _Padding) else mask
+            y = _attention(q, k, v, mask, scale, softcap)
+        o = _dense(cfg.d_model, cfg, "o", bias=cfg.out_bias, axis=(-2, -1), std=_residual_std(cfg))
+        return o(y), kv
+
+
+_ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # HF "gelu_new" / "..._tanh"
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact (erf)
+    "silu": jax.nn.silu,
+}
 
 
 class _MLP(nn.Module):
@@ -231,32 +378,72 @@ class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        h = jax.nn.gelu(_dense(cfg.d_ff, cfg, "c_fc")(x), approximate=True)  # HF "gelu_new"
-        return _dense(cfg.d_model, cfg, "c_proj", _INIT_STD / (2 * cfg.n_layers) ** 0.5)(h)
+        act = _ACTIVATIONS[cfg.activation]
+        up = _dense(cfg.d_ff, cfg, "up", bias=cfg.mlp_bias)(x)
+        if cfg.mlp == "gated":  # SwiGLU / GeGLU
+            up = act(_dense(cfg.d_ff, cfg, "gate", bias=cfg.mlp_bias)(x)) * up
+        else:
+            up = act(up)
+        return _dense(cfg.d_model, cfg, "down", bias=cfg.mlp_bias, std=_residual_std(cfg))(up)
 
 
 class _Block(nn.Module):
     config: TransformerConfig
+    layer: int
 
     @nn.compact
-    def __call__(self, x, mask, kv=None, index=None):
+    def __call__(self, x, mask, rope, kv=None, index=None):
         cfg = self.config
-        y, kv = _Attention(cfg, name="attn")(
-            _layer_norm(cfg, "ln_1")(_barrier(cfg, x)), mask, kv, index
+        x_in = _barrier(cfg, x)
+        y, kv = _Attention(cfg, self.layer, name="attn")(
+            _norm(cfg, "attn_norm")(x_in), mask, rope, kv, index
         )
+        if cfg.post_norms:
+            y = _norm(cfg, "attn_post_norm")(y)
+        if cfg.parallel_residual:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            return x + y + _MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_in)), kv
         x = x + y  # float32 residual stream
-        x = x + _MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(_barrier(cfg, x)))
-        return x, kv
+        m = _MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(_barrier(cfg, x)))
+        if cfg.post_norms:
+            m = _norm(cfg, "mlp_post_norm")(m)
+        return x + m, kv
+
+
+class _Head(nn.Module):
+    """Untied output layer: logits = h @ kernel [D, V], accumulated in float32."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.config
+        init = nn.initializers.normal(_INIT_STD)
+        kernel = self.param("kernel", init, (cfg.d_model, cfg.vocab_size), jnp.float32)
+        dt = cfg.compute_dtype
+        return jnp.einsum(
+            "btd,dv->btv", h.astype(dt), kernel.astype(dt), preferred_element_type=jnp.float32
+        )
 
 
 def _positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-class Transformer(nn.Module):
-    """GPT-2 decoder: `apply({"params": p}, tokens, attention_mask=None, positions=None) -> logits`.
+def _windows(cfg: TransformerConfig) -> list[int | None]:
+    return sorted(
+        {cfg.window(i) for i in range(cfg.n_layers)}, key=lambda w: -1 if w is None else w
+    )
 
-    Other methods (pass as `method=`): `hidden` (final-LayerNorm states for heads), `logits`
+
+def _within(window: int | None, query: Array, key: Array) -> Array | bool:
+    """True where key slot `key` is inside the sliding window of query slot `query`."""
+    return True if window is None else key > query - window
+
+
+class Transformer(nn.Module):
+    """Decoder: `apply({"params": p}, tokens, attention_mask=None, positions=None) -> logits`.
+
+    Other methods (pass as `method=`): `hidden` (final-norm states for heads), `logits`
     (hidden -> float32 logits) and `decode` (chunked decoding against a `KVCache`).
     """
 
@@ -265,14 +452,34 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.config
         embed_init = nn.initializers.normal(_INIT_STD)
-        self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, name="wte")
-        self.wpe = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=embed_init, name="wpe")
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init)
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=embed_init)
         block = nn.remat(_Block) if cfg.remat else _Block
-        self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layers)]
-        self.ln_f = _layer_norm(cfg, "ln_f")
+        self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.final_norm = _norm(cfg, "final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = _Head(cfg)
 
     def _embed(self, tokens, positions):
-        return self.wte(tokens) + self.wpe(positions)  # [B, T, D] float32
+        cfg = self.config
+        x = self.embed(tokens)  # [B, T, D] float32
+        if cfg.embed_scale:  # Gemma: the normaliser sqrt(D), rounded to float32
+            x = x * jnp.float32(cfg.d_model**0.5)
+        if cfg.positions == "learned":
+            x = x + self.pos_embed(positions)
+        return x
+
+    def _blocks(self, x, masks, rope, cache=None, index=None):
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            cfg = self.config
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = block(x, masks[cfg.window(i)], rope.get(cfg.rope_key(i)), kv, index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        return x, tuple(new_k), tuple(new_v)
 
     def hidden(
         self,
@@ -280,35 +487,48 @@ class Transformer(nn.Module):
         attention_mask: Shaped[ArrayLike, "B T"] | None = None,
         positions: Int[ArrayLike, "B T"] | None = None,
     ) -> Float[Array, "B T D"]:
-        """Final-LayerNorm hidden states [B, T, D] (float32) of a full causal forward pass."""
+        """Final-norm hidden states [B, T, D] (float32) of a full causal forward pass."""
+        cfg = self.config
         tokens = jnp.asarray(tokens)
         t = tokens.shape[1]
+        idx = jnp.arange(t)
+        causal = idx[None, :] <= idx[:, None]  # [T(query), T(key)]
+        masks = {}
         if attention_mask is None:
-            mask = None  # causal only
             if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+                positions = jnp.broadcast_to(idx, tokens.shape)
+            for w in _windows(cfg):  # None: causal only (the attention builds it)
+                masks[w] = (
+                    None if w is None else (causal & _within(w, idx[:, None], idx))[None, None]
+                )
         else:
             attention_mask = jnp.asarray(attention_mask)
-            causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
             key_ok = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
-            # A pad query attends to itself so that no softmax row is empty.
-            mask = (causal & key_ok) | jnp.eye(t, dtype=bool)  # [B, 1, T, T]
             if positions is None:
                 positions = _positions_from_mask(attention_mask)
-            if self.config.attention == "cudnn":
-                mask = _padding(attention_mask, mask)
+            for w in _windows(cfg):
+                # A pad query attends to itself so that no softmax row is empty.
+                m = (causal & _within(w, idx[:, None], idx) & key_ok) | jnp.eye(t, dtype=bool)
+                masks[w] = m  # [B, 1, T, T]
+            if cfg.attention == "cudnn" and None in masks:
+                masks[None] = _padding(attention_mask, masks[None])
+        positions = jnp.asarray(positions)
         x = self._embed(tokens, positions)
-        for block in self.h:
-            x, _ = block(x, mask)
-        return self.ln_f(_barrier(self.config, x)).astype(jnp.float32)
+        x, _, _ = self._blocks(x, masks, _rope_tables(cfg, positions))
+        return self.final_norm(_barrier(cfg, x)).astype(jnp.float32)
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        """Tied output layer: hidden @ wte.T, accumulated in float32."""
-        dt = self.config.compute_dtype
-        emb = self.wte.embedding.astype(dt)  # [V, D]
-        return jnp.einsum(
-            "btd,vd->btv", hidden.astype(dt), emb, preferred_element_type=jnp.float32
-        ).astype(jnp.float32)
+        """Output layer (tied: hidden @ embed.T; else lm_head), float32, soft-capped if set."""
+        cfg = self.config
+        dt = cfg.compute_dtype
+        if cfg.tie_embeddings:
+            emb = self.embed.embedding.astype(dt)  # [V, D]
+            out = jnp.einsum(
+                "btd,vd->btv", hidden.astype(dt), emb, preferred_element_type=jnp.float32
+            )
+        else:
+            out = self.lm_head(hidden)
+        return _softcap(out.astype(jnp.float32), cfg.final_softcap)
 
     def __call__(
         self,
@@ -332,27 +552,26 @@ class Transformer(nn.Module):
         each row's count of real tokens. `last_only=True` returns logits of the last token only
         ([B, 1, V]), which is what a sampler needs after a prefill.
         """
+        cfg = self.config
         tokens = jnp.asarray(tokens)
         new_ok = jnp.asarray(attention_mask).astype(bool)  # [B, T]
         t, s = tokens.shape[1], cache.key_mask.shape[1]
         positions = cache.positions[:, None] + _positions_from_mask(new_ok)  # [B, T]
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, new_ok, (0, cache.index))  # [B, S]
-        query_slot = cache.index + jnp.arange(t)  # [T]
-        slots = jnp.arange(s)  # [S]
-        mask = key_mask[:, None, None, :] & (slots[None, :] <= query_slot[:, None])  # [B,1,T,S]
-        mask = mask | (slots[None, :] == query_slot[:, None])  # a pad query sees itself
+        query = (cache.index + jnp.arange(t))[:, None]  # [T, 1]
+        slots = jnp.arange(s)[None, :]  # [1, S]
+        masks = {}
+        for w in _windows(cfg):
+            m = key_mask[:, None, None, :] & (slots <= query) & _within(w, query, slots)
+            masks[w] = m | (slots == query)  # [B, 1, T, S]; a pad query sees itself
         x = self._embed(tokens, positions)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.h):
-            x, (k, v) = block(x, mask, (cache.k[i], cache.v[i]), cache.index)
-            new_k.append(k)
-            new_v.append(v)
+        x, new_k, new_v = self._blocks(x, masks, _rope_tables(cfg, positions), cache, cache.index)
         if last_only:
             x = x[:, -1:]
-        logits = self.logits(self.ln_f(x).astype(jnp.float32))
+        logits = self.logits(self.final_norm(x).astype(jnp.float32))
         cache = KVCache(
-            k=tuple(new_k),
-            v=tuple(new_v),
+            k=new_k,
+            v=new_v,
             key_mask=key_mask,
             index=cache.index + t,
             positions=cache.positions + new_ok.sum(axis=1, dtype=jnp.int32),
@@ -362,7 +581,7 @@ class Transformer(nn.Module):
 
 def init_params(config: TransformerConfig, rng: Array) -> dict:
     """Randomly initialised parameters (GPT-2 scheme: N(0, 0.02), residual projections scaled by
-    1/sqrt(2 n_layers), zero biases, unit LayerNorm scales) as a plain nested dict."""
+    1/sqrt(2 n_layers), zero biases, unit norm scales (zero for Gemma's 1 + w)) as a nested dict."""
     return _init_params(config, rng)
 
 

@@ -34,13 +34,13 @@ def init_state(seed):
     """Host (numpy) state: params, AdamW state, step, raw uint32 key."""
     rs = np.random.RandomState(seed)
     params = {
-        "h_0": {
+        "layers_0": {
             "mlp": {
-                "c_fc": {
+                "up": {
                     "kernel": (rs.randn(D_IN, D_HIDDEN) * 0.3).astype(np.float32),
                     "bias": np.zeros(D_HIDDEN, np.float32),
                 },
-                "c_proj": {
+                "down": {
                     "kernel": (rs.randn(D_HIDDEN, 1) * 0.3).astype(np.float32),
                     "bias": np.zeros(1, np.float32),
                 },
@@ -61,10 +61,10 @@ def train_step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
 
     def loss_fn(params):
-        mlp = params["h_0"]["mlp"]
-        h = jax.nn.gelu(batch["x"] @ mlp["c_fc"]["kernel"] + mlp["c_fc"]["bias"])
+        mlp = params["layers_0"]["mlp"]
+        h = jax.nn.gelu(batch["x"] @ mlp["up"]["kernel"] + mlp["up"]["bias"])
         h = jnp.where(jax.random.bernoulli(rng, 0.8, h.shape), h / 0.8, 0.0)  # dropout
-        pred = (h @ mlp["c_proj"]["kernel"] + mlp["c_proj"]["bias"])[:, 0]
+        pred = (h @ mlp["down"]["kernel"] + mlp["down"]["bias"])[:, 0]
         return jnp.mean((pred - batch["y"]) ** 2)
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])

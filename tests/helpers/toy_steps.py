@@ -1,9 +1,10 @@
-"""A tiny GPT-2-named model and a real optax step, for mesh, multi-host and resume tests.
+"""A tiny model with the decoder's parameter names and a real optax step, for mesh, multi-host
+and resume tests.
 
-The parameter names (`wte/embedding`, `h_0/attn/c_attn/kernel`, `h_0/mlp/c_fc/kernel`, ...) are the
-contract's, so `rlhf_jax.sharding.PARTITION_RULES` really splits them over fsdp and tensor, and the
-step contracts over sharded dims (attention, MLP, tied logits). The step uses `fold_in(rng, step)`
-for a dropout mask, so sharded random bits are exercised too.
+The parameter names (`embed/embedding`, `layers_0/attn/q/kernel`, `layers_0/mlp/up/kernel`, ...)
+are the decoder's, so `rlhf_jax.sharding.PARTITION_RULES` really splits them over fsdp and tensor,
+and the step contracts over sharded dims (attention, MLP, tied logits). The step uses
+`fold_in(rng, step)` for a dropout mask, so sharded random bits are exercised too.
 
 `build_toy()` is the builder the multi-host worker imports by name ("helpers.toy_steps:build_toy"):
 it returns `(state, step_fn, batches)` with host arrays identical on every process.
@@ -24,39 +25,39 @@ class _Attention(nn.Module):
     @nn.compact
     def __call__(self, h):
         b, t, _ = h.shape
-        qkv = nn.Dense(3 * WIDTH, name="c_attn")(h)  # [B, T, 3D]
-        q, k, v = (a.reshape(b, t, HEADS, WIDTH // HEADS) for a in jnp.split(qkv, 3, axis=-1))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(WIDTH // HEADS)
+        dh = WIDTH // HEADS
+        q, k, v = (nn.DenseGeneral((HEADS, dh), name=n)(h) for n in "qkv")  # [B, T, H, Dh]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
         scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e9)
-        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v).reshape(b, t, WIDTH)
-        return nn.Dense(WIDTH, name="c_proj")(att)
+        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+        return nn.DenseGeneral(WIDTH, axis=(-2, -1), name="o")(att)
 
 
 class _MLP(nn.Module):
     @nn.compact
     def __call__(self, h):
-        return nn.Dense(WIDTH, name="c_proj")(jax.nn.gelu(nn.Dense(4 * WIDTH, name="c_fc")(h)))
+        return nn.Dense(WIDTH, name="down")(jax.nn.gelu(nn.Dense(4 * WIDTH, name="up")(h)))
 
 
 class _Block(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x = x + _Attention(name="attn")(nn.LayerNorm(name="ln_1")(x))
-        return x + _MLP(name="mlp")(nn.LayerNorm(name="ln_2")(x))
+        x = x + _Attention(name="attn")(nn.LayerNorm(name="attn_norm")(x))
+        return x + _MLP(name="mlp")(nn.LayerNorm(name="mlp_norm")(x))
 
 
 class ToyGPT(nn.Module):
-    """One pre-LN transformer block with GPT-2 names and tied output embeddings."""
+    """One pre-LN transformer block with the decoder's names and tied output embeddings."""
 
     @nn.compact
     def __call__(self, tokens, rng_dropout):
-        wte = nn.Embed(VOCAB, WIDTH, name="wte")
+        embed = nn.Embed(VOCAB, WIDTH, name="embed")
         positions = jnp.arange(tokens.shape[1])
-        x = wte(tokens) + nn.Embed(SEQ, WIDTH, name="wpe")(positions)[None]
+        x = embed(tokens) + nn.Embed(SEQ, WIDTH, name="pos_embed")(positions)[None]
         keep = jax.random.bernoulli(rng_dropout, 0.9, x.shape)
         x = jnp.where(keep, x / 0.9, 0.0)
-        x = _Block(name="h_0")(x)
-        return wte.attend(nn.LayerNorm(name="ln_f")(x))  # [B, T, V]
+        x = _Block(name="layers_0")(x)
+        return embed.attend(nn.LayerNorm(name="final_norm")(x))  # [B, T, V]
 
 
 OPTIMIZER = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, eps=1e-4))
