@@ -194,7 +194,8 @@ def _decoder_config(hf: dict, family: str) -> dict:
             ]
     if layer_types is not None and "sliding_attention" not in layer_types:
         window, layer_types = None, None
-    out.update(sliding_window=window, layer_types=None if window is None else layer_types)
+    layer_types = None if window is None else tuple(layer_types) if layer_types else None
+    out.update(sliding_window=window, layer_types=layer_types)
     return out
 
 
@@ -538,9 +539,10 @@ def _hf_config(config: TransformerConfig) -> dict:
             layer_types.index("sliding_attention") if out["use_sliding_window"] else c.n_layers
         )
     if c.family.startswith("gemma"):
-        scalar = c.head_dim if c.attn_scale is None else c.attn_scale**-2
+        scalar = c.head_dim if c.attn_scale is None else round(c.attn_scale**-2, 6)
+        scalar = int(scalar) if float(scalar).is_integer() else scalar  # transformers wants an int
         out.update(
-            hidden_activation=act, query_pre_attn_scalar=round(scalar, 6),
+            hidden_activation=act, query_pre_attn_scalar=scalar,
             attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
             layer_types=layer_types,
         )  # fmt: skip
