@@ -2,11 +2,12 @@
 
     .venv/bin/python experiments/bench_dpo_step.py        # CPU default, about 1 min on 2 idle cores
     .venv/bin/python experiments/bench_dpo_step.py --shape gpt2-large --seq-len 512 --dtype bfloat16
-(a GPU row; also `--shape gpt2-medium`; `--device auto` picks cuda when JAX and PyTorch see a GPU;
-`--device cuda` forces it)
+(GPU rows; also `--shape gpt2-medium`, `--shape llama-3.2-1b` or any preset of another family;
+`--device auto` picks cuda when JAX and PyTorch see a GPU; `--device cuda` forces it)
 
-Both sides train the same randomly initialised GPT-2-shaped policy (built with `init_params`,
-exported with `save_pretrained`, loaded by `GPT2LMHeadModel`, dropout off) against a frozen copy
+Both sides train the same randomly initialised policy of the chosen shape and family (built with
+`init_params`, exported with `save_pretrained`, loaded by transformers' `AutoModelForCausalLM`:
+`GPT2LMHeadModel`, `LlamaForCausalLM`, ...; dropout off) against a frozen copy
 as reference, on the same right-padded batch of `pairs` random preference pairs (shared prompt of
 T/4..T/2 tokens masked out of the loss, responses of random length, padding to T):
 
@@ -14,10 +15,10 @@ T/4..T/2 tokens masked out of the loss, responses of random length, padding to T
   state donated: one policy forward+backward on chosen and rejected concatenated, the reference
   forward from `state.frozen` inside the step (not precomputed log-probs), global-norm clipping
   and AdamW (`make_optimizer`);
-- PyTorch: `GPT2LMHeadModel` policy forward+backward on chosen and rejected concatenated, the
-  reference forward under `torch.no_grad()`, the same log-prob gathering and sigmoid DPO loss,
-  `clip_grad_norm_` and `torch.optim.AdamW` (eager; autocast bf16 on cuda with `--dtype
-  bfloat16`; our side then computes in bf16 with float32 params).
+- PyTorch: the matching transformers model's policy forward+backward on chosen and rejected
+  concatenated, the reference forward under `torch.no_grad()`, the same log-prob gathering and
+  sigmoid DPO loss, `clip_grad_norm_` and `torch.optim.AdamW` (eager; autocast bf16 on cuda with
+  `--dtype bfloat16`; our side then computes in bf16 with float32 params).
 
 Warm-up (compilation, first steps) is excluded. The timed steps run in `rounds` interleaved blocks
 (ours, then PyTorch, `iters` steps each, each step synchronised: `block_until_ready` /
@@ -25,12 +26,13 @@ Warm-up (compilation, first steps) is excluded. The timed steps run in `rounds` 
 printed time is the median step time over all blocks. Tokens per step = 2 · pairs · seq_len.
 
 Model FLOPs per step (PaLM appendix B convention, causal attention counted as full):
-    tokens · (6 N + 12 L T D)    trained policy (forward + backward)
-  + tokens · (2 N + 4 L T D)     reference forward
-with N = L (4 D² + 2 D F) + V D the parameters that enter matmuls (blocks and the tied output
-layer; position embeddings, biases and LayerNorms excluded), L layers, D width, F MLP width,
-V vocabulary, T seq_len. MFU = FLOP/s / peak; the peak is known for H100/H200 in bfloat16
-(989 TFLOP/s dense) or given with `--peak-tflops`; otherwise n/a.
+    tokens · (6 N + 12 L T H Dh)    trained policy (forward + backward)
+  + tokens · (2 N + 4 L T H Dh)     reference forward
+with N = `TransformerConfig.matmul_params()` the parameters that enter matmuls (attention and MLP
+projections and the output layer; GPT-2: L (4 D² + 2 D F) + V D; embeddings, biases and norms
+excluded), L layers, H·Dh the query width (D for GPT-2), T seq_len. MFU = FLOP/s / peak; the
+peak is known for H100/H200 in bfloat16 (989 TFLOP/s dense) or given with `--peak-tflops`;
+otherwise n/a.
 
 With `--roofline` (default) it also times the step's largest matmul, [2·pairs·seq_len, D] x [D,
 F], alone with each library and prints the step's model FLOPs at the faster rate: the matmul-bound
@@ -61,12 +63,15 @@ from roofline import gemm_tflops  # noqa: E402  (experiments/roofline.py)
 
 from rlhf_jax import models, sharding, train  # noqa: E402
 
-# Shapes: "cpu" is the CPU default (4 layers x 256 wide, 4 heads, vocab 1024); the others are the
-# model presets. max_len is raised to seq_len when needed.
+# Shapes: "cpu" is the CPU default (4 layers x 256 wide, 4 heads, vocab 1024; "llama-cpu" is the
+# same size Llama-shaped); the others are the model presets of every family (GPT-2 sizes, and
+# the published shapes: llama-3.2-1b, qwen2.5-0.5b, gemma-2-2b, ...). A learned-position model's
+# max_len is raised to seq_len when needed.
 SHAPES: dict[str, dict] = {
     "cpu": dict(vocab_size=1024, max_len=128, d_model=256, n_layers=4, n_heads=4),
-    **{k: models.PRESETS[k] for k in ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
+    **models.PRESETS,
 }
+ShapeName = Literal[tuple(SHAPES)]  # type: ignore[valid-type]
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
 
@@ -75,7 +80,7 @@ class Config:
     """DPO step throughput: ours (JAX) vs PyTorch + transformers on the same model and batch (see
     the docstring of experiments/bench_dpo_step.py for what each side runs and the FLOP count)."""
 
-    shape: Literal["cpu", "tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "cpu"
+    shape: ShapeName = "cpu"  # "cpu", or a models.PRESETS name of any family
     n_layers: int | None = None  # override the shape's number of layers
     pairs: int = 8  # preference pairs per step (the step sees 2 * pairs sequences)
     seq_len: int = 128
@@ -96,14 +101,14 @@ class Config:
 
 
 def model_config(config: Config, device: str = "cpu") -> models.TransformerConfig:
-    """The GPT-2-shaped config of `config.shape`, with room for `seq_len` positions, and our
+    """The config of `config.shape` (any family), with room for `seq_len` positions, and our
     attention kernel for `device` ("cpu" or "cuda")."""
     base = SHAPES[config.shape]
     attention = config.attention
     if attention == "auto":
         attention = "cudnn" if device == "cuda" and config.dtype == "bfloat16" else "xla"
     overrides = {
-        "max_len": max(base["max_len"], config.seq_len),
+        "max_len": max(base.get("max_len", 1024), config.seq_len),
         "dtype": config.dtype,
         "attention": attention,
     }
@@ -133,12 +138,9 @@ def make_batch(config: Config, vocab_size: int) -> dict[str, np.ndarray]:
 
 
 def model_flops_per_step(cfg: models.TransformerConfig, tokens: int, seq_len: int) -> float:
-    """tokens · (8 N + 16 L T D): policy forward+backward (6N + 12LTD) + reference forward."""
-    n = cfg.n_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff) + cfg.vocab_size * (
-        cfg.d_model
-    )
-    attn = cfg.n_layers * seq_len * cfg.d_model
-    return tokens * (8.0 * n + 16.0 * attn)
+    """tokens · (8 N + 16 L T H Dh): policy forward+backward (6N + 12 L T H Dh) + reference
+    forward (2N + 4 L T H Dh), N = `cfg.matmul_params()`."""
+    return tokens * (cfg.flops_per_token(seq_len) + cfg.flops_per_token(seq_len, backward=False))
 
 
 def _peak_tflops(config: Config, device_name: str) -> float | None:
@@ -196,12 +198,17 @@ def make_torch_side(config: Config, model_dir: str, batch, device: str):
 
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    policy = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, **no_dropout)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    no_dropout = {  # GPT-2's dropouts default to 0.1; the other families' to 0
+        k: 0.0
+        for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
+        if hasattr(hf_config, k)
+    }
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **no_dropout)
     reference = copy.deepcopy(policy)
     policy.to(device).train()
     reference.to(device).eval().requires_grad_(False)

@@ -3,10 +3,12 @@
     python experiments/bench_generate.py            # CPU default: "small" (4 layers x 256), B=32
     python experiments/bench_generate.py --threads 1   # both single-threaded (a shared CPU box)
     python experiments/bench_generate.py --shape gpt2-medium --batch 64 --new-tokens 128 \
-        --dtype bfloat16                            # a GPU
+        --dtype bfloat16                            # a GPU (also --shape llama-3.2-1b, ...)
+    python experiments/bench_generate.py --shape llama-cpu   # a Llama-shaped CPU row
 
-Both run the same randomly initialised GPT-2 model (our params exported with `save_pretrained` and
-loaded by `GPT2LMHeadModel.from_pretrained`), the same unpadded prompts [batch, prompt_len] and
+Both run the same randomly initialised model of any family (our params exported with
+`save_pretrained` and loaded by transformers' `AutoModelForCausalLM`: `GPT2LMHeadModel`,
+`LlamaForCausalLM`, ...), the same unpadded prompts [batch, prompt_len] and
 exactly `new_tokens` new tokens per row (no EOS), sampling at temperature 1 without truncation
 (`--greedy` for argmax). Compilation / warm-up is excluded; each figure is the median of
 `--repeats` timed runs. Prints one row per implementation (new tokens per wall-clock second and
@@ -36,7 +38,7 @@ from rlhf_jax.sampling import generate
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-    shape: str = "small"  # a preset of rlhf_jax.models.PRESETS
+    shape: str = "small"  # a preset of rlhf_jax.models.PRESETS, of any family
     batch: int = 32
     prompt_len: int = 32
     new_tokens: int = 64
@@ -84,7 +86,7 @@ def bench_ours(args: Args, config, params, prompts: np.ndarray) -> tuple[float, 
 
 def bench_transformers(args: Args, config, params, prompts: np.ndarray) -> tuple[float, float]:
     import torch
-    from transformers import GenerationConfig, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +94,7 @@ def bench_transformers(args: Args, config, params, prompts: np.ndarray) -> tuple
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with tempfile.TemporaryDirectory() as path:
         save_pretrained(path, config, params)
-        model = GPT2LMHeadModel.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     gen_config = GenerationConfig(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
         do_sample=not args.greedy, temperature=1.0, top_k=0, top_p=1.0,
@@ -118,7 +120,7 @@ def matmul_bound(args: Args, config, sides) -> dict:
     measured alone: the prefill ([batch * prompt_len, D] x [D, F]) and the decode steps ([batch,
     D] x [D, F], one per new token after the first). Attention is left out (a lower bound)."""
     d, f, v = config.d_model, config.d_ff, config.vocab_size
-    blocks = config.n_layers * (4 * d * d + 2 * d * f)  # matmul params per token of the blocks
+    blocks = config.matmul_params() - v * d  # matmul params per token of the blocks
     device = jax.devices()[0]
     big = gemm_tflops(args.batch * args.prompt_len, d, f, args.dtype, device, sides)
     small = gemm_tflops(args.batch, d, f, args.dtype, device, sides)
@@ -140,7 +142,8 @@ def main(args: Args) -> dict:
     new = args.batch * args.new_tokens
     mode = "greedy" if args.greedy else "sampling"
     print(
-        f"{args.shape} (L={config.n_layers}, D={config.d_model}, V={config.vocab_size}) "
+        f"{args.shape} ({config.family}, L={config.n_layers}, D={config.d_model}, "
+        f"H={config.n_heads}/{config.n_kv_heads} kv, V={config.vocab_size}) "
         f"{args.dtype} batch={args.batch} prompt={args.prompt_len} new={args.new_tokens} {mode} "
         f"threads={args.threads or 'default'}; jax {jax.__version__} on {jax.devices()[0]}"
     )

@@ -5,10 +5,10 @@
     .venv/bin/python experiments/dpo.py --init-from runs/sft --loss-type ipo --precompute-reference
     .venv/bin/python experiments/dpo.py --init-from runs/sft --pairs my_pairs.jsonl
 
-The policy and the frozen reference both start from --init-from (the SFT workdir or an HF GPT-2
-folder). The pairs are sampled from that model and labelled by the ground truth exactly as in
-reward_model.py (same seed, same pairs), or read from --pairs (a JSONL of prompt, chosen,
-rejected). --loss-type is one of sigmoid (DPO), ipo, hinge, robust, simpo, orpo; --beta and
+The policy and the frozen reference both start from --init-from (the SFT workdir or an HF folder of
+any supported family). The pairs are sampled from that model and labelled by the ground truth
+exactly as in reward_model.py (same seed, same pairs), or read from --pairs (a JSONL of prompt,
+chosen, rejected). --loss-type is one of sigmoid (DPO), ipo, hinge, robust, simpo, orpo; --beta and
 --label-smoothing as in TRL. With --precompute-reference the reference log-probs are computed once
 (`train.compute_reference_logps`) and stored with the pairs, and training holds no reference model.
 
@@ -36,7 +36,9 @@ class Config:
 
     workdir: str = "runs/dpo"
     data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
-    init_from: str | None = None  # the SFT workdir (or HF GPT-2 folder): policy and reference
+    init_from: str | None = (
+        None  # the SFT workdir (or an HF folder of any family): policy and reference
+    )
     pairs: str | None = None  # a preference JSONL to train on instead of sampling pairs
     on_bad_record: Literal["error", "skip"] = "error"  # a bad --pairs line: stop, or skip it
     num_prompts: int = 2000  # training prefixes; pairs = num_prompts * k(k-1)/2 minus ties

@@ -12,7 +12,9 @@
 # Runs, each with its PyTorch side on the same GPU: bench_generate on gpt2-medium (batch 64,
 # prompt 32, 128 new tokens, bfloat16) and bench_dpo_step on gpt2-medium and gpt2-large (8 pairs x
 # 512 tokens, bfloat16, cuDNN attention on our side), then our gpt2-large step with XLA's
-# attention. About 5-8 minutes on an H100, compile included.
+# attention; then the same two benchmarks on a modern architecture, Llama-3.2-1B's shape (GQA,
+# RoPE, SwiGLU, untied 128k vocabulary; random weights) against transformers' LlamaForCausalLM.
+# About 8-11 minutes on an H100, compile included (the Llama rows last: cut them if time is short).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log="${OUT:-.}/gpu_rows.log"
@@ -41,4 +43,10 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
   echo "== bench_dpo_step gpt2-large (ours only, our attention: XLA)"
   timeout 150 python3 experiments/bench_dpo_step.py --shape gpt2-large --seq-len 512 \
     --dtype bfloat16 --sides jax --attention xla --no-roofline
+  echo "== bench_generate llama-3.2-1b"
+  timeout 200 python3 experiments/bench_generate.py --shape llama-3.2-1b --batch 64 \
+    --new-tokens 128 --dtype bfloat16
+  echo "== bench_dpo_step llama-3.2-1b (our attention: cuDNN)"
+  timeout 240 python3 experiments/bench_dpo_step.py --shape llama-3.2-1b --seq-len 512 \
+    --dtype bfloat16
 } 2>&1 | tee "$log"

@@ -5,9 +5,9 @@
     .venv/bin/python experiments/ppo.py --init-from runs/sft --reward runs/rm --kl-coef 0.05
     .venv/bin/python experiments/ppo.py --init-from runs/sft --reward ground-truth --target-kl 6
 
-The policy and the frozen reference start from --init-from (the SFT workdir or an HF GPT-2
-folder); each iteration samples completions of a batch of training prefixes, scores them, and
-runs `ppo_epochs` x `num_minibatches` clipped updates of policy and critic (`train.make_ppo`).
+The policy and the frozen reference start from --init-from (the SFT workdir or an HF folder of any
+supported family); each iteration samples completions of a batch of training prefixes, scores them,
+and runs `ppo_epochs` x `num_minibatches` clipped updates of policy and critic (`train.make_ppo`).
 --reward names a reward-model workdir (reward_model.py; the critic starts from its trunk, the
 whole iteration is one compiled program) or `ground-truth` (PPO-GT: VADER on the decoded texts,
 computed on the host between the compiled rollout and the compiled score + update; the critic
@@ -36,7 +36,9 @@ class Config:
 
     workdir: str = "runs/ppo"
     data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
-    init_from: str | None = None  # the SFT workdir (or HF GPT-2 folder): policy and reference
+    init_from: str | None = (
+        None  # the SFT workdir (or an HF folder of any family): policy and reference
+    )
     reward: str = GROUND_TRUTH  # a reward-model workdir, or "ground-truth" (PPO-GT)
     kl_coef: float = 0.05  # initial KL coefficient beta
     target_kl: float | None = None  # adaptive KL controller target (per sequence); None: fixed

@@ -6,11 +6,11 @@
     .venv/bin/python experiments/reward_model.py --init-from runs/sft --pairs my_pairs.jsonl
 
 As in the DPO paper's IMDb setup: `completions_per_prompt` completions are sampled from the SFT
-model (--init-from, an SFT workdir or an HF GPT-2 folder) for each of the first `num_prompts`
-training prefixes, all pairs of a prompt are labelled by the ground-truth reward (VADER), and the
-reward model (the SFT trunk plus a linear head on the last token) is trained on them. Held-out
-pairs come from test prefixes the same way. With --pairs the pairs are read from a JSONL file
-(prompt, chosen, rejected) and its last tenth is held out.
+model (--init-from, an SFT workdir or an HF folder of any family) for each of the first
+`num_prompts` training prefixes, all pairs of a prompt are labelled by the ground-truth reward
+(VADER), and the reward model (the SFT trunk plus a linear head on the last token) is trained on
+them. Held-out pairs come from test prefixes the same way. With --pairs the pairs are read from a
+JSONL file (prompt, chosen, rejected) and its last tenth is held out.
 
 Writes into WORKDIR: run_config.json, pairs.jsonl and pairs_test.jsonl (reused on rerun),
 metrics.jsonl (step, loss, accuracy, margin, ..., eval/accuracy = held-out pair accuracy),
@@ -36,7 +36,9 @@ class Config:
 
     workdir: str = "runs/reward_model"
     data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
-    init_from: str | None = None  # the SFT workdir (or HF GPT-2 folder): sampler and trunk
+    init_from: str | None = (
+        None  # the SFT workdir (or an HF folder of any family): sampler and trunk
+    )
     pairs: str | None = None  # a preference JSONL to train on instead of sampling pairs
     on_bad_record: Literal["error", "skip"] = "error"  # a bad --pairs line: stop, or skip it
     num_prompts: int = 2000  # training prefixes; pairs = num_prompts * k(k-1)/2 minus ties

@@ -4,16 +4,17 @@
     .venv/bin/python experiments/sft.py --workdir runs/sft                      # the default run
     .venv/bin/python experiments/sft.py --init-from PATH/gpt2 ...               # start from HF
 
-Trains a GPT-2-architecture decoder on the synthetic task's full reviews (`data/` of the repo or
-$RLHF_JAX_DATA, prepared on first use): every token after the first is predicted, so the model
-learns the reviews' distribution and to end them with EOS; prompts are then prefixes of them, as
-in the DPO paper's IMDb setup. Without --init-from the model is `--model` (a models.PRESETS name)
-from random init, its vocabulary set to the task tokenizer's.
+Trains a decoder (GPT-2-shaped by default; `--model` takes any family's preset) on the synthetic
+task's full reviews (`data/` of the repo or $RLHF_JAX_DATA, prepared on first use): every token
+after the first is predicted, so the model learns the reviews' distribution and to end them with
+EOS; prompts are then prefixes of them, as in the DPO paper's IMDb setup. Without --init-from the
+model is `--model` (a models.PRESETS name) from random init, its vocabulary set to the task
+tokenizer's.
 
 Writes into WORKDIR: run_config.json, metrics.jsonl (step, loss, nll_token, accuracy, grad_norm,
 update_norm, eval/nll_token, ...), tensorboard/, checkpoints/ (rerun the same command to resume),
-and when finished hf/ (a Hugging Face GPT-2 folder with the tokenizer) and model_config.json:
-the --init-from of reward_model.py, dpo.py and ppo.py.
+and when finished hf/ (a Hugging Face folder of the family, with the tokenizer) and
+model_config.json: the --init-from of reward_model.py, dpo.py and ppo.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Config:
 
     workdir: str = "runs/sft"
     data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
-    init_from: str | None = None  # HF GPT-2 folder or an earlier workdir; None: random `model`
+    init_from: str | None = None  # HF folder (any family) or a workdir; None: random `model`
     model: str = "small"  # models.PRESETS name for a random init
     n_layers: int | None = None  # overrides the preset's depth
     steps: int = 3000

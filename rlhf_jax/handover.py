@@ -1,11 +1,12 @@
 """Models between stages: one hand-over mechanism from SFT to the reward model, DPO and PPO.
 
-A language-model stage writes `WORKDIR/hf/`, a Hugging Face GPT-2 folder (`models.save_pretrained`,
-plus the tokenizer), and `WORKDIR/model_config.json` (our `TransformerConfig`, which also keeps
-`dtype`/`remat`); the reward-model stage writes `WORKDIR/reward_model/` (the trunk as an HF
-folder, the head as `head.safetensors`). These are written when a stage finishes, into a temporary
-sibling renamed into place (never half a folder); checkpoints (`WORKDIR/checkpoints`) are only for
-resuming. `load_init_params` reads either back, or any HF GPT-2 folder.
+A language-model stage writes `WORKDIR/hf/`, a Hugging Face folder of its family
+(`models.save_pretrained`, plus the tokenizer), and `WORKDIR/model_config.json` (our
+`TransformerConfig`, which also keeps `dtype`/`remat`); the reward-model stage writes
+`WORKDIR/reward_model/` (the trunk as an HF folder, the head as `head.safetensors`). These are
+written when a stage finishes, into a temporary sibling renamed into place (never half a folder);
+checkpoints (`WORKDIR/checkpoints`) are only for resuming. `load_init_params` reads either back, or
+any supported HF folder (GPT-2, Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-NeoX).
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def resolve_init_folder(
     any weights (a driver calls it before it writes anything).
 
     Raises:
-      ConfigError: the path is neither an HF GPT-2 folder nor a finished stage's workdir, saying
+      ConfigError: the path is neither a supported HF folder nor a finished stage's workdir, saying
         what is there and naming `flag`.
     """
     if kind not in ("lm", "reward"):
@@ -180,7 +181,7 @@ def resolve_init_folder(
         )
     else:
         need = "config.json + model.safetensors" + (f" + {HEAD_FILE}" if kind == "reward" else "")
-        hint = f"expected a Hugging Face GPT-2 folder ({need}) or a workdir of an earlier stage"
+        hint = f"expected a Hugging Face model folder ({need}) or a workdir of an earlier stage"
     raise ConfigError(f"{flag} {path}: {hint}; found {found}")
 
 
@@ -196,10 +197,11 @@ def init_config(
 def load_init_params(
     path: str | os.PathLike, *, kind: str = "lm", **overrides: Any
 ) -> tuple[models.TransformerConfig, Any]:
-    """Initial params from a Hugging Face GPT-2 folder or from the workdir of an earlier stage.
+    """Initial params from a Hugging Face folder of any supported family or from the workdir of an
+    earlier stage.
 
     Args:
-      path: an HF GPT-2 folder (config.json + model.safetensors); or a workdir: kind "lm" reads
+      path: an HF folder (config.json + model.safetensors); or a workdir: kind "lm" reads
         `WORKDIR/hf/` (else the trunk of `WORKDIR/reward_model/`), kind "reward" reads
         `WORKDIR/reward_model/`.
       kind: "lm" (`Transformer` params) or "reward" (`RewardModel` params).

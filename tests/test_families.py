@@ -141,6 +141,9 @@ def test_configs_that_a_family_cannot_express_are_refused_before_writing(tmp_pat
     cfg = dataclasses.replace(cfg, layer_types=("full_attention", "sliding_attention"))
     with pytest.raises(ValueError, match="cannot be written as a 'mistral' checkpoint"):
         models.save_pretrained(str(tmp_path / "out"), cfg, {})
+    odd = models.get_config("llama-tiny", n_heads=6)  # 64 % 6: transformers refuses it
+    with pytest.raises(ValueError, match="not a multiple of the number of attention heads"):
+        models.save_pretrained(str(tmp_path / "out"), odd, {})
     assert not (tmp_path / "out").exists()
     (tmp_path / "config.json").write_text('{"model_type": "mamba"}')
     with pytest.raises(ValueError, match="unsupported model_type 'mamba'; supported: gpt2"):
@@ -206,3 +209,39 @@ def test_reward_model_trains_one_step(family, checkpoint):
     moved["head"].pop("bias")
     moved["transformer"].pop("lm_head", None)
     assert all(jax.tree.leaves(moved)), moved
+
+
+def _driver(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"families_driver_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_drivers_run_a_llama_from_sft_to_dpo_and_hand_over_a_llama(tmp_path):
+    """The SFT driver trains a Llama-shaped model (GQA, untied, llama3 RoPE) and hands over a
+    Llama folder; the DPO driver starts from it (`--init-from`: pair sampling with the KV cache,
+    policy and reference) and hands over a folder that transformers loads as `LlamaForCausalLM`
+    with our logits."""
+    import transformers
+
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    _driver("sft").main(["--preset", "tiny", "--model", "llama-tiny", "--workdir", str(sft_dir)])
+    cfg, _ = models.from_pretrained(str(sft_dir / "hf"))
+    assert (cfg.family, cfg.n_kv_heads, cfg.tie_embeddings) == ("llama", 2, False)
+    rows = _driver("dpo").main(
+        ["--preset", "tiny", "--workdir", str(dpo_dir), "--init-from", str(sft_dir)]
+    )
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    cfg, params = models.from_pretrained(str(dpo_dir / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(dpo_dir / "hf")).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
+    np.testing.assert_allclose(_logits(cfg, params, tokens), hf_logits(hf, tokens), atol=TOL)

@@ -110,7 +110,7 @@ def test_parameter_layout():
     gqa = get_config("llama-tiny")
     g = init_params(gqa, jax.random.key(0))
     assert g["layers_0"]["attn"]["k"]["kernel"].shape == (64, 2, 16)
-    assert g["layers_0"]["attn"]["q"]["kernel"].shape == (64, 6, 16)
+    assert g["layers_0"]["attn"]["q"]["kernel"].shape == (64, 8, 16)
     assert set(g) == {"embed", "final_norm", "layers_0", "layers_1", "lm_head"}
     assert g["lm_head"]["kernel"].shape == (64, gqa.vocab_size)
 

@@ -1,4 +1,5 @@
-"""GPT-2-family decoder, reward/value heads and Hugging Face interop."""
+"""One decoder for every family (GPT-2, Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-NeoX), reward/value
+heads and Hugging Face interop."""
 
 from rlhf_jax.models.config import PRESETS, TransformerConfig, get_config
 from rlhf_jax.models.heads import (

@@ -186,6 +186,21 @@ class TransformerConfig:
             return "local"
         return "global"
 
+    def matmul_params(self) -> int:
+        """N of the model-FLOPs convention (PaLM, appendix B): the parameters that enter matmuls,
+        i.e. the attention and MLP projections of every block plus the output layer (embedding
+        lookups, position embeddings, norms and biases excluded)."""
+        d, f, h, k, dh = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
+        block = d * dh * (h + 2 * k) + h * dh * d + (3 if self.mlp == "gated" else 2) * d * f
+        return self.n_layers * block + self.vocab_size * d
+
+    def flops_per_token(self, seq_len: int, *, backward: bool = True) -> float:
+        """Model FLOPs per token of a forward (2N + 4 L T H Dh) or forward + backward
+        (6N + 12 L T H Dh) pass over sequences of `seq_len` (causal attention counted as full)."""
+        attn = self.n_layers * seq_len * self.n_heads * self.head_dim
+        n = self.matmul_params()
+        return 6.0 * n + 12.0 * attn if backward else 2.0 * n + 4.0 * attn
+
     def num_params(self) -> int:
         """Parameter count of the language model (embeddings counted once when tied)."""
         d, f, h, k, dh = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
@@ -289,11 +304,15 @@ PRESETS.update(
     {
         "llama-tiny": dict(
             **_LLAMA, **{**_LLAMA3_ROPE, "rope_theta": 10000.0, "rope_original_max_len": 64},
-            vocab_size=1024, max_len=256, d_model=64, n_layers=2, n_heads=6, n_kv_heads=2,
+            vocab_size=1024, max_len=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2,
             head_dim=16, d_ff=160, tie_embeddings=False,
         ),
+        "llama-cpu": dict(  # the "cpu" bench size, llama-shaped (GQA 4:1, untied, llama3 RoPE)
+            **_LLAMA, **_LLAMA3_ROPE, vocab_size=1024, max_len=8192, d_model=256, n_layers=4,
+            n_heads=8, n_kv_heads=2, d_ff=704, tie_embeddings=False,
+        ),
         "gemma2-tiny": dict(
-            **_GEMMA2, vocab_size=1024, max_len=256, d_model=64, n_layers=2, n_heads=6,
+            **_GEMMA2, vocab_size=1024, max_len=256, d_model=64, n_layers=2, n_heads=8,
             n_kv_heads=2, head_dim=16, d_ff=160, attn_scale=16**-0.5, sliding_window=8,
             layer_types=_alternating(2, 2),
         ),

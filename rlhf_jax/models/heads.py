@@ -1,4 +1,4 @@
-"""Reward and value models: the GPT-2 decoder with a linear head on its final hidden states.
+"""Reward and value models: the decoder (any family) with a linear head on its final hidden states.
 
 The seed: the reward model is "initialized using the SFT model, but with an additional linear
 layer over the final transformer layer to generate a scalar value as the reward". Both models

@@ -588,6 +588,12 @@ def save_pretrained(
         "pad_token_id": pad_token_id,
         "dtype": "float32",
     }
+    if config.d_model % config.n_heads:
+        raise ValueError(
+            f"transformers refuses a hidden size ({config.d_model}) that is not a multiple of the "
+            f"number of attention heads ({config.n_heads}), even with head_dim set; choose "
+            "n_heads dividing d_model"
+        )
     back = _config_from_hf(json.loads(json.dumps(hf_config)), {})
     differ = [f for f in _ARCH_FIELDS if not _same_value(getattr(back, f), getattr(config, f))]
     if differ:

@@ -307,13 +307,20 @@ def _decode_attention(q, k_cache, v_cache, key_ok, *, scale=None, softcap=None):
     b, h, dh = q.shape
     kh = k_cache.shape[1]
     scale = dh**-0.5 if scale is None else scale
-    q32 = q.astype(jnp.float32).reshape(b, kh, h // kh, 1, dh)
-    k32, v32 = (a.astype(jnp.float32)[:, :, None] for a in (k_cache, v_cache))  # [B, K, 1, S, Dh]
-    scores = _pairwise_sum(q32 * k32, axis=-1)  # [B, K, G, S]
-    scores = _softcap(scores * jnp.float32(scale), softcap)
-    scores = jnp.where(key_ok[:, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, S]
-    y = _pairwise_sum(probs[..., None] * v32, axis=3)  # [B, K, G, Dh]
+    q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k_cache, v_cache))
+    if (
+        kh == h
+    ):  # no groups: 4-D arrays (a size-1 group axis makes XLA:CPU's odd-S reduce ~20x slower)
+        scores = _pairwise_sum(q32[:, :, None, :] * k32, axis=-1)  # [B, H, S]
+        ok = key_ok[:, None, :]
+    else:
+        q32 = q32.reshape(b, kh, h // kh, 1, dh)
+        k32, v32 = k32[:, :, None], v32[:, :, None]  # [B, K, 1, S, Dh]
+        scores = _pairwise_sum(q32 * k32, axis=-1)  # [B, K, G, S]
+        ok = key_ok[:, None, None, :]
+    scores = jnp.where(ok, _softcap(scores * jnp.float32(scale), softcap), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    y = _pairwise_sum(probs[..., None] * v32, axis=-2)  # [B, H, Dh] or [B, K, G, Dh]
     return y.reshape(b, h, dh).astype(q.dtype)
 
 
