@@ -48,6 +48,10 @@ class Mutant:
 
 STEP_TESTS = ("tests/test_step_gradients.py",)
 PPO_TESTS = ("tests/test_ppo_update.py", "tests/test_train_ppo.py")
+FAMILY_TESTS = (
+    "tests/test_families.py::test_logits_match_transformers",
+    "tests/test_families.py::test_greedy_decoding_matches_transformers_generate",
+)
 
 MUTANTS = (
     # --- the training steps -------------------------------------------------------------------
@@ -286,6 +290,63 @@ MUTANTS = (
         "positions=cache.positions + t,",
         ("tests/test_models.py", "tests/test_sampling.py"),
         "decode positions count pad slots (left-padded prompts drift)",
+    ),
+    # --- model families -----------------------------------------------------------------------
+    Mutant(
+        "decode-window-ignored",
+        "rlhf_jax/models/transformer.py",
+        "m = key_mask[:, None, None, :] & (slots <= query) & _within(w, query, slots)",
+        "m = key_mask[:, None, None, :] & (slots <= query)",
+        FAMILY_TESTS,
+        "the KV-cache decode path attends past the sliding window",
+    ),
+    Mutant(
+        "rope-scaling-ignored",
+        "rlhf_jax/models/transformer.py",
+        'if table == "local" or cfg.rope_type == "default":',
+        "if True:",
+        FAMILY_TESTS,
+        "llama3 / linear RoPE scaling dropped",
+    ),
+    Mutant(
+        "gemma-norm-offset-ignored",
+        "rlhf_jax/models/transformer.py",
+        "return (y * ((1.0 + scale) if self.offset else scale)).astype(self.dtype)",
+        "return (y * scale).astype(self.dtype)",
+        FAMILY_TESTS,
+        "Gemma's (1 + w) RMSNorm read as w",
+    ),
+    Mutant(
+        "attn-softcap-ignored",
+        "rlhf_jax/models/transformer.py",
+        "scores = _softcap(scores * jnp.float32(scale), softcap)  # [B, K, G, T, S]",
+        "scores = scores * jnp.float32(scale)  # [B, K, G, T, S]",
+        FAMILY_TESTS,
+        "Gemma 2's attention soft-cap dropped in full passes",
+    ),
+    Mutant(
+        "gqa-groups-interleaved",
+        "rlhf_jax/models/transformer.py",
+        "q32 = q32.reshape(b, kh, h // kh, 1, dh)",
+        "q32 = q32.reshape(b, h // kh, kh, 1, dh).swapaxes(1, 2)",
+        FAMILY_TESTS,
+        "decode maps query heads to the wrong kv head (GQA)",
+    ),
+    Mutant(
+        "neox-serial-residual",
+        "rlhf_jax/models/transformer.py",
+        'return x + y + _MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_in)), kv',
+        'return x + y + _MLP(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x + y)), kv',
+        FAMILY_TESTS,
+        "GPT-NeoX's parallel residual computed serially",
+    ),
+    Mutant(
+        "neox-qkv-split",
+        "rlhf_jax/models/hf.py",
+        "return [a[:, j].transpose(2, 0, 1) for j in range(3)]",
+        "return [a[:, 2 - j].transpose(2, 0, 1) for j in range(3)]",
+        FAMILY_TESTS,
+        "GPT-NeoX's fused query_key_value split in the wrong order",
     ),
     # --- checkpoints --------------------------------------------------------------------------
     Mutant(

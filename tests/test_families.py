@@ -245,3 +245,39 @@ def test_drivers_run_a_llama_from_sft_to_dpo_and_hand_over_a_llama(tmp_path):
     assert type(hf).__name__ == "LlamaForCausalLM"
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
     np.testing.assert_allclose(_logits(cfg, params, tokens), hf_logits(hf, tokens), atol=TOL)
+
+
+@pytest.mark.slow
+def test_drivers_run_ppo_on_a_gemma2_with_a_window_shorter_than_the_rollouts(tmp_path):
+    """PPO (ground-truth reward) from a Gemma 2 SFT model whose sliding window (8) is shorter than
+    prompt + completion: rollouts through the KV cache, the value model on the same trunk, and a
+    hand-over folder that transformers loads as `Gemma2ForCausalLM` with our logits."""
+    import transformers
+
+    sft_dir, ppo_dir = tmp_path / "sft", tmp_path / "ppo"
+    _driver("sft").main(["--preset", "tiny", "--model", "gemma2-tiny", "--workdir", str(sft_dir)])
+    argv = ["--preset", "tiny", "--workdir", str(ppo_dir), "--init-from", str(sft_dir)]
+    rows = _driver("ppo").main(argv + ["--reward", "ground-truth"])
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    cfg, params = models.from_pretrained(str(ppo_dir / "hf"))
+    assert cfg.family == "gemma2" and cfg.sliding_window == 8
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(ppo_dir / "hf"), attn_implementation="eager"
+    ).eval()
+    assert type(hf).__name__ == "Gemma2ForCausalLM"
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
+    np.testing.assert_allclose(_logits(cfg, params, tokens), hf_logits(hf, tokens), atol=TOL)
+
+
+def test_sharded_safetensors_load_like_one_file(checkpoint, tmp_path):
+    """A checkpoint saved in several safetensors shards (model.safetensors.index.json) loads to
+    the same tree as the single file."""
+    hf, path = checkpoint("qwen3")
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    cfg, one = models.from_pretrained(path)
+    cfg2, many = models.from_pretrained(str(tmp_path))
+    assert cfg2 == cfg
+    for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(one)):
+        np.testing.assert_array_equal(a, b)

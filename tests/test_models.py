@@ -71,6 +71,11 @@ def test_presets_and_parameter_counts():
     assert get_config("small", d_ff=100).d_ff == 100
     with pytest.raises(ValueError):
         TransformerConfig(d_model=10, n_heads=3)
+    # Gemma's pattern (every second layer global) follows an overridden depth.
+    assert get_config("gemma-2-2b").layer_types[:2] == ("sliding_attention", "full_attention")
+    assert get_config("gemma2-tiny", n_layers=3).layer_types == (
+        "sliding_attention", "full_attention", "sliding_attention",
+    )  # fmt: skip
 
 
 # Parameter counts of the released checkpoints (transformers' `num_parameters()` of each model):

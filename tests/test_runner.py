@@ -250,7 +250,7 @@ def test_models_round_trip_through_workdirs_and_hf_folders(tmp_path, lm, tok):
     runner.save_reward_model(tmp_path / "rm", cfg, rm_params)
     _assert_tree_equal(runner.load_reward_model(tmp_path / "rm")[1], rm_params)
     _assert_tree_equal(runner.load_init_params(tmp_path / "rm")[1], params)  # its trunk
-    with pytest.raises(runner.ConfigError, match="Hugging Face GPT-2 folder .*head.safetensors"):
+    with pytest.raises(runner.ConfigError, match="Hugging Face model folder .*head.safetensors"):
         runner.load_reward_model(tmp_path / "sft" / "hf")
     with pytest.raises(runner.ConfigError, match="no such file or folder"):
         runner.load_init_params(tmp_path / "missing")

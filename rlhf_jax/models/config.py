@@ -320,8 +320,17 @@ PRESETS.update(
 )  # fmt: skip
 
 
+# Presets whose layer types follow Gemma's pattern (every `period`-th layer global): their
+# `layer_types` are re-derived when `n_layers` is overridden.
+_LAYER_PERIODS = {"gemma-2-2b": 2, "gemma-2-9b": 2, "gemma2-tiny": 2}
+
+
 def get_config(name: str, **overrides) -> TransformerConfig:
-    """The preset `name` with `overrides` applied (`d_ff` follows `d_model` unless overridden)."""
+    """The preset `name` with `overrides` applied (`d_ff` follows `d_model` unless overridden;
+    a patterned preset's `layer_types` follow an overridden `n_layers`)."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return TransformerConfig(**{**PRESETS[name], **overrides})
+    fields = {**PRESETS[name], **overrides}
+    if name in _LAYER_PERIODS and "layer_types" not in overrides:
+        fields["layer_types"] = _alternating(fields["n_layers"], _LAYER_PERIODS[name])
+    return TransformerConfig(**fields)

@@ -319,6 +319,19 @@ def _gpt2_entries(cfg: TransformerConfig) -> list[_Entry]:
     return out + _norm_entries(cfg, "transformer.ln_f", "final_norm")
 
 
+def _linear_entries(hf: str, ours: str, *, bias: bool, n_in: int = 1) -> list[_Entry]:
+    """A torch Linear `hf` (weight [out, in], optional bias) onto our `ours/kernel`, `ours/bias`."""
+    out = [_e(f"{hf}.weight", f"{ours}/kernel", _linear(n_in))]
+    if bias:
+        out.append(_e(f"{hf}.bias", f"{ours}/bias", _vector()))
+    return out
+
+
+def _output_entries(cfg: TransformerConfig, final_norm: str, head: str) -> list[_Entry]:
+    out = _norm_entries(cfg, final_norm, "final_norm")
+    return out if cfg.tie_embeddings else out + [_e(f"{head}.weight", "lm_head/kernel", _linear())]
+
+
 def _neox_entries(cfg: TransformerConfig) -> list[_Entry]:
     out = [_e("gpt_neox.embed_in.weight", "embed/embedding", _same())]
     for i in range(cfg.n_layers):
@@ -328,19 +341,13 @@ def _neox_entries(cfg: TransformerConfig) -> list[_Entry]:
         out += _norm_entries(cfg, p + "post_attention_layernorm", o + "mlp_norm")
         qkv_w = p + "attention.query_key_value.weight"
         out.append(_e(qkv_w, tuple(f"{x}/kernel" for x in qkv), _neox_qkv(cfg, True)))
-        out.append(_e(p + "attention.dense.weight", o + "attn/o/kernel", _linear(2)))
         if cfg.qkv_bias:
             qkv_b = p + "attention.query_key_value.bias"
             out.append(_e(qkv_b, tuple(f"{x}/bias" for x in qkv), _neox_qkv(cfg, False)))
-        if cfg.out_bias:
-            out.append(_e(p + "attention.dense.bias", o + "attn/o/bias", _vector()))
-        for hf_name, ours in [("dense_h_to_4h", "up"), ("dense_4h_to_h", "down")]:
-            out.append(_e(f"{p}mlp.{hf_name}.weight", f"{o}mlp/{ours}/kernel", _linear()))
-            out.append(_e(f"{p}mlp.{hf_name}.bias", f"{o}mlp/{ours}/bias", _vector()))
-    out += _norm_entries(cfg, "gpt_neox.final_layer_norm", "final_norm")
-    if not cfg.tie_embeddings:
-        out.append(_e("embed_out.weight", "lm_head/kernel", _linear()))
-    return out
+        out += _linear_entries(p + "attention.dense", o + "attn/o", bias=cfg.out_bias, n_in=2)
+        out += _linear_entries(p + "mlp.dense_h_to_4h", o + "mlp/up", bias=True)
+        out += _linear_entries(p + "mlp.dense_4h_to_h", o + "mlp/down", bias=True)
+    return out + _output_entries(cfg, "gpt_neox.final_layer_norm", "embed_out")
 
 
 def _decoder_entries(cfg: TransformerConfig) -> list[_Entry]:
@@ -348,12 +355,9 @@ def _decoder_entries(cfg: TransformerConfig) -> list[_Entry]:
     for i in range(cfg.n_layers):
         p, o = f"model.layers.{i}.", f"layers_{i}/"
         out += _norm_entries(cfg, p + "input_layernorm", o + "attn_norm")
-        for x in "qkvo":
-            out.append(
-                _e(f"{p}self_attn.{x}_proj.weight", f"{o}attn/{x}/kernel", _linear(1 + (x == "o")))
-            )
-            if (cfg.qkv_bias and x != "o") or (cfg.out_bias and x == "o"):
-                out.append(_e(f"{p}self_attn.{x}_proj.bias", f"{o}attn/{x}/bias", _vector()))
+        for x in "qkv":
+            out += _linear_entries(f"{p}self_attn.{x}_proj", f"{o}attn/{x}", bias=cfg.qkv_bias)
+        out += _linear_entries(p + "self_attn.o_proj", o + "attn/o", bias=cfg.out_bias, n_in=2)
         if cfg.qk_norm:
             out += _norm_entries(cfg, p + "self_attn.q_norm", o + "attn/q_norm")
             out += _norm_entries(cfg, p + "self_attn.k_norm", o + "attn/k_norm")
@@ -364,13 +368,8 @@ def _decoder_entries(cfg: TransformerConfig) -> list[_Entry]:
         else:
             out += _norm_entries(cfg, p + "post_attention_layernorm", o + "mlp_norm")
         for x in ("gate", "up", "down"):
-            out.append(_e(f"{p}mlp.{x}_proj.weight", f"{o}mlp/{x}/kernel", _linear()))
-            if cfg.mlp_bias:
-                out.append(_e(f"{p}mlp.{x}_proj.bias", f"{o}mlp/{x}/bias", _vector()))
-    out += _norm_entries(cfg, "model.norm", "final_norm")
-    if not cfg.tie_embeddings:
-        out.append(_e("lm_head.weight", "lm_head/kernel", _linear()))
-    return out
+            out += _linear_entries(f"{p}mlp.{x}_proj", f"{o}mlp/{x}", bias=cfg.mlp_bias)
+    return out + _output_entries(cfg, "model.norm", "lm_head")
 
 
 def _entries(cfg: TransformerConfig) -> list[_Entry]:
