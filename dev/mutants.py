@@ -48,6 +48,7 @@ class Mutant:
 
 STEP_TESTS = ("tests/test_step_gradients.py",)
 PPO_TESTS = ("tests/test_ppo_update.py", "tests/test_train_ppo.py")
+CRITIC_FREE_TESTS = ("tests/test_losses_critic_free.py",)
 FAMILY_TESTS = (
     "tests/test_families.py::test_logits_match_transformers",
     "tests/test_families.py::test_greedy_decoding_matches_transformers_generate",
@@ -290,6 +291,72 @@ MUTANTS = (
         "positions=cache.positions + t,",
         ("tests/test_models.py", "tests/test_sampling.py"),
         "decode positions count pad slots (left-padded prompts drift)",
+    ),
+    # --- critic-free losses and methods -------------------------------------------------------
+    Mutant(
+        "grpo-std-biased",
+        "rlhf_jax/losses/critic_free.py",
+        "adv = adv / (jnp.std(r, axis=-1, keepdims=True, ddof=1) + eps)",
+        "adv = adv / (jnp.std(r, axis=-1, keepdims=True) + eps)",
+        CRITIC_FREE_TESTS,
+        "GRPO's group std with ddof 0 instead of TRL's unbiased one",
+    ),
+    Mutant(
+        "rloo-divides-by-g",
+        "rlhf_jax/losses/critic_free.py",
+        "adv = jnp.sum(r[..., :, None] - r[..., None, :], axis=-1) / (g - 1)",
+        "adv = jnp.sum(r[..., :, None] - r[..., None, :], axis=-1) / g",
+        CRITIC_FREE_TESTS,
+        "RLOO's leave-one-out mean over G instead of G - 1",
+    ),
+    Mutant(
+        "dapo-clip-higher-ignored",
+        "rlhf_jax/losses/critic_free.py",
+        "high = low if clip_eps_high is None else jnp.asarray(clip_eps_high, jnp.float32)",
+        "high = low",
+        CRITIC_FREE_TESTS,
+        "DAPO's clip-higher bound replaced by the lower one",
+    ),
+    Mutant(
+        "gspo-ratio-not-length-normalised",
+        "rlhf_jax/losses/critic_free.py",
+        "seq_log_ratio = _masked_sum(log_ratio, m, axis=-1) / jnp.maximum(_mask_count(m, -1), 1.0)",
+        "seq_log_ratio = _masked_sum(log_ratio, m, axis=-1)",
+        CRITIC_FREE_TESTS,
+        "GSPO's sequence ratio without the 1/|y| power",
+    ),
+    Mutant(
+        "dr-grpo-norm-by-count",
+        "rlhf_jax/losses/critic_free.py",
+        "return _masked_sum(x, m) / (b * (t if max_tokens is None else max_tokens))",
+        "return _masked_mean(x, m)",
+        CRITIC_FREE_TESTS,
+        "Dr. GRPO's constant normaliser replaced by the token count",
+    ),
+    Mutant(
+        "bandit-kl-in-reward-dropped",
+        "rlhf_jax/bandit.py",
+        'kl_coef = beta if kl_in == "reward" else 0.0',
+        "kl_coef = 0.0",
+        ("tests/test_bandit.py",),
+        "the critic-free methods' KL-in-the-reward term is lost",
+    ),
+    Mutant(
+        "bandit-k3-as-k1",
+        "rlhf_jax/bandit.py",
+        'kl = dict(ref_logps=ref, kl_coef=beta, kl_estimator="k3")',
+        'kl = dict(ref_logps=ref, kl_coef=beta, kl_estimator="k1")',
+        ("tests/test_bandit.py",),
+        "GRPO's k3 KL-in-the-loss computed with k1",
+    ),
+    Mutant(
+        "groups-share-one-row",
+        "rlhf_jax/sampling.py",
+        "lambda x: x if x.ndim == 0 else jnp.repeat(x, groups, axis=0), (logits, cache)",
+        "lambda x: x if x.ndim == 0 else jnp.tile(x, (groups,) + (1,) * (x.ndim - 1)), "
+        "(logits, cache)",
+        ("tests/test_sampling.py",),
+        "group sampling copies the caches in the wrong row order",
     ),
     # --- model families -----------------------------------------------------------------------
     Mutant(

@@ -23,7 +23,15 @@ import optax
 from jax.scipy.special import xlogy
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Real
 
-from rlhf_jax.losses import PairwiseLoss, kl_estimate, pairwise_loss, ppo_policy_loss
+from rlhf_jax.losses import (
+    PairwiseLoss,
+    group_advantages,
+    kl_estimate,
+    pairwise_loss,
+    policy_gradient_loss,
+    ppo_policy_loss,
+    reinforce_pp_advantages,
+)
 from rlhf_jax.losses.logprobs import _check_positive
 
 Scalar = Real[ArrayLike, ""]
@@ -37,8 +45,18 @@ _PREFERENCE_LOSSES = {
     "robust": ("robust", True),
 }
 PREFERENCE_METHODS = tuple(_PREFERENCE_LOSSES)
-RL_METHODS = ("pg", "ppo", "exact_pg")
+# Critic-free methods on G = n_samples completions per context, one update per batch:
+# method -> group_advantages (baseline, scale), or None for REINFORCE++'s whitened returns.
+_CRITIC_FREE = {
+    "grpo": ("mean", "std"),
+    "dr_grpo": ("mean", "none"),
+    "rloo": ("leave_one_out", "none"),
+    "reinforce_pp": None,
+}
+CRITIC_FREE_METHODS = tuple(_CRITIC_FREE)
+RL_METHODS = ("pg", "ppo", "exact_pg", *CRITIC_FREE_METHODS)
 METHODS = PREFERENCE_METHODS + RL_METHODS
+KL_PLACEMENTS = ("reward", "loss")
 
 
 class Bandit(NamedTuple):
@@ -274,6 +292,51 @@ def ipo_fixed_point(
     return jax.nn.softmax(jnp.log(ref_probs) + u, axis=-1)
 
 
+def k3_in_loss_fixed_point(
+    ref_probs: Float[Array, "*batch K"],
+    rewards: Float[Array, "*batch K"],
+    beta: Scalar,
+    *,
+    iters: int = 100,
+) -> Float[Array, "*batch K"]:
+    """The fixed point of a policy gradient on r with β·k3 IN THE LOSS (GRPO's form), sampled
+    from the current policy: it is not π* of Eq. 4.
+
+    The k3 term's expected gradient is `E_{y~π}[(1 - π_ref(y)/π(y)) ∇log π(y)] = -Σ_y π_ref(y)
+    ∇log π(y)`, the gradient of the REVERSE KL(π_ref ‖ π), not of KL(π ‖ π_ref). With softmax
+    logits the stationarity condition `π(y)(r(y) - E_π r) = β (π(y) - π_ref(y))` gives
+
+        π(y) = β π_ref(y) / (β + c - r(y)),   c = E_π[r],
+
+    with c the root of Σ_y π(y) = 1 in (max r - β, max r]: the sum decreases in c, is infinite at
+    max r - β and ≤ Σ π_ref = 1 at max r; found by bisection. An unbiased pg term scaled by s (a
+    mean baseline over G samples: s = 1 - 1/G) has the fixed point of `beta / s`.
+
+    Args:
+      ref_probs: [..., K] π_ref(·|x).
+      rewards: [..., K] r(x, ·).
+      beta: the KL coefficient (> 0), or the effective β / s.
+      iters: bisection steps (float32 converges well before 100).
+    Returns:
+      [..., K] the fixed-point policy.
+    """
+    _check_positive("beta", beta)
+    top = jnp.max(rewards, axis=-1, keepdims=True)  # [..., 1]
+
+    def total(c):
+        return jnp.sum(beta * ref_probs / (beta + c - rewards), axis=-1, keepdims=True)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        too_big = total(mid) > 1.0  # the sum decreases in c: the root is above mid
+        return jnp.where(too_big, mid, lo), jnp.where(too_big, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, bisect, (top - beta, top))
+    probs = beta * ref_probs / (beta + hi - rewards)
+    return probs / jnp.sum(probs, axis=-1, keepdims=True)
+
+
 def _preference_loss(
     method: str | PairwiseLoss,
     logits: Float[Array, "X K"],
@@ -309,6 +372,18 @@ def _sampled_logps(logits: Float[Array, "X K"], y: Int[Array, "X M"]) -> Float[A
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y, axis=1)
 
 
+def _sample(
+    logits: Float[Array, "X K"], bandit: Bandit, rng: PRNGKeyArray, n_samples: int
+) -> tuple[Int[Array, "X M"], Float[Array, "X M"], Float[Array, "X M"], Float[Array, "X M"]]:
+    """M samples y ~ π(·|x) per context: y, log π(y|x), log π_ref(y|x), r(x, y)."""
+    n_contexts, n_arms = logits.shape
+    u = jax.random.uniform(rng, (n_contexts, n_samples))  # [X, M]
+    probs = jnp.broadcast_to(jax.nn.softmax(logits)[:, None], (n_contexts, n_samples, n_arms))
+    y = _inverse_cdf(probs, u)  # [X, M]
+    rewards = jnp.take_along_axis(bandit.rewards, y, axis=1)  # [X, M]
+    return y, _sampled_logps(logits, y), _sampled_logps(bandit.ref_logits, y), rewards
+
+
 def _sample_kl_penalized(
     logits: Float[Array, "X K"], bandit: Bandit, beta: Scalar, rng: PRNGKeyArray, n_samples: int
 ) -> tuple[Int[Array, "X M"], Float[Array, "X M"], Float[Array, "X M"]]:
@@ -318,18 +393,33 @@ def _sample_kl_penalized(
     R = r(x,y) - β (log π(y|x) - log π_ref(y|x)); E_π[∇log π · R] is the exact gradient of Eq. 3,
     and at π* R = β log Z(x) for every y, so the gradient noise vanishes at the optimum.
     """
-    n_contexts, n_arms = logits.shape
-    u = jax.random.uniform(rng, (n_contexts, n_samples))  # [X, M]
-    probs = jnp.broadcast_to(jax.nn.softmax(logits)[:, None], (n_contexts, n_samples, n_arms))
-    y = _inverse_cdf(probs, u)  # [X, M]
-    logps = _sampled_logps(logits, y)  # [X, M]
-    ref_logps = _sampled_logps(bandit.ref_logits, y)  # [X, M]
-    rewards = jnp.take_along_axis(bandit.rewards, y, axis=1)  # [X, M]
+    y, logps, ref_logps, rewards = _sample(logits, bandit, rng, n_samples)
     total = rewards - beta * kl_estimate(logps, ref_logps, estimator="k1")  # [X, M]
     # leave-one-out baseline, A_i = R_i - mean_{j≠i} R_j, as a mean of pairwise differences so that
     # A is exactly 0 where all samples agree (Adam would blow rounding noise up to full steps)
-    diffs = total[:, :, None] - total[:, None, :]  # [X, M, M]
-    return y, logps, diffs.sum(axis=-1) / (n_samples - 1)
+    return y, logps, group_advantages(total, baseline="leave_one_out", scale="none")
+
+
+def _sample_critic_free(
+    method: str,
+    kl_in: str,
+    logits: Float[Array, "X K"],
+    bandit: Bandit,
+    beta: Scalar,
+    rng: PRNGKeyArray,
+    n_samples: int,
+) -> tuple[Int[Array, "X M"], Float[Array, "X M"], Float[Array, "X M"]]:
+    """G = M samples per context (one group per context): y, log π(y|x) and the method's
+    advantages, from r - β k1 (KL in the reward) or from r alone (KL in the loss)."""
+    y, logps, ref_logps, rewards = _sample(logits, bandit, rng, n_samples)
+    kl_coef = beta if kl_in == "reward" else 0.0
+    if _CRITIC_FREE[method] is None:  # REINFORCE++: whitened over all X·M samples of the batch
+        flat = (rewards.reshape(-1), logps.reshape(-1, 1), ref_logps.reshape(-1, 1))
+        adv = reinforce_pp_advantages(*flat, jnp.ones_like(flat[1]), kl_coef=kl_coef)
+        return y, logps, adv.reshape(logps.shape)
+    baseline, scale = _CRITIC_FREE[method]
+    total = rewards - kl_coef * kl_estimate(logps, ref_logps, estimator="k1")  # [X, M]
+    return y, logps, group_advantages(total, baseline=baseline, scale=scale)
 
 
 def train_policy(
@@ -346,6 +436,7 @@ def train_policy(
     ppo_epochs: int = 4,
     clip_eps: float = 0.2,
     init_logits: Float[Array, "X K"] | None = None,
+    kl_in: str = "reward",
 ) -> TrainResult:
     """Train a softmax policy table π(y|x) = softmax(logits[x]) with Adam (cosine-decayed lr).
 
@@ -354,11 +445,16 @@ def train_policy(
     "cdpo" (sigmoid with `label_smoothing`), "ipo", "hinge", "robust" (with `label_smoothing`), or
     any pairwise loss function `fn(pc, pr, rc, rr, *, beta) -> losses` (the contract of
     `rlhf_jax.losses.pairwise_loss`, e.g. DPO-Positive) on the same comparisons. On the reward
-    table, maximizing Eq. 3: "pg" (REINFORCE on the k1-KL-penalized reward with a
-    leave-one-out baseline, `n_samples` y ~ π per context and step), "ppo" (the same samples,
-    `ppo_epochs` updates of the clipped surrogate `rlhf_jax.losses.ppo_policy_loss`), "exact_pg"
-    (the exact gradient of Eq. 3). The policy starts at π_ref (or `init_logits`). Scan over steps;
-    pure, un-jitted: jit/vmap over bandits, data, β and rng at the call site.
+    table, maximizing Eq. 3: "pg" (REINFORCE on the k1-KL-penalized reward with a leave-one-out
+    baseline, `n_samples` y ~ π per context and step), "ppo" (the same samples, `ppo_epochs` updates
+    of the clipped surrogate `rlhf_jax.losses.ppo_policy_loss`), "exact_pg" (the exact gradient of
+    Eq. 3), and the critic-free methods "grpo" (mean / std group advantages), "dr_grpo" (mean,
+    unscaled), "rloo" (leave-one-out) and "reinforce_pp" (returns whitened over the batch), on G =
+    `n_samples` samples per context, one update of `rlhf_jax.losses.policy_gradient_loss` per batch,
+    with the KL in the reward (`kl_in="reward"`: r - β k1, Eq. 3) or in the loss (`kl_in="loss"`: β
+    k3, GRPO's form, whose fixed point is `k3_in_loss_fixed_point`, not π*). The policy starts at
+    π_ref (or `init_logits`). Scan over steps; pure, un-jitted: jit/vmap over bandits, data, β and
+    rng at the call site.
 
     Args:
       method: one of `METHODS`, or a pairwise loss function (see above).
@@ -373,6 +469,7 @@ def train_policy(
       ppo_epochs: updates per batch of samples for "ppo".
       clip_eps: PPO clip range.
       init_logits: initial logits, [X, K]; default the reference logits.
+      kl_in: "reward" or "loss", for the critic-free methods.
     Returns:
       TrainResult(logits [X, K], loss [S], objective [S], tv [S]), the traces measured before each
       step's update.
@@ -386,8 +483,13 @@ def train_policy(
     if preference and pair_weights is None:
         raise ValueError(f"method {method!r} needs pair_weights")
     _check_positive("beta", beta)
-    if method in ("pg", "ppo") and n_samples < 2:
-        raise ValueError("n_samples must be >= 2 for the leave-one-out baseline")
+    sampled = method in ("pg", "ppo", *CRITIC_FREE_METHODS)
+    if sampled and n_samples < 2:
+        raise ValueError(f"n_samples must be >= 2 for {method!r}'s baseline, got {n_samples}")
+    if kl_in not in KL_PLACEMENTS:
+        raise ValueError(f"kl_in must be one of {KL_PLACEMENTS}, got {kl_in!r}")
+    if kl_in == "loss" and method not in CRITIC_FREE_METHODS:
+        raise ValueError(f"kl_in='loss' applies to {CRITIC_FREE_METHODS}, not {method!r}")
     updates_per_step = ppo_epochs if method == "ppo" else 1
     optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps * updates_per_step))
     logits = bandit.ref_logits if init_logits is None else init_logits
@@ -406,6 +508,16 @@ def train_policy(
             return -jnp.mean(jnp.sum(jnp.exp(logps) * penalized, axis=-1))
         y, old_logps, advantages = batch
         logps = _sampled_logps(logits, y)  # [X, M]
+        if method in CRITIC_FREE_METHODS:  # each sample a one-token completion
+            column = (logps.reshape(-1, 1), old_logps.reshape(-1, 1))
+            kl = {}
+            if kl_in == "loss":
+                ref = _sampled_logps(bandit.ref_logits, y).reshape(-1, 1)
+                kl = dict(ref_logps=ref, kl_coef=beta, kl_estimator="k3")
+            loss, _ = policy_gradient_loss(
+                *column, advantages.reshape(-1), jnp.ones_like(column[0]), **kl
+            )
+            return loss
         if method == "pg":
             return -jnp.mean(advantages * logps)
         loss, _ = ppo_policy_loss(
@@ -425,12 +537,15 @@ def train_policy(
         objective = jnp.mean(kl_regularized_objective(probs, ref_probs, bandit.rewards, beta))
         tv = jnp.mean(tv_distance(probs, target))
         batch = None
-        if method in ("pg", "ppo"):
+        if sampled:
             rng_sample = jax.random.fold_in(rng, t)
-            batch = jax.tree.map(
-                jax.lax.stop_gradient,
-                _sample_kl_penalized(logits, bandit, beta, rng_sample, n_samples),
-            )
+            if method in CRITIC_FREE_METHODS:
+                batch = _sample_critic_free(
+                    method, kl_in, logits, bandit, beta, rng_sample, n_samples
+                )
+            else:
+                batch = _sample_kl_penalized(logits, bandit, beta, rng_sample, n_samples)
+            batch = jax.tree.map(jax.lax.stop_gradient, batch)
         if method == "ppo":
             carry, losses = jax.lax.scan(lambda c, _: update(c, batch), carry, None, ppo_epochs)
             loss = losses[0]

@@ -3,9 +3,9 @@
 `generate` prefills the LEFT-padded prompts in one forward pass, then runs a `lax.while_loop` over
 new tokens against a preallocated `KVCache` (static shapes; the loop exits early once every row has
 emitted `eos_id`). It is un-jitted and pure; jit it at the edge with `model`, `max_new_tokens`,
-`top_k`, `eos_id` and `pad_id` static (`temperature` and `top_p` may be traced), e.g.
+`top_k`, `eos_id`, `pad_id` and `num_samples` static (`temperature` and `top_p` may be traced), e.g.
 
-    static = ("model", "max_new_tokens", "top_k", "eos_id", "pad_id")
+    static = ("model", "max_new_tokens", "top_k", "eos_id", "pad_id", "num_samples")
     gen = jax.jit(generate, static_argnames=static)
 
 Log-probabilities: `logps[b, i] = log softmax(logits / temperature)[token]`, the temperature-scaled
@@ -173,8 +173,14 @@ def generate(
     top_p: float | Array | None = None,
     eos_id: int | None = None,
     pad_id: int = 0,
+    num_samples: int | None = None,
 ) -> Generation:
     """Sample `max_new_tokens` continuations of LEFT-padded prompts with a KV cache.
+
+    With `num_samples=G` it draws G completions of every prompt in one call (the groups of
+    GRPO / RLOO): each prompt is prefilled once, its cache copied G times, and the outputs have
+    shape [P, G, N]; the draws are those of `generate` on the prompts each repeated G times
+    (`jnp.repeat(prompts, G, axis=0)`, rows p * G + g) with the same `rng`.
 
     Step i draws from softmax(logits_i / temperature) truncated to the top-k tokens and then the
     top-p nucleus (Holtzman et al. 2020), or takes the argmax when temperature == 0; the draw of
@@ -192,9 +198,11 @@ def generate(
       temperature: > 0 samples, 0 is greedy; may be traced.
       top_k, top_p: optional truncation (top_k static, top_p may be traced).
       eos_id, pad_id: static ints.
+      num_samples: G completions per prompt (static), or None for one (outputs [B, N]).
 
     Returns:
-      Generation(tokens [B, N] int32, logps [B, N] float32, mask [B, N] int32).
+      Generation(tokens [B, N] int32, logps [B, N] float32, mask [B, N] int32); [P, G, N] each
+      with `num_samples=G`.
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask).astype(bool)
@@ -205,12 +213,20 @@ def generate(
         raise ValueError(
             f"need 1 <= max_new_tokens and P + N <= max_len, got {p}+{n}>{cfg.max_len}"
         )
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (or None), got {num_samples}")
     variables = {"params": params}
     # The last sampled token is never fed back, so P + N - 1 slots suffice.
     cache = init_cache(cfg, b, p + n - 1)
     logits, cache = model.apply(
         variables, prompt_tokens, prompt_mask, cache, last_only=True, method="decode"
     )
+    groups = num_samples or 1
+    if groups > 1:  # one prefill per prompt, its cache and last logits copied to its G rows
+        logits, cache = jax.tree.map(
+            lambda x: x if x.ndim == 0 else jnp.repeat(x, groups, axis=0), (logits, cache)
+        )
+        b = b * groups
 
     # All randomness up front: one uniform per row and step (no RNG work inside the loop).
     uniforms = jax.random.uniform(rng, (n, b), jnp.float32)  # [N, B]
@@ -247,4 +263,7 @@ def generate(
 
     carry = (jnp.ones((), jnp.int32), token, live, done, cache, tokens, logps, mask)
     *_, tokens, logps, mask = jax.lax.while_loop(cond, body, carry)
-    return Generation(tokens=tokens, logps=logps, mask=mask)
+    out = Generation(tokens=tokens, logps=logps, mask=mask)
+    if num_samples is None:
+        return out
+    return jax.tree.map(lambda x: x.reshape(b // groups, groups, n), out)

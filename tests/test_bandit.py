@@ -355,3 +355,117 @@ def test_train_policy_takes_a_pairwise_loss_function_equal_to_the_builtin():
     with pytest.raises(ValueError, match="beta must be > 0"):
         bd.train_policy(hand_dpo, bd.Bandit(*(a[0] for a in bandits)), weights[0], -1.0,
                         jax.random.key(0), steps=1)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Critic-free methods: where the KL term sits decides the fixed point.
+#
+# Final TV over 3 bandits × β ∈ {0.5, 2}, G = 16 samples per context, 600 steps, lr 0.05
+# (measured 2026-11-29, max over the 6 runs):
+#                 KL in the reward   β k3 in the loss:
+#   method        TV(π*)             TV(π*)   TV(π_k3(β))   TV(π_k3(βG/(G-1)))
+#   grpo          0.0004             0.29     0.28          0.29
+#   dr_grpo       0.0024             0.11     0.014         0.0080
+#   rloo          0.0024             0.10     0.0055        0.013
+#   reinforce_pp  0.0088             0.10     0.066         0.075
+# With the KL in the reward (r - β k1, Eq. 3) every method reaches π*: at π* the penalised reward
+# is β log Z(x) for every arm, so every advantage is 0 there whatever the baseline or scaling.
+# With β k3 in the loss the expected gradient of the KL term is that of the REVERSE KL(π_ref ‖ π):
+# an unbiased policy gradient (RLOO) converges to `k3_in_loss_fixed_point(β)`, one scaled by
+# 1 - 1/G (the mean baseline, Dr. GRPO) to the same point at β G/(G-1); GRPO's per-group std and
+# REINFORCE++'s batch whitening rescale the policy-gradient term by random factors, and converge
+# elsewhere (no closed form).
+CF_STEPS, CF_G = 600, 16
+
+
+@functools.cache
+def _critic_free(method, kl_in):
+    bandits = _random_bandits(11, 3)
+    policies = _train(
+        method, bandits, None, TRAIN_BETAS, steps=CF_STEPS, lr=0.05, n_samples=CF_G, kl_in=kl_in
+    )
+    return bandits, np.asarray(policies)
+
+
+@jax.jit
+def _tv_to_k3_point(policies, bandits, betas, scale):
+    target = jax.vmap(
+        lambda b: jax.vmap(
+            lambda beta: bd.k3_in_loss_fixed_point(b.ref_probs, b.rewards, beta / scale)
+        )(betas)
+    )(bandits)
+    return 0.5 * jnp.abs(policies - target).sum(-1).mean(-1)
+
+
+@pytest.mark.parametrize("method", bd.CRITIC_FREE_METHODS)
+def test_critic_free_with_the_kl_in_the_reward_converges_to_the_optimum(method):
+    bandits, policies = _critic_free(method, "reward")
+    tv = _tv_to_optimum(policies, bandits, TRAIN_BETAS)
+    assert tv.max() < 0.02, tv
+
+
+@pytest.mark.parametrize(
+    "method,scale", [("rloo", 1.0), ("dr_grpo", 1.0 - 1.0 / CF_G), ("grpo", None),
+                     ("reinforce_pp", None)],
+)  # fmt: skip
+def test_critic_free_with_k3_in_the_loss_converges_elsewhere(method, scale):
+    """Not to π*; RLOO and Dr. GRPO to the closed form of `k3_in_loss_fixed_point` (Dr. GRPO at
+    β / (1 - 1/G)); GRPO and REINFORCE++ to neither (their scaling has no closed form)."""
+    bandits, policies = _critic_free(method, "loss")
+    assert _tv_to_optimum(policies, bandits, TRAIN_BETAS).max() > 0.05
+    to_k3 = np.asarray(_tv_to_k3_point(policies, bandits, TRAIN_BETAS, 1.0))
+    if scale is None:
+        assert to_k3.max() > 0.05, to_k3
+        return
+    assert np.asarray(_tv_to_k3_point(policies, bandits, TRAIN_BETAS, scale)).max() < 0.02
+    other = (1.0 - 1.0 / CF_G) if scale == 1.0 else 1.0  # the other β' is measurably worse
+    worse = np.asarray(_tv_to_k3_point(policies, bandits, TRAIN_BETAS, other)).max()
+    assert worse > np.asarray(_tv_to_k3_point(policies, bandits, TRAIN_BETAS, scale)).max()
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.0, 3.0])
+def test_k3_in_loss_fixed_point_is_stationary_and_not_the_optimum(beta):
+    """At the closed form, the exact expected gradient of E_π[r] + β k3-in-the-loss (samples from
+    a frozen copy of π, as in training) is 0; at π* it is not, and vice versa for Eq. 3."""
+    bandit = bd.random_bandit(jax.random.key(5), 3, 6)
+    ref_logps = jax.nn.log_softmax(bandit.ref_logits, axis=-1)
+    fixed = bd.k3_in_loss_fixed_point(bandit.ref_probs, bandit.rewards, beta)
+    np.testing.assert_allclose(fixed.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(fixed) > 0)
+
+    def k3_loss(logits, frozen):
+        logps = jax.nn.log_softmax(logits, axis=-1)
+        weights = jax.nn.softmax(frozen, axis=-1)  # the sampling distribution, no gradient
+        log_r = ref_logps - logps
+        k3 = jnp.expm1(log_r) - log_r
+        pg = jax.lax.stop_gradient(
+            weights * (bandit.rewards - (weights * bandit.rewards).sum(-1, keepdims=True))
+        )
+        return jnp.sum(-pg * logps + beta * weights * k3)
+
+    def grad_at(probs):
+        logits = jnp.log(probs)
+        return np.asarray(jax.grad(k3_loss)(logits, logits))
+
+    optimum = bd.optimal_policy(bandit.ref_probs, bandit.rewards, beta)
+    assert np.abs(grad_at(fixed)).max() < 1e-5
+    assert np.abs(grad_at(optimum)).max() > 1e-2
+    assert float(bd.tv_distance(fixed, optimum).mean()) > 0.01
+    # Eq. 3's own gradient vanishes at π*, not at the k3 point.
+    eq3 = jax.grad(
+        lambda lg: (
+            -bd.kl_regularized_objective(
+                jax.nn.softmax(lg), bandit.ref_probs, bandit.rewards, beta
+            ).sum()
+        )
+    )
+    assert np.abs(np.asarray(eq3(jnp.log(optimum)))).max() < 1e-5
+    assert np.abs(np.asarray(eq3(jnp.log(fixed)))).max() > 1e-2
+
+
+def test_kl_in_the_loss_is_refused_where_it_does_not_apply():
+    bandit = bd.random_bandit(jax.random.key(0), 2, 3)
+    with pytest.raises(ValueError, match="kl_in='loss' applies to"):
+        bd.train_policy("ppo", bandit, None, 1.0, jax.random.key(0), steps=1, kl_in="loss")
+    with pytest.raises(ValueError, match="kl_in must be one of"):
+        bd.train_policy("grpo", bandit, None, 1.0, jax.random.key(0), steps=1, kl_in="both")

@@ -226,3 +226,25 @@ def test_inverse_cdf_sample_against_numpy(vocab):
             assert p[r, tokens[i, r]] > 0
             if np.min(np.abs(cdf[r] - target)) > 1e-5 * total[r]:  # not on a rounding boundary
                 assert tokens[i, r] == np.searchsorted(cdf[r], target, side="right")
+
+
+def test_groups_of_completions_equal_generate_on_repeated_prompts(setup):
+    """num_samples=G: one prefill per prompt, [P, G, N] outputs, the same draws as `generate` on
+    every prompt repeated G times (rows p * G + g) with the same key; the G completions of a
+    prompt differ from each other, and each row's log-probs are its teacher-forced ones."""
+    params, prompts, mask, _, eos = setup
+    p, g = 4, 3
+    groups = jax.jit(generate, static_argnames=(*STATIC, "num_samples"))
+    kw = dict(max_new_tokens=N, temperature=0.9, eos_id=eos, pad_id=PAD)
+    out = groups(MODEL, params, prompts[:p], mask[:p], jax.random.key(7), num_samples=g, **kw)
+    assert out.tokens.shape == out.logps.shape == out.mask.shape == (p, g, N)
+    flat = gen(
+        MODEL, params, np.repeat(prompts[:p], g, 0), np.repeat(mask[:p], g, 0),
+        jax.random.key(7), **kw,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out.tokens).reshape(p * g, N), flat.tokens)
+    np.testing.assert_array_equal(np.asarray(out.mask).reshape(p * g, N), flat.mask)
+    np.testing.assert_allclose(np.asarray(out.logps).reshape(p * g, N), flat.logps, atol=1e-6)
+    assert all(len({tuple(r) for r in np.asarray(out.tokens)[i]}) > 1 for i in range(p))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        generate(MODEL, params, prompts, mask, jax.random.key(0), max_new_tokens=2, num_samples=0)

@@ -1,8 +1,19 @@
-"""Pure loss functions of arrays: log-probs, SFT, reward (Eq. 2), KL (Eq. 3), PPO, DPO family.
+"""Pure loss functions of arrays: log-probs, SFT, reward (Eq. 2), KL (Eq. 3), PPO, DPO family,
+critic-free policy gradients (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++).
 
 All functions are un-jitted, compute in float32 and return per-example values unless stated.
 """
 
+from rlhf_jax.losses.critic_free import (
+    AGGREGATIONS,
+    BASELINES,
+    RATIOS,
+    SCALES,
+    group_advantages,
+    policy_gradient_loss,
+    reinforce_pp_advantages,
+    reward_to_go,
+)
 from rlhf_jax.losses.dpo import (
     DPO_LOSS_TYPES,
     PAIRWISE_LOSSES,
@@ -25,6 +36,14 @@ from rlhf_jax.losses.ppo import gae, ppo_policy_loss, ppo_value_loss, whiten
 from rlhf_jax.losses.reward import bradley_terry_loss
 
 __all__ = [
+    "AGGREGATIONS",
+    "BASELINES",
+    "RATIOS",
+    "SCALES",
+    "group_advantages",
+    "policy_gradient_loss",
+    "reinforce_pp_advantages",
+    "reward_to_go",
     "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "PAIRWISE_LOSSES",
