@@ -1,9 +1,19 @@
 """Train state and pure steps `step(state, batch) -> (state, metrics)`: SFT, reward model, DPO
-family, Unlikelihood, PPO, and precomputed reference log-probs. Every step is
+family, Unlikelihood, PPO, the critic-free methods (GRPO, Dr. GRPO, DAPO, GSPO, RLOO,
+REINFORCE++), and precomputed reference log-probs. Every step is
 `make_step(loss_fn, optimizer)` of a loss `loss_fn(params, batch, *, frozen, hparams) -> (loss,
 metrics)`, so a user's loss trains the same way. Steps are un-jitted; drivers compile them with
 `rlhf_jax.sharding`'s helper (donating the state)."""
 
+from rlhf_jax.train.critic_free import (
+    ALGORITHMS,
+    CriticFreeConfig,
+    CriticFreeRollout,
+    make_critic_free_loss,
+    make_critic_free_rollout,
+    make_critic_free_step,
+    make_critic_free_update,
+)
 from rlhf_jax.train.dpo import LOSS_TYPES, make_dpo_eval, make_dpo_loss, make_dpo_step, pair_logps
 from rlhf_jax.train.ppo import (
     PPOConfig,
@@ -50,6 +60,13 @@ from rlhf_jax.train.step import make_eval, make_step, paired_optimizer
 from rlhf_jax.train.unlikelihood import make_unlikelihood_loss, make_unlikelihood_step
 
 __all__ = [
+    "ALGORITHMS",
+    "CriticFreeConfig",
+    "CriticFreeRollout",
+    "make_critic_free_loss",
+    "make_critic_free_rollout",
+    "make_critic_free_step",
+    "make_critic_free_update",
     "HPARAM_RANGES",
     "LOSS_TYPES",
     "PPOConfig",

@@ -1,0 +1,193 @@
+"""The verifiable-reward task and the critic-free iteration on a language model.
+
+- `exact_match_reward` (JAX, token ids) against a Python string check of the decoded texts;
+- the noisy demonstrations: the corrupted fraction and the loss mask;
+- one compiled iteration (generation, reward, update) with no host callback, equal to rollout
+  then update, whose rollout advantages are the NumPy group advantages of its rewards and whose
+  update is `-lr ×` the gradient of `policy_gradient_loss` on log-probs recomputed here;
+- a tiny GRPO run on 1-digit addition raises held-out pass@1 by at least 15 points.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import losses, models, train
+from rlhf_jax.data import arithmetic as ar
+from rlhf_jax.sampling import generate
+
+TASK = ar.ArithmeticTask(digits=2, noise=0.5)
+CFG = models.get_config("tiny", vocab_size=16, max_len=16, d_model=32, n_layers=1, n_heads=2)
+
+
+def test_exact_match_reward_against_the_decoded_strings():
+    rs = np.random.default_rng(0)
+    problems = TASK.problems(64, 3)
+    prompts, prompt_mask = TASK.prompts(problems)
+    n = TASK.answer_length
+    tok = ar.CharTokenizer()
+    responses = np.full((64, n), ar.PAD, np.int32)
+    mask = np.zeros((64, n), np.int32)
+    for i, (a, b) in enumerate(problems):
+        kind = i % 5
+        answer = str(a + b)
+        if kind == 1:  # one digit wrong
+            answer = answer[:-1] + str((int(answer[-1]) + 1) % 10)
+        if kind == 2:  # a digit too many
+            answer = answer + "0"
+        ids = tok.encode(answer[: n - 1]) + ([ar.EOS] if kind != 3 else [])  # 3: no EOS
+        if kind == 4:  # the right digits, then a stray token before EOS
+            ids = tok.encode(str(a + b)) + [ar.PLUS, ar.EOS]
+        ids = ids[:n]
+        responses[i, : len(ids)], mask[i, : len(ids)] = ids, 1
+        responses[i, len(ids) :] = rs.integers(0, ar.VOCAB_SIZE, n - len(ids))  # masked junk
+    got = np.asarray(ar.exact_match_reward(prompts, prompt_mask, responses, mask))
+    for i, (a, b) in enumerate(problems):
+        ids = [int(t) for t, m in zip(responses[i], mask[i]) if m]
+        want = ids == tok.encode(str(a + b)) + [ar.EOS]
+        assert got[i] == float(want), (i, a, b, ids)
+    assert got[0::5].all() and not got[1::5].any() and not got[3::5].any()
+
+
+def test_demonstrations_are_noisy_by_the_given_fraction():
+    problems = TASK.problems(2000, 1)
+    demos = TASK.demonstrations(problems, 2)
+    tok = ar.CharTokenizer()
+    wrong = 0
+    for (a, b), tokens, loss in zip(problems, demos["tokens"], demos["loss_mask"]):
+        answer = tok.decode([t for t, m in zip(tokens, loss) if m])
+        wrong += answer != str(a + b)
+        assert tokens[loss > 0][-1] == ar.EOS
+    assert abs(wrong / len(problems) - TASK.noise) < 0.04
+
+
+def _setup(algo="grpo", kl_in="loss", kl_coef=0.05, lr=0.1, **kw):
+    model = models.Transformer(CFG)
+    params = models.init_params(CFG, jax.random.key(0))
+    ref = jax.tree.map(lambda x: x * 1.1, params)
+    cfg = train.CriticFreeConfig(
+        algo=algo, group_size=4, kl_in=kl_in, max_new_tokens=TASK.answer_length,
+        eos_id=ar.EOS, pad_id=ar.PAD, temperature=0.9, **kw,
+    )  # fmt: skip
+    tx = optax.sgd(lr)
+    state = train.create_train_state(
+        params, tx, 3, frozen=ref, hparams={"kl_coef": kl_coef} if kl_coef else None
+    )
+    prompts, mask = TASK.prompts(TASK.problems(6, 4))
+    return model, cfg, tx, state, {"prompt_tokens": prompts, "prompt_mask": mask}
+
+
+@pytest.mark.parametrize("algo,kl_in", [("grpo", "loss"), ("rloo", "reward"), ("gspo", "loss")])
+def test_one_compiled_iteration_is_rollout_then_the_clipped_update(algo, kl_in):
+    model, cfg, tx, state, batch = _setup(algo, kl_in)
+    step = train.make_critic_free_step(model, ar.exact_match_reward, tx, cfg)
+    jaxpr = str(jax.make_jaxpr(step)(state, batch))
+    assert "callback" not in jaxpr  # generation, reward and update: one program, no host trip
+    new, metrics = jax.jit(step)(jax.tree.map(jnp.copy, state), batch)
+    _, ro = jax.jit(train.make_critic_free_rollout(model, ar.exact_match_reward, cfg))(state, batch)
+    assert ro.scores.shape == (6 * 4,) and ro.response_tokens.shape == (24, TASK.answer_length)
+
+    # Advantages: the NumPy group advantages of the rewards (Eq. 3's sequence reward with the KL
+    # in the reward), broadcast over each completion's tokens.
+    scores = np.asarray(ro.scores, np.float64)
+    if kl_in == "reward":
+        k1 = np.where(ro.response_mask > 0, np.asarray(ro.logps) - np.asarray(ro.ref_logps), 0)
+        scores = scores - 0.05 * k1.sum(1)
+    grouped = scores.reshape(6, 4)
+    if algo == "rloo":
+        adv = (grouped * 4 - grouped.sum(1, keepdims=True)) / 3
+    else:
+        adv = (grouped - grouped.mean(1, keepdims=True)) / (
+            grouped.std(1, ddof=1, keepdims=True) + 1e-6
+        )
+    want_adv = np.where(ro.response_mask > 0, adv.reshape(-1, 1), 0.0)
+    np.testing.assert_allclose(ro.advantages, want_adv, rtol=1e-4, atol=1e-5)
+
+    # The rollout's log-probs are teacher-forced ones at the sampling temperature.
+    tokens = jnp.concatenate([ro.query_tokens, ro.response_tokens], 1)
+    mask = jnp.concatenate([ro.query_mask, ro.response_mask], 1)
+    p, n = ro.query_tokens.shape[1], ro.response_tokens.shape[1]
+
+    def logps_of(params):
+        logits = model.apply({"params": params}, tokens, mask)[:, p - 1 : p - 1 + n] / 0.9
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, ro.response_tokens[..., None], axis=-1)[..., 0]
+        return jnp.where(ro.response_mask > 0, picked - logz, 0.0)
+
+    np.testing.assert_allclose(ro.logps, logps_of(state.params), atol=1e-5)
+
+    # One SGD step of the loss written here.
+    kw = cfg.loss_kwargs()
+    kl = dict(ref_logps=ro.ref_logps, kl_coef=0.05) if kl_in == "loss" else {}
+
+    def loss(params):
+        return losses.policy_gradient_loss(
+            logps_of(params), ro.logps, ro.advantages, ro.response_mask, **kl, **kw
+        )[0]
+
+    grads = jax.grad(loss)(state.params)
+    for after, before, g in zip(
+        jax.tree.leaves(new.params), jax.tree.leaves(state.params), jax.tree.leaves(grads)
+    ):
+        np.testing.assert_allclose(after - before, -0.1 * np.asarray(g), atol=1e-6)
+    assert float(metrics["reward"]) == pytest.approx(float(np.mean(ro.scores)))
+    assert int(new.step) == 1
+
+
+def test_config_is_checked_before_anything_runs():
+    with pytest.raises(ValueError, match="algo must be one of"):
+        train.CriticFreeConfig(algo="ppo")
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        train.CriticFreeConfig(group_size=1)
+    with pytest.raises(ValueError, match="kl_in must be 'loss' or 'reward'"):
+        train.CriticFreeConfig(kl_in="both")
+    cfg = train.CriticFreeConfig(algo="dapo", max_new_tokens=4)
+    assert cfg.loss_kwargs()["clip_eps_high"] == 0.28
+    assert (
+        train.CriticFreeConfig(algo="dapo", clip_eps_high=0.3).loss_kwargs()["clip_eps_high"] == 0.3
+    )
+
+
+@pytest.mark.slow
+def test_grpo_raises_heldout_pass_at_1_on_addition():
+    """SFT on noisy 1-digit demonstrations (half the answers corrupted), then 100 GRPO
+    iterations of 32 prompts × 8 completions on the exact-match reward."""
+    task = ar.ArithmeticTask(digits=1, noise=0.5)
+    cfg = models.get_config("tiny", vocab_size=16, max_len=16, d_model=64, n_layers=2, n_heads=4)
+    model = models.Transformer(cfg)
+    tx = train.make_optimizer(3e-3)
+    state = train.create_train_state(models.init_params(cfg, jax.random.key(0)), tx, 0)
+    sft = jax.jit(train.make_sft_step(model, tx))
+    demos = task.demonstrations(task.problems(4096, 0), 1)
+    for i in range(300):
+        rows = np.arange(i * 64, (i + 1) * 64) % 4096
+        state, _ = sft(state, {k: v[rows] for k, v in demos.items()})
+    prompts, mask = task.prompts(task.problems(256, 99))  # held out
+    greedy = jax.jit(
+        functools.partial(
+            generate, model, max_new_tokens=task.answer_length, temperature=0.0, eos_id=ar.EOS,
+            pad_id=ar.PAD,
+        )
+    )  # fmt: skip
+
+    def pass_at_1(params):
+        out = greedy(params, prompts, mask, jax.random.key(0))
+        return float(ar.exact_match_reward(prompts, mask, out.tokens, out.mask).mean())
+
+    before = pass_at_1(state.params)
+    rl = train.CriticFreeConfig(
+        algo="grpo", group_size=8, max_new_tokens=task.answer_length, eos_id=ar.EOS, pad_id=ar.PAD
+    )
+    tx = train.make_optimizer(1e-3)
+    rl_state = train.create_train_state(state.params, tx, 1)
+    step = jax.jit(train.make_critic_free_step(model, ar.exact_match_reward, tx, rl))
+    problems = task.problems(4096, 5)
+    for i in range(100):
+        p, m = task.prompts(problems[(np.arange(32) + 32 * i) % 4096])
+        rl_state, metrics = step(rl_state, {"prompt_tokens": p, "prompt_mask": m})
+    after = pass_at_1(rl_state.params)
+    assert before < 0.9 and after >= before + 0.15, (before, after)
