@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import drivers
 
 from rlhf_jax import losses, models, train
 from rlhf_jax.data import arithmetic as ar
@@ -191,3 +192,27 @@ def test_grpo_raises_heldout_pass_at_1_on_addition():
         rl_state, metrics = step(rl_state, {"prompt_tokens": p, "prompt_mask": m})
     after = pass_at_1(rl_state.params)
     assert before < 0.9 and after >= before + 0.15, (before, after)
+
+
+@pytest.mark.slow
+def test_grpo_driver_tiny_runs_resumes_and_refuses_bad_flags(tmp_path):
+    from rlhf_jax import cli
+
+    driver = drivers.load("grpo")
+    wd = tmp_path / "run"
+    rows = driver.main(["--preset", "tiny", "--workdir", str(wd), "--algo", "rloo"])
+    assert rows[-1]["step"] == 6 and {"reward", "loss", "clipfrac", "entropy"} <= set(rows[-1])
+    assert "eval/pass_at_1" in rows[-1]
+    summary = __import__("json").loads((wd / "pass_at_1.json").read_text())
+    assert summary["algo"] == "rloo" and 0 <= summary["final"] <= 1
+    assert rows[-1]["eval/pass_at_1"] == pytest.approx(summary["final"])
+    cfg, _ = models.from_pretrained(str(wd / "hf"))
+    assert cfg.vocab_size == 16
+    again = driver.main(["--preset", "tiny", "--workdir", str(wd), "--algo", "rloo"])
+    assert again == rows  # complete: nothing more to do
+    for bad, flag in [(["--digits", "0"], "--digits"), (["--group-size", "1"], "--group-size"),
+                      (["--algo", "ppo"], "--algo")]:  # fmt: skip
+        out = tmp_path / f"bad{flag}"
+        with pytest.raises((cli.ConfigError, SystemExit)):
+            driver.main(["--preset", "tiny", "--workdir", str(out), *bad])
+        assert not out.exists()

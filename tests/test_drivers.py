@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import drivers as driver_scripts
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf_jax import data, models, runner, sharding, train
@@ -32,13 +33,7 @@ _NAMES = ("sft", "reward_model", "dpo", "ppo")
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        f"driver_{name}", _ROOT / "experiments" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their string annotations there
-    spec.loader.exec_module(module)
-    return module
+    return driver_scripts.load(name)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ saved with `save_pretrained`, and read by `models.from_pretrained`:
 - greedy decoding token for token equal to transformers' `generate`, with left-padded prompts, for
   more new tokens than the window, and the rollout log-probs equal to teacher-forced ones;
 - `save_pretrained` -> transformers gives our logits; -> `from_pretrained` gives the same tree;
-- a DPO step on a 2x2x2 mesh of 8 host devices equals the one-device step ≤ 1e-5;
 - a reward model on the family trains one step (its loss is the Bradley-Terry loss of two
   separate forwards, and every trunk tensor moves).
+
+The DPO step on a 2x2x2 mesh and the driver runs are in test_families_training.py.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +24,14 @@ import numpy as np
 import pytest
 import torch
 from helpers.batches import preference_batch
-from helpers.families import FAMILIES, VOCAB, WINDOW, hf_logits, left_padded, save_hf
+from helpers.families import FAMILIES, TOL, VOCAB, WINDOW, T, hf_logits, left_padded, save_hf
+from helpers.families import logits as _logits
 
-from rlhf_jax import models, sharding
+from rlhf_jax import models
 from rlhf_jax.sampling import generate
-from rlhf_jax.train import create_train_state, make_dpo_step, make_optimizer, make_reward_step
+from rlhf_jax.train import create_train_state, make_optimizer, make_reward_step
 
 torch.set_num_threads(1)
-TOL = 1e-4
-T = 16  # > 3 windows
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +46,6 @@ def checkpoint(tmp_path_factory):
         return cache[family]
 
     return get
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(config, params, tokens, mask=None):
-    return models.Transformer(config).apply({"params": params}, tokens, mask)
 
 
 def _tokens(seed, b=3, t=T):
@@ -157,33 +151,6 @@ def test_configs_that_a_family_cannot_express_are_refused_before_writing(tmp_pat
         models.config_from_pretrained(str(tmp_path))
 
 
-def _perturbed(params, seed, scale=0.05):
-    rs = np.random.RandomState(seed)
-    return jax.tree.map(lambda x: (x + scale * rs.randn(*x.shape)).astype(np.float32), params)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_dpo_step_on_a_2x2x2_mesh_equals_one_device(family, checkpoint):
-    _, path = checkpoint(family)
-    cfg, params = models.from_pretrained(path)
-    tx = make_optimizer(1e-2, weight_decay=0.01, max_grad_norm=1.0, eps=1e-3)
-    state = create_train_state(params, tx, 0, frozen=_perturbed(params, 1), hparams={"beta": 0.1})
-    state = jax.tree.map(np.asarray, state)
-    step = make_dpo_step(models.Transformer(cfg), tx)
-    batch = preference_batch(0, 8, T, VOCAB)
-    want_state, want = jax.jit(step)(jax.tree.map(jnp.asarray, state), batch)
-    mesh = sharding.make_mesh(2, 2, 2)
-    sharded = sharding.shard_state(state, mesh)
-    q = sharded.params["layers_0"]["attn"]["q"]["kernel"]
-    assert q.addressable_shards[0].data.shape[1] == cfg.n_heads // 2  # whole heads per shard
-    compiled = sharding.compile_step(step, mesh, sharded, batch)
-    got_state, got = compiled(sharded, sharding.shard_batch(batch, mesh))
-    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reward_model_trains_one_step(family, checkpoint):
     _, path = checkpoint(family)
@@ -209,64 +176,6 @@ def test_reward_model_trains_one_step(family, checkpoint):
     moved["head"].pop("bias")
     moved["transformer"].pop("lm_head", None)
     assert all(jax.tree.leaves(moved)), moved
-
-
-def _driver(name):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"families_driver_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.slow
-def test_drivers_run_a_llama_from_sft_to_dpo_and_hand_over_a_llama(tmp_path):
-    """The SFT driver trains a Llama-shaped model (GQA, untied, llama3 RoPE) and hands over a
-    Llama folder; the DPO driver starts from it (`--init-from`: pair sampling with the KV cache,
-    policy and reference) and hands over a folder that transformers loads as `LlamaForCausalLM`
-    with our logits."""
-    import transformers
-
-    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
-    _driver("sft").main(["--preset", "tiny", "--model", "llama-tiny", "--workdir", str(sft_dir)])
-    cfg, _ = models.from_pretrained(str(sft_dir / "hf"))
-    assert (cfg.family, cfg.n_kv_heads, cfg.tie_embeddings) == ("llama", 2, False)
-    rows = _driver("dpo").main(
-        ["--preset", "tiny", "--workdir", str(dpo_dir), "--init-from", str(sft_dir)]
-    )
-    assert rows and all(np.isfinite(r["loss"]) for r in rows)
-    cfg, params = models.from_pretrained(str(dpo_dir / "hf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(dpo_dir / "hf")).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
-    np.testing.assert_allclose(_logits(cfg, params, tokens), hf_logits(hf, tokens), atol=TOL)
-
-
-@pytest.mark.slow
-def test_drivers_run_ppo_on_a_gemma2_with_a_window_shorter_than_the_rollouts(tmp_path):
-    """PPO (ground-truth reward) from a Gemma 2 SFT model whose sliding window (8) is shorter than
-    prompt + completion: rollouts through the KV cache, the value model on the same trunk, and a
-    hand-over folder that transformers loads as `Gemma2ForCausalLM` with our logits."""
-    import transformers
-
-    sft_dir, ppo_dir = tmp_path / "sft", tmp_path / "ppo"
-    _driver("sft").main(["--preset", "tiny", "--model", "gemma2-tiny", "--workdir", str(sft_dir)])
-    argv = ["--preset", "tiny", "--workdir", str(ppo_dir), "--init-from", str(sft_dir)]
-    rows = _driver("ppo").main(argv + ["--reward", "ground-truth"])
-    assert rows and all(np.isfinite(r["loss"]) for r in rows)
-    cfg, params = models.from_pretrained(str(ppo_dir / "hf"))
-    assert cfg.family == "gemma2" and cfg.sliding_window == 8
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(ppo_dir / "hf"), attn_implementation="eager"
-    ).eval()
-    assert type(hf).__name__ == "Gemma2ForCausalLM"
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)).astype(np.int32)
-    np.testing.assert_allclose(_logits(cfg, params, tokens), hf_logits(hf, tokens), atol=TOL)
 
 
 def test_sharded_safetensors_load_like_one_file(checkpoint, tmp_path):

@@ -161,12 +161,15 @@ def test_vmap_over_beta_equals_separate_steps(setup):
 def test_dpo_step_compiles_once(setup):
     *_, step, traces, _ = setup
     state = state_for(setup, 0.1)
-    n = step._cache_size()
+    state, _ = step(state, preference_batch(19))
+    # Relative to this test: jax's executable cache is shared by every jitted function of the
+    # worker process and may have evicted this step's entry since the module's earlier tests.
+    n, traced = step._cache_size(), len(traces)
     for seed in range(3):
         state, m = step(state, preference_batch(20 + seed))
         assert np.isfinite(float(m["loss"]))
-    assert step._cache_size() == n == 1 and len(traces) == 1
-    assert int(state.step) == 3
+    assert step._cache_size() == n == 1 and len(traces) == traced
+    assert int(state.step) == 4
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo"])

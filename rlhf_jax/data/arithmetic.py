@@ -1,8 +1,9 @@
 """The offline verifiable-reward task: multi-digit addition with a character-level tokenizer.
 
 A prompt is "a+b=" (each operand 1..`digits` digits), the answer the decimal sum, then EOS. Demos
-for SFT are made noisy on purpose (a fraction of answers has one digit changed), so that the SFT
-model's held-out pass@1 starts low and RL on the exact-match reward has room to raise it.
+for SFT are made noisy on purpose (a fraction `noise` of the answers has its last digit one too
+high, a consistent annotator error), so that the SFT model's held-out pass@1 starts low and RL on
+the exact-match reward has room to raise it.
 
 The reward is a JAX function of token ids (`exact_match_reward`): it parses the operands from the
 left-padded prompt, computes the sum and compares the completion with the sum's digits followed
@@ -52,10 +53,12 @@ class CharTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class ArithmeticTask:
-    """Problems "a+b=" with operands of 1..`digits` digits; `noise` of the SFT answers corrupted."""
+    """Problems "a+b=" with operands of 1..`digits` digits; a fraction `noise` of the SFT answers
+    carries a consistent error (the last digit one too high), so that an SFT model that imitates
+    its data prefers the wrong answer and RL on the exact-match reward has something to fix."""
 
     digits: int = 2
-    noise: float = 0.5
+    noise: float = 0.6
 
     @property
     def prompt_length(self) -> int:
@@ -84,8 +87,8 @@ class ArithmeticTask:
 
     def demonstrations(self, problems: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         """SFT batch {tokens, attention_mask, loss_mask} [n, prompt + answer], right-padded:
-        "a+b=" then the answer (one digit changed with probability `noise`) and EOS; the loss is
-        on the answer and EOS."""
+        "a+b=" then the answer (its last digit + 1 mod 10 with probability `noise`) and EOS; the
+        loss is on the answer and EOS."""
         rs = np.random.default_rng(seed)
         tok = CharTokenizer()
         width = self.prompt_length + self.answer_length
@@ -93,9 +96,8 @@ class ArithmeticTask:
         out["loss_mask"] = np.zeros((len(problems), width), np.int32)
         for i, (a, b) in enumerate(problems):
             answer = list(str(a + b))
-            if rs.random() < self.noise:
-                j = rs.integers(len(answer))
-                answer[j] = str((int(answer[j]) + rs.integers(1, 10)) % 10)
+            if rs.random() < self.noise:  # a consistent annotator error: last digit off by one
+                answer[-1] = str((int(answer[-1]) + 1) % 10)
             prompt = tok.encode(f"{a}+{b}=")
             ids = prompt + tok.encode("".join(answer)) + [EOS]
             out["tokens"][i, : len(ids)] = ids

@@ -7,7 +7,12 @@ enough to bite. Every weight is re-drawn away from its init (norm scales and bia
 matrices N(0, 0.1)), so a missing norm scale, bias or mis-mapped tensor cannot hide.
 """
 
+import functools
+
+import jax
 import numpy as np
+
+from rlhf_jax import models
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, WINDOW, LAYERS, CONTEXT = (
     211, 48, 6, 2, 16, 72, 5, 2, 64,
@@ -107,3 +112,13 @@ def left_padded(tokens: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray, np
         out[i, t - n :], mask[i, t - n :] = tokens[i, :n], 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return out, mask, positions
+
+
+TOL = 1e-4  # logits against transformers, float32
+T = 16  # sequence length of the tests: more than 3 windows
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def logits(config, params, tokens, mask=None):
+    """Our logits [B, T, V] (jitted per config)."""
+    return models.Transformer(config).apply({"params": params}, tokens, mask)
