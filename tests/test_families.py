@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import families
 from helpers.batches import preference_batch
-from helpers.families import FAMILIES, TOL, VOCAB, WINDOW, T, hf_logits, left_padded, save_hf
+from helpers.families import FAMILIES, TOL, VOCAB, WINDOW, T, hf_logits, left_padded
 from helpers.families import logits as _logits
 
 from rlhf_jax import models
@@ -37,15 +38,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """family -> (transformers model, its folder), built once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(family)
-            cache[family] = (save_hf(family, path, seed=FAMILIES.index(family)), str(path))
-        return cache[family]
-
-    return get
+    return families.checkpoints(tmp_path_factory)
 
 
 def _tokens(seed, b=3, t=T):

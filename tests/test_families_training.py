@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import drivers
+from helpers import drivers, families
 from helpers.batches import preference_batch
-from helpers.families import FAMILIES, TOL, VOCAB, T, hf_logits, save_hf
+from helpers.families import FAMILIES, TOL, VOCAB, T, hf_logits
 from helpers.families import logits as _logits
 
 from rlhf_jax import models, sharding
@@ -20,15 +20,7 @@ from rlhf_jax.train import create_train_state, make_dpo_step, make_optimizer
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """family -> (transformers model, its folder), built once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(family)
-            cache[family] = (save_hf(family, path, seed=FAMILIES.index(family)), str(path))
-        return cache[family]
-
-    return get
+    return families.checkpoints(tmp_path_factory)
 
 
 def _perturbed(params, seed, scale=0.05):

@@ -122,3 +122,17 @@ T = 16  # sequence length of the tests: more than 3 windows
 def logits(config, params, tokens, mask=None):
     """Our logits [B, T, V] (jitted per config)."""
     return models.Transformer(config).apply({"params": params}, tokens, mask)
+
+
+def checkpoints(tmp_path_factory):
+    """`get(family) -> (transformers model, its folder)`, each built and saved once (the body of
+    the test modules' module-scoped `checkpoint` fixture)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(family)
+            cache[family] = (save_hf(family, path, seed=FAMILIES.index(family)), str(path))
+        return cache[family]
+
+    return get
