@@ -1,22 +1,37 @@
 """Critic-free RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++) on the offline verifiable-reward
-task: multi-digit addition with an exact-match reward.
+task (multi-digit addition, exact-match reward) or on the offline sentiment task (a learned reward
+model or the ground-truth VADER reward).
 
     .venv/bin/python experiments/grpo.py --preset tiny --workdir runs/grpo_tiny   # seconds
     .venv/bin/python experiments/grpo.py --workdir runs/grpo                    # ~1.5 min on CPU
     .venv/bin/python experiments/grpo.py --algo rloo --kl-coef 0.05 --kl-in reward
+    .venv/bin/python experiments/grpo.py --algo dapo --num-groups 16 --prompts-per-step 32
+    .venv/bin/python experiments/grpo.py --task sentiment --init-from runs/sft --reward runs/rm
+    .venv/bin/python experiments/grpo.py --task sentiment --init-from runs/sft --reward ground-truth
 
-Stage 1 (WORKDIR/sft/, skipped with --init-from): a small decoder from random init learns
-addition from noisy demonstrations (`data.arithmetic`: a fraction --noise of the answers has its
-last digit one too high, a consistent annotator error), so its greedy held-out pass@1 starts low.
-Stage 2 (WORKDIR/): --steps iterations of --algo, each ONE compiled program: --prompts-per-step
-prompts x --group-size completions (`generate(num_samples=G)`), the exact-match reward in JAX on
-token ids, group advantages and the clipped policy-gradient update (`train.make_critic_free_step`).
-With --kl-coef > 0 the SFT model is the frozen reference and --kl-in puts β k3 in the loss (GRPO)
-or β k1 in the reward (Eq. 3).
+Arithmetic. Stage 1 (WORKDIR/sft/, skipped with --init-from): a small decoder from random init
+learns addition from noisy demonstrations (`data.arithmetic`: a fraction --noise of the answers has
+its last digit one too high, a consistent annotator error), so its greedy held-out pass@1 starts
+low. Stage 2 (WORKDIR/): --steps iterations of --algo, each ONE compiled program:
+--prompts-per-step prompts x --group-size completions (`generate(num_samples=G)`), the exact-match
+reward in JAX on token ids, group advantages and the clipped policy-gradient update
+(`stages.train_critic_free`). Writes pass_at_1.json (held-out greedy pass@1 of the SFT model and
+of the final one) and eval/pass_at_1 every --eval-every steps.
 
-Writes WORKDIR/run_config.json, sft/ (checkpoints, metrics, hf/), metrics.jsonl (reward, loss,
-clip fractions, entropy, eval/pass_at_1 every --eval-every steps), checkpoints/ (rerun to
-resume), hf/ and pass_at_1.json (held-out greedy pass@1 of the SFT model and of the final one).
+Sentiment. --init-from is the SFT workdir of experiments/sft.py (or an HF folder); --reward a
+reward-model workdir (reward_model.py; scored inside the one compiled iteration) or
+`ground-truth` (VADER on the decoded texts, on the host between the compiled rollout and the
+compiled update). Every --eval-every steps: the mean ground-truth reward and the exact KL to the
+SFT model on --eval-prompts held-out prompts (eval/reward, eval/kl).
+
+Both: with --kl-coef > 0 the starting model is the frozen reference and --kl-in puts β k3 in the
+loss (GRPO) or β k1 in the reward (Eq. 3). DAPO's dynamic sampling (on for dapo, or
+--dynamic-sampling True) trains on the first --num-groups groups whose rewards differ (default:
+every informative group of the batch); --overlong-cache L turns on DAPO's overlong penalty over
+the last L of --max-new-tokens.
+
+Writes WORKDIR/run_config.json, metrics.jsonl (reward, loss, clip fractions, entropy,
+groups_kept, ...), checkpoints/ (rerun to resume) and hf/.
 """
 
 from __future__ import annotations
@@ -31,17 +46,26 @@ import jax
 import numpy as np
 
 from rlhf_jax import cli, handover, models, runner, sharding, stages, train
+from rlhf_jax import data as rdata
+from rlhf_jax import eval as ev
 from rlhf_jax.data import arithmetic as ar
-from rlhf_jax.sampling import generate
+from rlhf_jax.data import synthetic
+from rlhf_jax.sampling import SamplingConfig, generate
+
+GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Critic-free RL on the addition task."""
+    """Critic-free RL on the addition task or the sentiment task."""
 
     workdir: str = "runs/grpo"
     algo: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] = "grpo"
-    task: Literal["arithmetic"] = "arithmetic"
+    task: Literal["arithmetic", "sentiment"] = "arithmetic"
+    data_dir: str = cli.default_data_dir(__file__)  # sentiment: the prepared synthetic task
+    reward: str = GROUND_TRUTH  # sentiment: a reward-model workdir, or "ground-truth" (VADER)
+    max_new_tokens: int = 24  # sentiment (arithmetic: the answer length)
+    max_prompt_length: int = 8  # sentiment
     digits: int = 2  # operands of 1..digits digits
     noise: float = 0.6  # fraction of SFT answers with the last digit one too high
     init_from: str | None = None  # an SFT workdir or HF folder of this task; None: stage 1
@@ -59,7 +83,10 @@ class Config:
     kl_coef: float = 0.0
     kl_in: Literal["loss", "reward"] = "loss"
     temperature: float = 1.0
-    eval_prompts: int = 512  # held-out problems for greedy pass@1
+    dynamic_sampling: bool | None = None  # DAPO's (None: on for dapo only)
+    num_groups: int | None = None  # groups trained per step with dynamic sampling (None: all)
+    overlong_cache: int | None = None  # DAPO's overlong penalty ramp, in tokens (None: off)
+    eval_prompts: int = 512  # held-out problems (greedy pass@1) or prompts (reward, KL)
     eval_every: int = 100
     log_every: int = 20
     checkpoint_every: int = 100
@@ -138,6 +165,43 @@ def pass_at_1_fn(model, task: ar.ArithmeticTask, n: int, seed: int):
     return fn
 
 
+def _rl_config(config: Config, max_new_tokens: int, eos_id: int, pad_id: int):
+    return train.CriticFreeConfig(
+        algo=config.algo, group_size=config.group_size, kl_in=config.kl_in,
+        temperature=config.temperature, max_new_tokens=max_new_tokens, eos_id=eos_id,
+        pad_id=pad_id, dynamic_sampling=config.dynamic_sampling, num_groups=config.num_groups,
+        overlong_cache=config.overlong_cache,
+    )  # fmt: skip
+
+
+def _schedule(config: Config) -> stages.Schedule:
+    return stages.Schedule(
+        steps=config.steps, batch_size=config.prompts_per_step,
+        learning_rate=config.learning_rate, decay=False, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+    )  # fmt: skip
+
+
+def _check(config: Config, max_new_tokens: int) -> None:
+    """The checks that name a flag, before any side effect."""
+    dynamic = config.dynamic_sampling or (config.dynamic_sampling is None and config.algo == "dapo")
+    if config.num_groups is not None:
+        if not dynamic:
+            raise cli.ConfigError(
+                "--num-groups applies with dynamic sampling (--algo dapo or --dynamic-sampling)"
+            )
+        if not 1 <= config.num_groups <= config.prompts_per_step:
+            raise cli.ConfigError(
+                f"--num-groups {config.num_groups} must be in [1, --prompts-per-step "
+                f"{config.prompts_per_step}]: the kept groups come from the sampled ones"
+            )
+    if config.overlong_cache is not None and not 1 <= config.overlong_cache <= max_new_tokens:
+        raise cli.ConfigError(
+            f"--overlong-cache {config.overlong_cache} must be in [1, {max_new_tokens}] (the "
+            "completion length cap)"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the RL stage's metrics rows."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
@@ -149,15 +213,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "noise": (lambda x: 0 <= x < 1, "in [0, 1)"),
             "group_size": (lambda g: g >= 2, ">= 2"),
             "eval_prompts": (lambda n: n >= 1, ">= 1"),
+            "temperature": (lambda t: t > 0, "> 0 (the methods sample)"),
         },
     )
+    if config.task == "sentiment":
+        return _sentiment(config)
+    if config.reward != GROUND_TRUTH:
+        raise cli.ConfigError(
+            "--reward applies to --task sentiment; the addition task's reward is the exact match"
+        )
     if config.init_from:
         handover.resolve_init_folder(config.init_from)
+    task = ar.ArithmeticTask(digits=config.digits, noise=config.noise)
+    _check(config, task.answer_length)
     sharding.init_distributed()
     mesh = cli.resolve_mesh(config.mesh)
     cli.check_batch(config.prompts_per_step, mesh, name="prompts_per_step")
     cli.check_batch(config.sft_batch_size, mesh, name="sft_batch_size")
-    task = ar.ArithmeticTask(digits=config.digits, noise=config.noise)
     cfg = handover.init_config(config.init_from) if config.init_from else None
     cfg = cfg or _model_config(config, task)
     if cfg.vocab_size < ar.VOCAB_SIZE or cfg.max_len < task.prompt_length + task.answer_length:
@@ -165,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"--init-from {config.init_from}: its model (vocabulary {cfg.vocab_size}, context "
             f"{cfg.max_len}) cannot read {config.digits}-digit problems; train it with this task"
         )
+    rl = _rl_config(config, task.answer_length, ar.EOS, ar.PAD)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
     workdir = Path(config.workdir)
     model = models.Transformer(cfg)
@@ -191,33 +264,75 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         params = jax.device_get(state.params)
         handover.save_lm(workdir / "sft", cfg, params)
     before = pass_at_1(params)
-
-    rl = train.CriticFreeConfig(
-        algo=config.algo, group_size=config.group_size, kl_in=config.kl_in,
-        temperature=config.temperature, max_new_tokens=task.answer_length, eos_id=ar.EOS,
-        pad_id=ar.PAD,
-    )  # fmt: skip
-    opt = train.make_optimizer(config.learning_rate)
-    kl = {"frozen": params, "hparams": {"kl_coef": config.kl_coef}} if config.kl_coef else {}
-    state, rows = runner.fit(
-        train.make_critic_free_step(model, ar.exact_match_reward, opt, rl),
-        train.create_train_state(params, opt, config.seed, **kl),
-        _prompts(task, config),
-        workdir=workdir,
-        mesh=mesh,
+    params, rows = stages.train_critic_free(
+        cfg, params, _prompts(task, config), workdir=workdir, mesh=mesh,
+        schedule=_schedule(config), rl=rl, reward_fn=ar.exact_match_reward,
+        kl_coef=config.kl_coef, seed=config.seed,
         eval_fn=lambda state, step: {"pass_at_1": pass_at_1(state.params)},
-        eval_every=config.eval_every,
-        steps=config.steps,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        desc=config.algo,
-    )
-    after = pass_at_1(state.params)
-    handover.save_lm(workdir, cfg, state.params)
+    )  # fmt: skip
+    after = pass_at_1(params)
     if sharding.is_primary():
         summary = {"algo": config.algo, "sft": before, "final": after, "steps": config.steps}
         (workdir / "pass_at_1.json").write_text(json.dumps(summary, indent=2))
     print(f"{config.algo}: held-out pass@1 {before:.3f} -> {after:.3f}; wrote {workdir}")
+    return rows
+
+
+def _sentiment(config: Config) -> list[dict]:
+    """--task sentiment: from an SFT model, on a reward model or the ground truth."""
+    if not config.init_from:
+        raise cli.ConfigError(
+            "--task sentiment starts from (and regularises towards) the SFT model: pass "
+            "--init-from (an experiments/sft.py workdir or an HF folder)"
+        )
+    handover.resolve_init_folder(config.init_from)
+    if config.reward != GROUND_TRUTH:
+        handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
+    _check(config, config.max_new_tokens)
+    sharding.init_distributed()
+    mesh = cli.resolve_mesh(config.mesh)
+    cli.check_batch(config.prompts_per_step, mesh, name="prompts_per_step")
+    task = synthetic.load_task(synthetic.prepare(config.data_dir))
+    tok = rdata.task_tokenizer(task)
+    cfg = handover.init_config(config.init_from)
+    handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
+    rl = _rl_config(config, config.max_new_tokens, tok.eos_id, tok.pad_id)
+    cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
+
+    cfg, params = handover.load_init_params(config.init_from)
+    if config.reward == GROUND_TRUTH:
+        reward = {"host_reward": task.reward_fn, "reward_on": "text"}
+    else:
+        reward = {"reward_model": handover.load_reward_model(config.reward)}
+    model = models.Transformer(cfg)
+    prompts = rdata.tokenize_prompts(
+        tok, task.test_prompts[: config.eval_prompts], max_prompt_length=config.max_prompt_length
+    )
+    sampling = SamplingConfig(config.max_new_tokens, config.temperature)
+
+    def eval_fn(state, step):
+        res = ev.evaluate_reward_kl(
+            model, state.params, params, prompts, jax.random.key(config.seed + 12345),
+            sampling=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            reward_fn=synthetic.ground_truth_reward, tokenizer=tok, batch_size=256,
+        )  # fmt: skip
+        return {"reward": res.reward_mean, "kl": res.kl_mean}
+
+    loader = stages.prompt_loader(
+        task, batch_size=_schedule(config).local_batch_size,
+        max_prompt_length=config.max_prompt_length, seed=config.seed,
+    )  # fmt: skip
+    _, rows = stages.train_critic_free(
+        cfg, params, loader, workdir=config.workdir, mesh=mesh, schedule=_schedule(config),
+        rl=rl, tokenizer=tok, kl_coef=config.kl_coef, seed=config.seed, eval_fn=eval_fn,
+        **reward,
+    )  # fmt: skip
+    last = rows[-1] if rows else {}
+    if "eval/reward" in last:
+        print(
+            f"{config.algo}: step {last['step']} ground-truth reward {last['eval/reward']:.3f}, "
+            f"KL to the SFT model {last['eval/kl']:.2f} nats; wrote {config.workdir}"
+        )
     return rows
 
 

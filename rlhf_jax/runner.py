@@ -246,7 +246,7 @@ def _restore(ckpt: Any, state: Any, loader: Any) -> tuple[Any, int] | None:
 
 
 def make_text_reward_ppo_step(fns: Any, text_reward: Any, tokenizer: Any, mesh: Any) -> Any:
-    """`stages.make_host_reward_ppo_step(fns, text_reward, mesh=mesh, on="text",
+    """`stages.make_host_reward_step(fns, text_reward, mesh=mesh, on="text",
     tokenizer=tokenizer)`: a PPO iteration whose reward is a host function of decoded texts."""
     from rlhf_jax.stages.ppo import make_host_reward_ppo_step
 

@@ -75,8 +75,8 @@ def _setup(algo="grpo", kl_in="loss", kl_coef=0.05, lr=0.1, **kw):
         eos_id=ar.EOS, pad_id=ar.PAD, temperature=0.9, **kw,
     )  # fmt: skip
     tx = optax.sgd(lr)
-    state = train.create_train_state(
-        params, tx, 3, frozen=ref, hparams={"kl_coef": kl_coef} if kl_coef else None
+    state = train.create_critic_free_state(
+        params, tx, 3, ref_params=ref, kl_coef=kl_coef if kl_coef else None
     )
     prompts, mask = TASK.prompts(TASK.problems(6, 4))
     return model, cfg, tx, state, {"prompt_tokens": prompts, "prompt_mask": mask}
@@ -151,6 +151,125 @@ def test_config_is_checked_before_anything_runs():
     assert (
         train.CriticFreeConfig(algo="dapo", clip_eps_high=0.3).loss_kwargs()["clip_eps_high"] == 0.3
     )
+
+
+def _parity_reward(q_tok, q_mask, r_tok, r_mask):
+    """Groups of even-summand prompts all score 0.5 (no signal); the others score the parity of
+    their first sampled token."""
+    del q_mask, r_mask
+    odd = (q_tok[:, -2] % 2).astype(jnp.float32)  # the last digit of the second summand
+    return jnp.where(odd > 0, (r_tok[:, 0] % 2).astype(jnp.float32), 0.5)
+
+
+@pytest.mark.parametrize("algo,num_groups", [("dapo", None), ("grpo", 2), ("reinforce_pp", 3)])
+def test_dynamic_sampling_keeps_the_first_informative_groups(algo, num_groups):
+    model, cfg, tx, state, batch = _setup(
+        algo, "reward", dynamic_sampling=True, num_groups=num_groups
+    )
+    fns = train.make_critic_free(model, tx, cfg, reward_fn=_parity_reward)
+    _, raw = jax.jit(fns.rollout)(state, batch)
+    _, ro = jax.jit(fns.score)(state, raw)
+    grouped = np.asarray(raw.scores).reshape(6, 4)
+    informative = [p for p in range(6) if grouped[p].max() > grouped[p].min()]
+    assert 0 < len(informative) < 6  # the case drops some groups and keeps some
+    k = num_groups or 6
+    kept = (informative + [p for p in range(6) if p not in informative])[:k]
+    rows = np.concatenate([np.arange(4 * p, 4 * p + 4) for p in kept])
+    valid = np.repeat([p in informative for p in kept], 4)
+    np.testing.assert_array_equal(ro.response_tokens, np.asarray(raw.response_tokens)[rows])
+    np.testing.assert_array_equal(ro.logps, np.asarray(raw.logps)[rows])
+    want_mask = np.where(valid[:, None], np.asarray(raw.response_mask)[rows], 0)
+    np.testing.assert_array_equal(ro.response_mask, want_mask)
+    assert float(ro.stats["groups_informative"]) == pytest.approx(len(informative) / 6)
+    assert float(ro.stats["groups_kept"]) == pytest.approx(valid.mean())
+    assert float(ro.stats["reward"]) == pytest.approx(float(np.mean(raw.scores)))
+    # Advantages of the kept groups, from their rewards alone (Eq. 3's KL in the reward).
+    kl = np.where(want_mask > 0, np.asarray(ro.logps) - np.asarray(ro.ref_logps), 0.0)
+    total = np.asarray(raw.scores)[rows] - 0.05 * kl.sum(1)
+    if algo == "reinforce_pp":  # per-token k1 penalty, score on the last token, whitened
+        returns = np.zeros_like(kl)
+        for b in range(len(rows)):
+            live = np.flatnonzero(want_mask[b])
+            acc = 0.0
+            for t in live[::-1]:
+                acc += -0.05 * kl[b, t] + (np.asarray(raw.scores)[rows][b] if t == live[-1] else 0)
+                returns[b, t] = acc
+        vals = returns[want_mask > 0]
+        want = (returns - vals.mean()) / np.sqrt(vals.var(ddof=1) + 1e-8)
+    else:
+        g = total.reshape(-1, 4)
+        adv = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-6)
+        want = np.broadcast_to(adv.reshape(-1, 1), kl.shape)
+    np.testing.assert_allclose(ro.advantages, np.where(want_mask > 0, want, 0), atol=2e-5)
+    new, metrics = jax.jit(fns.step)(jax.tree.map(jnp.copy, state), batch)
+    assert np.isfinite(float(metrics["loss"])) and "groups_kept" in metrics
+
+
+def test_overlong_penalty_shapes_the_reward_before_the_advantages():
+    model, cfg, tx, state, batch = _setup("grpo", "loss", overlong_cache=2)
+    ro = jax.jit(train.make_critic_free_rollout(model, ar.exact_match_reward, cfg))(state, batch)[1]
+    n = TASK.answer_length
+    lengths = np.asarray(ro.response_mask).sum(1)
+    assert len(set(lengths.tolist())) > 1  # some completions stop early, some run to the cap
+    shaped = np.asarray(ro.scores) + np.minimum(0.0, (n - 2 - lengths) / 2)
+    g = shaped.reshape(6, 4)
+    adv = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-6)
+    want = np.where(ro.response_mask > 0, adv.reshape(-1, 1), 0.0)
+    np.testing.assert_allclose(ro.advantages, want, rtol=1e-4, atol=1e-5)
+    assert float(ro.stats["reward_shaped"]) == pytest.approx(shaped.mean(), abs=1e-6)
+
+
+def test_reward_model_reward_and_the_host_reward_path_match_the_jax_reward():
+    """The reward as a `RewardModel` (params in frozen["reward"]) scores the rollout as the model
+    applied here; a host reward on token ids (Python) between the compiled rollout and the
+    compiled score + update gives the one-program step's update with the same reward in JAX."""
+    from rlhf_jax import sharding, stages
+
+    model, cfg, tx, state, batch = _setup("rloo", "reward")
+    rm_params = models.init_reward_params(CFG, jax.random.key(7))
+    rm_state = train.create_critic_free_state(
+        state.params, tx, 3, ref_params=state.frozen["ref"], reward_params=rm_params,
+        kl_coef=0.05,
+    )  # fmt: skip
+    rm = models.RewardModel(CFG)
+    _, ro = jax.jit(train.make_critic_free_rollout(model, rm, cfg))(rm_state, batch)
+    tokens = jnp.concatenate([ro.query_tokens, ro.response_tokens], 1)
+    mask = jnp.concatenate([ro.query_mask, ro.response_mask], 1)
+    np.testing.assert_allclose(ro.scores, rm.apply({"params": rm_params}, tokens, mask), atol=1e-6)
+
+    n = TASK.answer_length
+
+    def even_share(q_tok, q_mask, r_tok, r_mask):  # JAX, token ids
+        return jnp.sum((r_tok % 2 == 0) & (r_mask > 0), axis=1) / n
+
+    def host_even_share(rows):  # Python, prompt + completion ids (EOS kept)
+        return [sum(t % 2 == 0 for t in ids[ids.index(ar.EQUALS) + 1 :]) / n for ids in rows]
+
+    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    host = stages.make_host_reward_step(
+        train.make_critic_free(model, tx, cfg), host_even_share, mesh=mesh, on="tokens"
+    )
+    one = jax.jit(train.make_critic_free_step(model, even_share, tx, cfg))
+    a, ma = host(jax.tree.map(jnp.copy, state), batch)
+    b, mb = one(jax.tree.map(jnp.copy, state), batch)
+    assert float(ma["reward"]) == pytest.approx(float(mb["reward"])) and float(mb["reward"]) > 0
+    assert float(mb["reward_std_in_group"]) > 0 and float(mb["grad_norm"]) > 0
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_a_state_without_the_frozen_dict_is_refused_with_the_fix():
+    model, cfg, tx, state, batch = _setup("grpo", "loss")
+    bare = state.replace(frozen=state.frozen["ref"])  # the reference params, not {"ref": ...}
+    step = train.make_critic_free_step(model, ar.exact_match_reward, tx, cfg)
+    with pytest.raises(ValueError, match="create_critic_free_state"):
+        jax.eval_shape(step, bare, batch)
+    with pytest.raises(ValueError, match="kl_coef needs ref_params"):
+        train.create_critic_free_state(state.params, tx, 0, kl_coef=0.1)
+    with pytest.raises(ValueError, match="num_groups applies with dynamic_sampling"):
+        train.CriticFreeConfig(algo="grpo", num_groups=2)
+    with pytest.raises(ValueError, match="overlong_cache must be in"):
+        train.CriticFreeConfig(max_new_tokens=4, overlong_cache=5)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import pytest
 from helpers import drivers as driver_scripts
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf_jax import data, models, runner, sharding, train
+from rlhf_jax import cli, data, models, runner, sharding, train
 from rlhf_jax.data import synthetic
 from rlhf_jax.metrics_writer import read_metrics
 from rlhf_jax.stages import ppo as stages_ppo
@@ -169,7 +169,7 @@ def test_ppo_tiny_with_the_reward_model(drivers, sft, reward_model, tmp_path):
 
 def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path, monkeypatch):
     calls = []  # (texts, scores) of every host reward call, one per PPO iteration
-    make_step = stages_ppo.make_host_reward_ppo_step
+    make_step = stages_ppo.make_host_reward_step
 
     def recording(fns, host_reward, **kwargs):
         def reward(texts):
@@ -179,7 +179,7 @@ def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path, 
 
         return make_step(fns, reward, **kwargs)
 
-    monkeypatch.setattr(stages_ppo, "make_host_reward_ppo_step", recording)
+    monkeypatch.setattr(stages_ppo, "make_host_reward_step", recording)
     argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
     rows = drivers["ppo"].main(argv + ["--reward", "ground-truth", "--target-kl", "1.0"])
     _check_outputs(tmp_path, rows, 4)
@@ -192,6 +192,34 @@ def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path, 
         want = np.mean([vader.polarity_scores(t)["compound"] for t in texts])
         np.testing.assert_allclose(row["score"], want, rtol=1e-5, atol=1e-6)
     assert rows[-1]["kl_coef_next"] != pytest.approx(0.05)  # adaptive
+
+
+def test_grpo_sentiment_with_the_reward_model_and_dapo_on_the_ground_truth(
+    sft, reward_model, tmp_path
+):
+    """experiments/grpo.py --task sentiment: RLOO on the reward model (one compiled iteration),
+    DAPO with dynamic sampling on VADER computed on the host; both evaluated on held-out
+    prompts (ground-truth reward, exact KL to the SFT model)."""
+    grpo = driver_scripts.load("grpo")
+    argv = ["--preset", "tiny", "--task", "sentiment", "--init-from", str(sft[0])]
+    rm_dir = tmp_path / "rm"
+    rm_flags = ["--reward", str(reward_model[0]), "--algo", "rloo", "--kl-coef", "0.05"]
+    rows = grpo.main(argv + ["--workdir", str(rm_dir), *rm_flags, "--kl-in", "reward"])
+    _check_outputs(rm_dir, rows, 6)
+    assert {"eval/reward", "eval/kl", "reward_std_in_group"} <= set(rows[-1])
+    assert rows[-1]["eval/kl"] > 0 and (rm_dir / "hf").is_dir()
+    gt_dir = tmp_path / "gt"
+    rows = grpo.main(argv + ["--workdir", str(gt_dir), "--algo", "dapo", "--num-groups", "4"])
+    _check_outputs(gt_dir, rows, 6)
+    assert 0 <= rows[-1]["groups_kept"] <= 1 and "groups_informative" in rows[-1]
+    for bad, flag in [(["--reward", str(tmp_path / "nope")], "--reward"),
+                      (["--num-groups", "9"], "--num-groups")]:  # fmt: skip
+        out = tmp_path / f"bad{flag}"
+        with pytest.raises(cli.ConfigError, match=flag):
+            grpo.main(argv + ["--workdir", str(out), "--algo", "dapo", *bad])
+        assert not out.exists()
+    with pytest.raises(cli.ConfigError, match="--init-from"):
+        grpo.main(["--preset", "tiny", "--task", "sentiment", "--workdir", str(tmp_path / "x")])
 
 
 @pytest.mark.parametrize("name", _NAMES)

@@ -134,12 +134,13 @@ def ref_pg_loss(logps, old, adv, mask, low, high, ratio, aggregation, max_tokens
                 log_r = ref[b, t] - logps[b, t]
                 terms[b, t] += kl_coef * (math.exp(log_r) - 1 - log_r)
     n = mask.sum()
+    rows = [b for b in range(b_) if mask[b].sum() > 0]  # an empty row (a dropped group) weighs 0
     if aggregation == "token_mean":
         loss = terms.sum() / max(n, 1)
     elif aggregation == "sequence_mean":
-        loss = np.mean([terms[b].sum() / max(mask[b].sum(), 1) for b in range(b_)])
+        loss = np.mean([terms[b].sum() / mask[b].sum() for b in rows])
     else:
-        loss = terms.sum() / (b_ * (t_ if max_tokens is None else max_tokens))
+        loss = terms.sum() / (len(rows) * (t_ if max_tokens is None else max_tokens))
     return loss, counts["low"] / n, counts["high"] / n
 
 
@@ -226,3 +227,40 @@ def test_policy_gradient_loss_metrics_and_errors():
         losses.policy_gradient_loss(old, old, np.ones(5), mask, aggregation="mean")
     with pytest.raises(ValueError, match="unknown ratio 'seq'"):
         losses.policy_gradient_loss(old, old, np.ones(5), mask, ratio="seq")
+
+
+# --------------------------------------------------------------------------------------------
+# DAPO: overlong penalty and dynamic sampling
+
+
+def test_overlong_penalty_against_the_piecewise_formula():
+    l_max, l_cache = 20, 4
+    lengths = np.arange(0, 26)
+    want = []
+    for n in lengths:  # DAPO Eq. 13
+        if n <= l_max - l_cache:
+            want.append(0.0)
+        elif n <= l_max:
+            want.append((l_max - l_cache - n) / l_cache)
+        else:
+            want.append(-1.0)
+    got = losses.overlong_penalty(lengths, max_length=l_max, cache_length=l_cache)
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    assert float(got[l_max]) == -1.0 and float(got[l_max - l_cache]) == 0.0
+    with pytest.raises(ValueError, match="cache_length <= max_length"):
+        losses.overlong_penalty(lengths, max_length=4, cache_length=5)
+
+
+@pytest.mark.parametrize("num_groups", [1, 3, 6])
+def test_select_groups_keeps_the_first_informative_groups_in_order(num_groups):
+    rewards = np.array(
+        [[1, 1, 1], [0, 1, 0], [0, 0, 0], [0.5, 0.5, 0.25], [2, 2, 2], [1, 0, 1]], np.float32
+    )
+    informative = [p for p, row in enumerate(rewards) if len(set(row.tolist())) > 1]  # 1, 3, 5
+    rest = [p for p in range(len(rewards)) if p not in informative]
+    want = (informative + rest)[:num_groups]
+    idx, valid = losses.select_groups(rewards, num_groups)
+    assert np.asarray(idx).tolist() == want
+    assert np.asarray(valid).tolist() == [p in informative for p in want]
+    with pytest.raises(ValueError, match="num_groups <= P=6"):
+        losses.select_groups(rewards, 7)

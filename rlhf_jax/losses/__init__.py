@@ -10,9 +10,11 @@ from rlhf_jax.losses.critic_free import (
     RATIOS,
     SCALES,
     group_advantages,
+    overlong_penalty,
     policy_gradient_loss,
     reinforce_pp_advantages,
     reward_to_go,
+    select_groups,
 )
 from rlhf_jax.losses.dpo import (
     DPO_LOSS_TYPES,
@@ -41,9 +43,11 @@ __all__ = [
     "RATIOS",
     "SCALES",
     "group_advantages",
+    "overlong_penalty",
     "policy_gradient_loss",
     "reinforce_pp_advantages",
     "reward_to_go",
+    "select_groups",
     "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "PAIRWISE_LOSSES",

@@ -7,8 +7,8 @@ The methods differ in a few choices, each a keyword here:
   ratio clipped at ε, `aggregation="sequence_mean"`, k3 KL in the loss.
 - Dr. GRPO (Liu et al. 2025): `baseline="mean", scale="none"`, `aggregation="sequence_sum_norm"`.
 - DAPO (Yu et al. 2025): `scale="std"`, clip-higher (`clip_eps_high > clip_eps_low`),
-  `aggregation="token_mean"`, no KL (plus dynamic sampling and the overlong penalty, outside
-  the loss).
+  `aggregation="token_mean"`, no KL, plus dynamic sampling (`select_groups`) and the overlong
+  penalty (`overlong_penalty`) outside the loss.
 - GSPO (Zheng et al. 2025): `ratio="sequence"` (the length-normalised sequence ratio),
   `aggregation="sequence_mean"`.
 - RLOO (Ahmadian et al. 2024): `baseline="leave_one_out", scale="none"`, KL in the reward.
@@ -86,6 +86,61 @@ def group_advantages(
     if scale == "std":
         adv = adv / (jnp.std(r, axis=-1, keepdims=True, ddof=1) + eps)
     return adv
+
+
+def overlong_penalty(
+    lengths: Shaped[ArrayLike, " B"], *, max_length: int, cache_length: int
+) -> Float[Array, " B"]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), added to the task reward.
+
+    With `L_max = max_length` and `L_cache = cache_length`: 0 for `L <= L_max - L_cache`,
+    `(L_max - L_cache - L) / L_cache` inside the last `L_cache` tokens (down to -1 at `L_max`),
+    -1 beyond. A completion truncated at `max_new_tokens = L_max` therefore gets -1.
+
+    Args:
+      lengths: [B] completion lengths in tokens (EOS included).
+      max_length: L_max (>= 1).
+      cache_length: L_cache, the length of the ramp (1 <= L_cache <= L_max).
+
+    Returns:
+      [B] float32 penalties in [-1, 0].
+    """
+    if not 1 <= cache_length <= max_length:
+        raise ValueError(
+            f"overlong_penalty needs 1 <= cache_length <= max_length, got cache_length="
+            f"{cache_length}, max_length={max_length}"
+        )
+    n = _f32(lengths)
+    ramp = (max_length - cache_length - n) / cache_length
+    return jnp.clip(jnp.minimum(ramp, 0.0), -1.0, 0.0)
+
+
+def select_groups(
+    rewards: Float[ArrayLike, "P G"], num_groups: int
+) -> tuple[Shaped[Array, " K"], Shaped[Array, " K"]]:
+    """DAPO's dynamic sampling with static shapes: the first `num_groups` groups whose rewards are
+    not all equal (a group that agrees has zero advantage under a mean baseline: no signal).
+
+    DAPO samples until the batch holds `num_groups` informative groups; a compiled step samples a
+    fixed `P >= num_groups` groups instead and keeps the informative ones in their order. When
+    fewer than `num_groups` are informative the rest of the slots are filled with uninformative
+    groups, flagged `False` in `valid` (train on them with weight 0).
+
+    Args:
+      rewards: [P, G] rewards of G completions of P prompts.
+      num_groups: K <= P groups to keep.
+
+    Returns:
+      (indices [K] int32 into P, valid [K] bool: the kept group is informative).
+    """
+    r = _f32(rewards)
+    p = r.shape[0]
+    if not 1 <= num_groups <= p:
+        raise ValueError(f"select_groups keeps 1 <= num_groups <= P={p} groups, got {num_groups}")
+    informative = jnp.max(r, axis=-1) > jnp.min(r, axis=-1)  # [P]
+    order = jnp.argsort(jnp.logical_not(informative), stable=True)  # informative first, in order
+    idx = order[:num_groups].astype(jnp.int32)
+    return idx, informative[idx]
 
 
 def reward_to_go(
@@ -172,6 +227,8 @@ def policy_gradient_loss(
     - `"sequence_mean"`: mean over rows of each row's token mean (GRPO, GSPO);
     - `"sequence_sum_norm"`: sum over every masked token / (B * max_tokens), a constant
       (Dr. GRPO; `max_tokens` defaults to T).
+    In both sequence aggregations B counts the rows with at least one masked token, so rows
+    masked out entirely (groups dropped by dynamic sampling) weigh nothing.
     `old_logps`, `advantages` and `ref_logps` should be constants (the caller stops gradients).
 
     Args:
@@ -220,12 +277,14 @@ def policy_gradient_loss(
         kl = jnp.where(m, kl_estimate(lp, rlp, estimator=kl_estimator), 0.0)
     total = per_token + jnp.asarray(kl_coef, jnp.float32) * kl
 
+    rows = jnp.maximum(jnp.sum(jnp.any(m, axis=-1)), 1).astype(jnp.float32)  # non-empty rows
+
     def aggregate(x):
         if aggregation == "token_mean":
             return _masked_mean(x, m)
         if aggregation == "sequence_mean":
-            return jnp.mean(_masked_mean(x, m, axis=-1))
-        return _masked_sum(x, m) / (b * (t if max_tokens is None else max_tokens))
+            return jnp.sum(_masked_mean(x, m, axis=-1)) / rows
+        return _masked_sum(x, m) / (rows * (t if max_tokens is None else max_tokens))
 
     active_low = (adv < 0) & (rho < 1.0 - low)
     active_high = (adv > 0) & (rho > 1.0 + high)

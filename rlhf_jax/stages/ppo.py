@@ -2,8 +2,8 @@
 compiled program per iteration, a KL-coefficient sweep as one vmapped program) or with a reward
 computed on the host, on decoded texts or on token ids.
 
-    step = make_host_reward_ppo_step(fns, my_reward, mesh=mesh, tokenizer=tok, on="text")
-    step = make_host_reward_ppo_step(fns, exact_match, mesh=mesh, on="tokens")
+    step = make_host_reward_step(fns, my_reward, mesh=mesh, tokenizer=tok, on="text")
+    step = make_host_reward_step(fns, exact_match, mesh=mesh, on="tokens")
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ HostReward = Callable[[list[Any]], Any]
 REWARD_ON = ("text", "tokens")
 
 
-def make_host_reward_ppo_step(
-    fns: train.PPOFunctions,
+def make_host_reward_step(
+    fns: train.PPOFunctions | train.CriticFreeFunctions,
     reward: HostReward,
     *,
     mesh: jax.sharding.Mesh,
@@ -36,12 +36,12 @@ def make_host_reward_ppo_step(
     tokenizer: Any = None,
     include_prompt: bool = True,
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """A PPO iteration whose reward is a host function, for `runner.fit(..., jit=False)`:
-    compiled rollout -> `reward(samples)` on the host -> compiled score + update (both programs
-    compiled on the first call).
+    """A PPO or critic-free iteration whose reward is a host function, for
+    `runner.fit(..., jit=False)`: compiled rollout -> `reward(samples)` on the host -> compiled
+    score + update (both programs compiled on the first call).
 
     Args:
-      fns: `train.make_ppo(...)` functions (reward_fn=None).
+      fns: `train.make_ppo(...)` or `train.make_critic_free(...)` functions (reward_fn=None).
       reward: samples [B] -> scores [B] (e.g. VADER on texts, an exact-match check on ids).
       mesh: the mesh `fit` runs on.
       on: "text" (decoded with `tokenizer`, EOS dropped) or "tokens" (lists of token ids).
@@ -82,6 +82,9 @@ def make_host_reward_ppo_step(
     return step
 
 
+make_host_reward_ppo_step = make_host_reward_step  # the name PPO's users know
+
+
 def train_ppo(
     cfg: models.TransformerConfig,
     params: Any,
@@ -105,7 +108,7 @@ def train_ppo(
 
     Exactly one reward: `reward_model` = (its config, its params) scores inside the compiled
     iteration (`train.reward_model_fn`), and the critic starts from its trunk; or `host_reward`
-    (on decoded texts or token ids, `make_host_reward_ppo_step`), and the critic starts from the
+    (on decoded texts or token ids, `make_host_reward_step`), and the critic starts from the
     policy. With `kl_coefs` (reward model only) the runs of each KL coefficient train as one
     vmapped program (`sweeps`); otherwise `ppo.kl_coef`. One run writes `WORKDIR/hf/`.
 
@@ -160,7 +163,7 @@ def train_ppo(
     if host_reward is None:
         step, jit, desc = fns.step, True, "ppo"
     else:
-        step = make_host_reward_ppo_step(fns, host_reward, mesh=mesh, on=reward_on, tokenizer=tok)
+        step = make_host_reward_step(fns, host_reward, mesh=mesh, on=reward_on, tokenizer=tok)
         jit, desc = False, "ppo (host reward)"
     state, rows = runner.fit(
         step, state_for(ppo.kl_coef), loader, desc=desc, jit=jit, **common,

@@ -8,9 +8,13 @@ metrics)`, so a user's loss trains the same way. Steps are un-jitted; drivers co
 from rlhf_jax.train.critic_free import (
     ALGORITHMS,
     CriticFreeConfig,
+    CriticFreeFunctions,
     CriticFreeRollout,
+    create_critic_free_state,
+    make_critic_free,
     make_critic_free_loss,
     make_critic_free_rollout,
+    make_critic_free_score,
     make_critic_free_step,
     make_critic_free_update,
 )
@@ -62,9 +66,13 @@ from rlhf_jax.train.unlikelihood import make_unlikelihood_loss, make_unlikelihoo
 __all__ = [
     "ALGORITHMS",
     "CriticFreeConfig",
+    "CriticFreeFunctions",
     "CriticFreeRollout",
+    "create_critic_free_state",
+    "make_critic_free",
     "make_critic_free_loss",
     "make_critic_free_rollout",
+    "make_critic_free_score",
     "make_critic_free_step",
     "make_critic_free_update",
     "HPARAM_RANGES",

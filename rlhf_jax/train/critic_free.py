@@ -1,27 +1,35 @@
 """Critic-free RL on a language model: GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++ as one
 compiled iteration.
 
-    rollout(state, prompt_batch) -> (state, CriticFreeRollout)   G completions per prompt
-                                              (`generate(num_samples=G)`), the JAX reward on
-                                              token ids, teacher-forced policy (and reference)
-                                              log-probs, the method's advantages
-    update(state, rollout) -> (state, metrics)    `epochs` x `num_minibatches` steps of
+    fns = make_critic_free(model, optimizer, cfg, reward_fn=...)
+    fns.rollout(state, prompt_batch) -> (state, ro)   G completions per prompt
+                                              (`generate(num_samples=G)`), teacher-forced policy
+                                              (and reference) log-probs, the reward when it is a
+                                              JAX function or a reward model (else zeros)
+    [host: ro = ro.replace(scores=...)]       a reward on decoded texts (`stages`' host path)
+    fns.score(state, ro) -> (state, ro)       DAPO's overlong penalty and dynamic sampling (the
+                                              first `num_groups` informative groups), the method's
+                                              advantages
+    fns.update(state, ro) -> (state, metrics) `epochs` x `num_minibatches` steps of
                                               `make_step(loss, optimizer)` with the loss
                                               `losses.policy_gradient_loss`
-    step = make_critic_free_step(...)         both, one program: no host round trip
+    fns.step(state, prompt_batch)             all three, one program: no host round trip
 
-The state is a `TrainState`: `params` the policy, `frozen` the reference (used when
-`kl_coef > 0` or by REINFORCE++), `hparams["kl_coef"]`, `rng`. The reward is a JAX function
+The state is a `TrainState` (`create_critic_free_state`): `params` the policy, `frozen` a dict
+`{"ref": reference params, "reward": reward-model params}` (either key optional: the reference
+is read when `hparams["kl_coef"]` is set or by REINFORCE++, the reward model when the reward is
+one), `hparams["kl_coef"]`, `rng`. The reward is a JAX function
 `reward_fn(prompt_tokens [B, P], prompt_mask, response_tokens [B, N], response_mask) -> [B]`
-(e.g. `data.arithmetic.exact_match_reward`). Rows of the rollout are prompt-major: row p * G + g
-is completion g of prompt p.
+(e.g. `data.arithmetic.exact_match_reward`), or a `models.RewardModel` scored on prompt +
+response with `frozen["reward"]`, or None (the host fills `scores`). Rows of the rollout are
+prompt-major: row p * G + g is completion g of prompt p.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -32,10 +40,13 @@ import optax
 from rlhf_jax import losses
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.ppo import _policy_forward, _sequence
+from rlhf_jax.train.state import TrainState, create_train_state
 from rlhf_jax.train.step import make_step
 
 Batch = Mapping[str, jax.Array]
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+Reward = RewardFn | nn.Module | None  # a JAX function, a RewardModel, or None (host reward)
+FROZEN_KEYS = ("ref", "reward")
 
 # algorithm -> its choices (losses.critic_free's module doc); "advantages": group or reinforce_pp
 ALGORITHMS: dict[str, dict[str, Any]] = {
@@ -57,6 +68,8 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     ),
     "reinforce_pp": dict(baseline=None, scale=None, ratio="token", aggregation="token_mean"),
 }
+# DAPO's dynamic sampling is on by default for "dapo" (`CriticFreeConfig.dynamic_sampling`).
+DYNAMIC_SAMPLING_DEFAULT = ("dapo",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +81,16 @@ class CriticFreeConfig:
         range (explicit `clip_eps_low` / `clip_eps_high` override the algorithm's).
       group_size: G completions per prompt (>= 2).
       kl_in: "loss" (β k3 in the loss, GRPO's form) or "reward" (r - β Σ k1, Eq. 3); β is the
-        state's `hparams["kl_coef"]`, the reference `state.frozen` (a state without `frozen`
+        state's `hparams["kl_coef"]`, the reference `state.frozen["ref"]` (a state without it
         has no KL term and no reference forward).
       epochs, num_minibatches: updates per rollout (minibatches split whole groups).
+      dynamic_sampling: DAPO's dynamic sampling: train on the first `num_groups` groups whose
+        rewards are not all equal (`losses.select_groups`); slots left when fewer are
+        informative train with weight 0. None: on for "dapo", off otherwise.
+      num_groups: groups kept by dynamic sampling (default: all the prompts of the batch, so
+        only the uninformative ones are dropped); sample more prompts than this to refill.
+      overlong_cache: DAPO's soft overlong punishment (`losses.overlong_penalty`) over the last
+        `overlong_cache` of `max_new_tokens`, added to the reward; None: off.
       temperature, max_new_tokens, top_k, top_p, eos_id, pad_id: sampling.
     """
 
@@ -87,6 +107,9 @@ class CriticFreeConfig:
     top_p: float | None = None
     eos_id: int | None = None
     pad_id: int = 0
+    dynamic_sampling: bool | None = None
+    num_groups: int | None = None
+    overlong_cache: int | None = None
 
     def __post_init__(self):
         if self.algo not in ALGORITHMS:
@@ -100,11 +123,29 @@ class CriticFreeConfig:
             ("temperature", self.temperature > 0, "> 0"),
             ("clip_eps_low", self.clip_eps_low is None or self.clip_eps_low > 0, "> 0"),
             ("clip_eps_high", self.clip_eps_high is None or self.clip_eps_high > 0, "> 0"),
+            ("num_groups", self.num_groups is None or self.num_groups >= 1, ">= 1"),
+            (
+                "overlong_cache",
+                self.overlong_cache is None or 1 <= self.overlong_cache <= self.max_new_tokens,
+                f"in [1, max_new_tokens={self.max_new_tokens}]",
+            ),
         ]
         for name, ok, accepted in checks:
             if not ok:
                 raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
         SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)  # checks
+        if self.num_groups is not None and not self.uses_dynamic_sampling:
+            raise ValueError("num_groups applies with dynamic_sampling; turn it on or drop it")
+        if self.num_groups is not None and self.num_groups % self.num_minibatches:
+            raise ValueError(
+                f"num_minibatches={self.num_minibatches} must split num_groups={self.num_groups}"
+            )
+
+    @property
+    def uses_dynamic_sampling(self) -> bool:
+        if self.dynamic_sampling is None:
+            return self.algo in DYNAMIC_SAMPLING_DEFAULT
+        return self.dynamic_sampling
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -124,18 +165,60 @@ class CriticFreeConfig:
         )
 
 
+def create_critic_free_state(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    rng: Any,
+    *,
+    ref_params: Any = None,
+    reward_params: Any = None,
+    kl_coef: float | None = None,
+) -> TrainState:
+    """The `TrainState` of a critic-free run: `frozen = {"ref": ref_params, "reward":
+    reward_params}` (the keys given), `hparams = {"kl_coef": kl_coef}` when given (checked on
+    the host; it needs `ref_params`)."""
+    if kl_coef is not None and ref_params is None:
+        raise ValueError("kl_coef needs ref_params, the reference the KL is measured against")
+    frozen = {k: v for k, v in (("ref", ref_params), ("reward", reward_params)) if v is not None}
+    hparams = {"kl_coef": kl_coef} if kl_coef is not None else None
+    return create_train_state(params, optimizer, rng, frozen=frozen or None, hparams=hparams)
+
+
+def _frozen(state, key: str) -> Any:
+    frozen = state.frozen
+    if frozen is None:
+        return None
+    if not isinstance(frozen, Mapping) or not set(frozen) <= set(FROZEN_KEYS):
+        raise ValueError(
+            "a critic-free state's frozen must be {'ref': params, 'reward': params} (either key "
+            "optional); build it with train.create_critic_free_state"
+        )
+    return frozen.get(key)
+
+
 @flax.struct.dataclass
 class CriticFreeRollout:
-    """One scored batch of P * G completions (prompt-major rows), all [B, ...] with B = P * G."""
+    """One batch of P * G completions (prompt-major rows), all [B, ...] with B = P * G (K * G
+    after dynamic sampling keeps K groups)."""
 
-    query_tokens: jax.Array  # [B, P] left-padded
-    query_mask: jax.Array  # [B, P]
-    response_tokens: jax.Array  # [B, N]
-    response_mask: jax.Array  # [B, N]
-    logps: jax.Array  # [B, N] teacher-forced log pi_old (at the sampling temperature)
-    ref_logps: jax.Array  # [B, N] log pi_ref (zeros when unused)
-    scores: jax.Array  # [B] the reward
-    advantages: jax.Array  # [B, N]
+    query_tokens: Any  # [B, P] left-padded
+    query_mask: Any  # [B, P]
+    response_tokens: Any  # [B, N]
+    response_mask: Any  # [B, N] (0 on the rows of groups dynamic sampling drops)
+    logps: Any  # [B, N] teacher-forced log pi_old (at the sampling temperature)
+    ref_logps: Any  # [B, N] log pi_ref (zeros when unused)
+    scores: Any  # [B] the task reward
+    advantages: Any  # [B, N]
+    stats: dict = flax.struct.field(default_factory=dict)  # scalar metrics of the sampled batch
+
+
+class CriticFreeFunctions(NamedTuple):
+    """The pure functions of one critic-free configuration (see the module doc)."""
+
+    rollout: Callable[[Any, Batch], tuple[Any, CriticFreeRollout]]
+    score: Callable[[Any, CriticFreeRollout], tuple[Any, CriticFreeRollout]]
+    update: Callable[[Any, CriticFreeRollout], tuple[Any, dict]]
+    step: Callable[[Any, Batch], tuple[Any, dict]] | None  # None for a host reward
 
 
 def make_critic_free_loss(model: nn.Module, cfg: CriticFreeConfig):
@@ -162,23 +245,44 @@ def make_critic_free_loss(model: nn.Module, cfg: CriticFreeConfig):
     return loss_fn
 
 
-def _advantages(cfg: CriticFreeConfig, ro: CriticFreeRollout, kl_coef) -> jax.Array:
+def _advantages(cfg: CriticFreeConfig, ro: CriticFreeRollout, rewards, kl_coef) -> jax.Array:
     choice = ALGORITHMS[cfg.algo]
     in_reward = kl_coef if cfg.kl_in == "reward" else 0.0
     if choice["baseline"] is None:  # REINFORCE++: KL-penalised reward-to-go, whitened
         return losses.reinforce_pp_advantages(
-            ro.scores, ro.logps, ro.ref_logps, ro.response_mask, kl_coef=in_reward
+            rewards, ro.logps, ro.ref_logps, ro.response_mask, kl_coef=in_reward
         )
     # The sequence reward of Eq. 3: r - β Σ_t k1_t (0 when the KL sits in the loss).
     kl = losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k1")
-    total = ro.scores - in_reward * jnp.sum(jnp.where(ro.response_mask > 0, kl, 0.0), axis=1)
+    total = rewards - in_reward * jnp.sum(jnp.where(ro.response_mask > 0, kl, 0.0), axis=1)
     grouped = total.reshape(-1, cfg.group_size)
     adv = losses.group_advantages(grouped, baseline=choice["baseline"], scale=choice["scale"])
     return jnp.broadcast_to(adv.reshape(-1, 1), ro.response_mask.shape)
 
 
-def make_critic_free_rollout(model: nn.Module, reward_fn: RewardFn, cfg: CriticFreeConfig):
-    """`rollout(state, prompt_batch) -> (state, CriticFreeRollout)` (state unchanged)."""
+def _reward(reward_fn: Reward):
+    """`(state, rollout) -> scores [B]` of a JAX reward function or a reward model."""
+    if isinstance(reward_fn, nn.Module):
+
+        def rm(state, ro):
+            params = _frozen(state, "reward")
+            if params is None:
+                raise ValueError("a reward model needs its params in state.frozen['reward']")
+            tokens, mask = _sequence(
+                ro.query_tokens, ro.query_mask, ro.response_tokens, ro.response_mask
+            )
+            return reward_fn.apply({"params": params}, tokens, mask)
+
+        return rm
+    return lambda state, ro: reward_fn(
+        ro.query_tokens, ro.query_mask, ro.response_tokens, ro.response_mask
+    )
+
+
+def _sample(model: nn.Module, cfg: CriticFreeConfig, reward_fn: Reward):
+    """`rollout(state, prompt_batch) -> (state, CriticFreeRollout)`: samples and forwards, the
+    reward when it is computed on the device (else zeros), advantages zeros."""
+    reward = None if reward_fn is None else _reward(reward_fn)
 
     def rollout(state, batch: Batch):
         q_tok = jnp.asarray(batch["prompt_tokens"], jnp.int32)  # [P, L]
@@ -195,14 +299,12 @@ def make_critic_free_rollout(model: nn.Module, reward_fn: RewardFn, cfg: CriticF
         tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)
         live = r_mask > 0
         _, logps = _policy_forward(model, state.params, tokens, mask, r_tok, p, cfg.temperature)
-        kl_coef = state.hparams.get("kl_coef", jnp.float32(0.0))
-        if state.frozen is None and "kl_coef" in state.hparams:
-            raise ValueError("hparams['kl_coef'] needs the reference params in state.frozen")
+        ref = _frozen(state, "ref")
+        if ref is None and "kl_coef" in state.hparams:
+            raise ValueError("hparams['kl_coef'] needs the reference params in state.frozen['ref']")
         ref_logps = jnp.zeros_like(logps)
-        if state.frozen is not None:
-            _, ref_logps = _policy_forward(
-                model, state.frozen, tokens, mask, r_tok, p, cfg.temperature
-            )
+        if ref is not None:
+            _, ref_logps = _policy_forward(model, ref, tokens, mask, r_tok, p, cfg.temperature)
         ro = CriticFreeRollout(
             query_tokens=q_tok,
             query_mask=q_mask,
@@ -210,11 +312,76 @@ def make_critic_free_rollout(model: nn.Module, reward_fn: RewardFn, cfg: CriticF
             response_mask=r_mask,
             logps=jnp.where(live, logps, 0.0),
             ref_logps=jnp.where(live, ref_logps, 0.0),
-            scores=jnp.asarray(reward_fn(q_tok, q_mask, r_tok, r_mask), jnp.float32),
+            scores=jnp.zeros(r_tok.shape[0], jnp.float32),
             advantages=jnp.zeros_like(logps),
         )
-        ro = ro.replace(advantages=jnp.where(live, _advantages(cfg, ro, kl_coef), 0.0))
+        if reward is not None:
+            ro = ro.replace(scores=jnp.asarray(reward(state, ro), jnp.float32).reshape(-1))
         return state, jax.lax.stop_gradient(ro)
+
+    return rollout
+
+
+def make_critic_free_score(cfg: CriticFreeConfig):
+    """`score(state, rollout) -> (state, rollout)`: the overlong penalty (if on), dynamic
+    sampling (if on: the rollout keeps `num_groups` groups), the advantages, and the sampled
+    batch's metrics in `rollout.stats` (`reward`, `reward_std_in_group` (mean over groups; 0
+    means no signal), `response_length`, and with dynamic sampling `groups_informative` (of
+    those sampled) and `groups_kept` (informative share of the kept slots))."""
+
+    def score(state, ro: CriticFreeRollout):
+        g = cfg.group_size
+        lengths = jnp.sum(ro.response_mask, axis=1).astype(jnp.float32)
+        rewards = ro.scores
+        if cfg.overlong_cache:
+            rewards = rewards + losses.overlong_penalty(
+                lengths, max_length=cfg.max_new_tokens, cache_length=cfg.overlong_cache
+            )
+        grouped = rewards.reshape(-1, g)
+        stats = {
+            "reward": jnp.mean(ro.scores),
+            "reward_std_in_group": jnp.mean(jnp.std(ro.scores.reshape(-1, g), axis=1)),
+            "response_length": jnp.mean(lengths),
+        }
+        if cfg.overlong_cache:
+            stats["reward_shaped"] = jnp.mean(rewards)
+        if cfg.uses_dynamic_sampling:
+            p = grouped.shape[0]
+            k = cfg.num_groups or p
+            if k > p:
+                raise ValueError(f"num_groups={k} exceeds the {p} prompts of the batch")
+            idx, valid = losses.select_groups(grouped, k)
+            stats["groups_informative"] = jnp.mean(
+                (jnp.max(grouped, 1) > jnp.min(grouped, 1)).astype(jnp.float32)
+            )
+            stats["groups_kept"] = jnp.mean(valid.astype(jnp.float32))
+
+            def take(x):
+                return x.reshape(p, g, *x.shape[1:])[idx].reshape(k * g, *x.shape[1:])
+
+            ro = jax.tree.map(take, ro.replace(stats={}))
+            rewards = take(rewards)
+            keep = jnp.repeat(valid, g)[:, None]
+            ro = ro.replace(response_mask=jnp.where(keep, ro.response_mask, 0))
+        kl_coef = state.hparams.get("kl_coef", jnp.float32(0.0))
+        live = ro.response_mask > 0
+        adv = jnp.where(live, _advantages(cfg, ro, rewards, kl_coef), 0.0)
+        return state, jax.lax.stop_gradient(ro.replace(advantages=adv, stats=stats))
+
+    return score
+
+
+def make_critic_free_rollout(model: nn.Module, reward_fn: Reward, cfg: CriticFreeConfig):
+    """`rollout(state, prompt_batch) -> (state, CriticFreeRollout)` (state unchanged): sampled,
+    rewarded (a JAX function or a `RewardModel`) and scored (`make_critic_free_score`)."""
+    if reward_fn is None:
+        raise ValueError(
+            "a scored rollout needs a JAX reward or a RewardModel (see make_critic_free)"
+        )
+    sample, score = _sample(model, cfg, reward_fn), make_critic_free_score(cfg)
+
+    def rollout(state, batch: Batch):
+        return score(*sample(state, batch))
 
     return rollout
 
@@ -223,10 +390,12 @@ def make_critic_free_update(
     model: nn.Module, optimizer: optax.GradientTransformation, cfg: CriticFreeConfig
 ):
     """`update(state, rollout) -> (state, metrics)`: `epochs` passes of `num_minibatches`
-    `make_step` updates (minibatches of whole groups, in order), metrics averaged."""
+    `make_step` updates (minibatches of whole groups, in order), metrics averaged, plus the
+    rollout's `stats`."""
     step = make_step(make_critic_free_loss(model, cfg), optimizer)
 
     def update(state, ro: CriticFreeRollout):
+        stats, ro = ro.stats, ro.replace(stats={})
         b = ro.scores.shape[0]
         k = cfg.num_minibatches
         if b % (k * cfg.group_size):
@@ -239,34 +408,46 @@ def make_critic_free_update(
             return jax.lax.scan(step, state, chunks)
 
         state, metrics = jax.lax.scan(epoch, state, None, length=cfg.epochs)
-        return state, jax.tree.map(jnp.mean, metrics)
+        return state, {**jax.tree.map(jnp.mean, metrics), **stats}
 
     return update
 
 
+def make_critic_free(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    cfg: CriticFreeConfig,
+    *,
+    reward_fn: Reward = None,
+) -> CriticFreeFunctions:
+    """All critic-free functions of one configuration. `reward_fn`: a JAX function on token ids,
+    a `models.RewardModel` (params in `state.frozen["reward"]`), or None for a reward computed on
+    the host between `rollout` and `score` (then `step` is None; see
+    `stages.make_host_reward_ppo_step`, which takes these functions too)."""
+    rollout = _sample(model, cfg, reward_fn)
+    score = make_critic_free_score(cfg)
+    update = make_critic_free_update(model, optimizer, cfg)
+    step = None
+    if reward_fn is not None:
+
+        def step(state, batch: Batch):
+            state, ro = rollout(state, batch)
+            return update(*score(state, ro))
+
+    return CriticFreeFunctions(rollout, score, update, step)
+
+
 def make_critic_free_step(
     model: nn.Module,
-    reward_fn: RewardFn,
+    reward_fn: Reward,
     optimizer: optax.GradientTransformation,
     cfg: CriticFreeConfig,
 ):
-    """`step(state, prompt_batch) -> (state, metrics)`: rollout, JAX reward, update in one
-    program. Metrics: the update's (loss, pg_loss, kl, clip fractions, entropy, grad_norm, ...)
-    plus `reward` (mean score), `reward_std_in_group` (mean over groups; 0 means no signal),
-    `response_length`."""
-    rollout = make_critic_free_rollout(model, reward_fn, cfg)
-    update = make_critic_free_update(model, optimizer, cfg)
-
-    def step(state, batch: Batch):
-        state, ro = rollout(state, batch)
-        state, metrics = update(state, ro)
-        grouped = ro.scores.reshape(-1, cfg.group_size)
-        metrics = {
-            **metrics,
-            "reward": jnp.mean(ro.scores),
-            "reward_std_in_group": jnp.mean(jnp.std(grouped, axis=1)),
-            "response_length": jnp.mean(jnp.sum(ro.response_mask, axis=1).astype(jnp.float32)),
-        }
-        return state, metrics
-
-    return step
+    """`step(state, prompt_batch) -> (state, metrics)`: rollout, reward (a JAX function or a
+    `RewardModel`), score and update in one program. Metrics: the update's (loss, pg_loss, kl,
+    clip fractions, entropy, grad_norm, ...) plus the rollout's stats (`reward`,
+    `reward_std_in_group`, `response_length`, dynamic sampling's `groups_informative` and
+    `groups_kept`; see `make_critic_free_score`)."""
+    if reward_fn is None:
+        raise ValueError("a one-program step needs a JAX reward or a RewardModel")
+    return make_critic_free(model, optimizer, cfg, reward_fn=reward_fn).step

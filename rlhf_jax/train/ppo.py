@@ -388,9 +388,10 @@ def reward_model_fn(reward_model: nn.Module) -> Callable[[Any, Rollout], jax.Arr
 
 
 def response_token_lists(
-    ro: Rollout, *, include_query: bool = False, drop_id: int | None = None
+    ro: Any, *, include_query: bool = False, drop_id: int | None = None
 ) -> list[list[int]]:
-    """Host helper for text rewards: each row's real tokens (response only, or prompt +
+    """Host helper for text rewards: each row of a `Rollout` or `CriticFreeRollout`: its real
+    tokens (response only, or prompt +
     response) as Python lists, ready for `tokenizer.decode_batch`; `drop_id` (e.g. the EOS id)
     is removed from responses. Synchronises with the device."""
     r_tok, r_mask = np.asarray(ro.response_tokens), np.asarray(ro.response_mask)
