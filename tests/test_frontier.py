@@ -98,6 +98,64 @@ def test_table_from_hand_made_csv(tmp_path):
     assert "KL<=0.5" in text and "—" in text and "0.900" in text
 
 
+def _seeded_rows():
+    """Three seeds of dpo and ppo, two of best-of-n, by hand."""
+    spec = {
+        ("dpo", 0): [(0.5, 0.20), (1.5, 0.50), (3.0, 0.70)],
+        ("dpo", 1): [(0.8, 0.30), (1.8, 0.40), (2.5, 0.80)],
+        ("dpo", 2): [(0.4, 0.10), (1.2, 0.60), (4.0, 0.90)],
+        ("ppo", 0): [(0.9, 0.05), (2.5, 0.10)],
+        ("ppo", 1): [(0.7, 0.00), (1.9, 0.15)],
+        ("ppo", 2): [(0.2, 0.02), (2.2, 0.05)],
+        ("best-of-n", 0): [(0.0, 0.1), (0.64, 0.3)],
+        ("best-of-n", 1): [(0.0, 0.2), (0.64, 0.2)],
+    }
+    return [
+        fr.make_row(m, "", seed, i, kl, rew, 0.01)
+        for (m, seed), pts in spec.items()
+        for i, (kl, rew) in enumerate(pts)
+    ]
+
+
+def test_table_and_bands_over_seeds_by_hand(tmp_path):
+    rows = _seeded_rows()
+    t975 = {1: 12.706204736, 2: 4.302652730}  # Student t quantiles (tables)
+    ci = fr.frontier_table_ci(rows, (0.5, 2.0, 5.0))
+    # dpo at KL <= 2: per-seed best 0.50, 0.40, 0.60; at <= 0.5 seed 1 has no point -> NaN.
+    best = np.array([0.50, 0.40, 0.60])
+    assert ci["dpo"][1][0] == pytest.approx(best.mean())
+    assert ci["dpo"][1][1] == pytest.approx(t975[2] * best.std(ddof=1) / np.sqrt(3))
+    assert all(math.isnan(v) for v in ci["dpo"][0])
+    best = np.array([0.70, 0.80, 0.90])  # KL <= 5
+    assert ci["dpo"][2] == pytest.approx((0.8, t975[2] * best.std(ddof=1) / np.sqrt(3)))
+    bon = np.array([0.3, 0.2])  # two seeds: best at KL <= 2 is the running maximum
+    assert ci["best-of-n"][1] == pytest.approx((0.25, t975[1] * bon.std(ddof=1) / np.sqrt(2)))
+    assert fr.frontier_table(rows, (2.0,))["ppo"] == pytest.approx([np.mean([0.05, 0.15, 0.02])])
+    # Separated only where the intervals are disjoint: dpo above ppo at KL <= 5, not at <= 2
+    # (ppo's seeds at <= 2: 0.05, 0.15, 0.02 -> wide; dpo's 0.4-0.6).
+    seps = {(x["kl"], x["verdict"]) for x in fr.separations(rows, (2.0, 5.0), [("ppo", "dpo")])}
+    dpo2 = np.array([0.50, 0.40, 0.60])
+    ppo2 = np.array([0.05, 0.15, 0.02])
+    h = [t975[2] * v.std(ddof=1) / np.sqrt(3) for v in (dpo2, ppo2)]
+    disjoint = dpo2.mean() - h[0] > ppo2.mean() + h[1]
+    assert (2.0, "a < b" if disjoint else "overlap") in seps and (5.0, "a < b") in seps
+    # Bands on a grid: rows only where every seed has a point under the grid value.
+    bands = fr.frontier_bands(rows, [0.3, 1.0, 3.0])
+    dpo = [b for b in bands if b["method"] == "dpo"]
+    assert [b["kl"] for b in dpo] == [1.0, 3.0]  # at 0.3 no dpo seed has a point
+    np.testing.assert_allclose(dpo[0]["mean"], np.mean([0.20, 0.30, 0.10]))
+    at3 = np.array([0.70, 0.80, 0.60])  # per-seed best at KL <= 3
+    half = t975[2] * at3.std(ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose([dpo[1]["lo"], dpo[1]["hi"]], [0.7 - half, 0.7 + half])
+    path = fr.write_bands_csv(tmp_path / "bands.csv", bands)
+    with open(path) as f:
+        assert f.readline().strip() == ",".join(fr.BAND_COLUMNS)
+    text = fr.format_table(ci, (0.5, 2.0, 5.0))
+    assert "0.50±0.25" in text and "—" in text
+    png = fr.plot_frontier(rows, tmp_path / "bands.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_csv_round_trip_and_plot(tmp_path):
     rows = [fr.make_row(**r) for r in _hand_made_rows()]
     path = fr.write_csv(tmp_path / "points.csv", rows)
@@ -210,12 +268,15 @@ def test_tiny_end_to_end_and_resume(tmp_path):
     out = _run_tiny(workdir).stdout
     rows = fr.read_csv(workdir / "frontier.csv")
     assert {r["method"] for r in rows} == set(fr.METHODS)
+    assert {r["seed"] for r in rows} == {0, 1}  # the tiny preset's two seeds
+    bands = list(csv.DictReader(open(workdir / "frontier_bands.csv")))
+    assert {b["method"] for b in bands} == set(fr.METHODS) and all(b["seeds"] == "2" for b in bands)
     assert all(np.isfinite([r["kl"], r["reward"], r["stderr"]]).all() for r in rows)
-    (sft,) = [r for r in rows if r["method"] == "sft"]
+    (sft,) = [r for r in rows if r["method"] == "sft" and r["seed"] == 0]
     assert abs(sft["kl"]) < 1e-3
     # Best-of-N: KL(pi_BoN || pi_SFT) = log N - (N - 1) / N (Stiennon et al. 2020); N = 1 is a
     # plain SFT sample on other draws, so its mean reward agrees with the SFT point's.
-    bon = {r["hyperparameter"]: r for r in rows if r["method"] == "best-of-n"}
+    bon = {r["hyperparameter"]: r for r in rows if r["method"] == "best-of-n" and r["seed"] == 0}
     assert set(bon) == {"n=1", "n=4"}
     np.testing.assert_allclose(bon["n=4"]["kl"], np.log(4) - 3 / 4, rtol=1e-6)
     assert bon["n=1"]["kl"] == 0.0

@@ -5,13 +5,18 @@ and the Preferred-FT / Unlikelihood steps (`rlhf_jax.train.unlikelihood`) are re
 """
 
 from rlhf_jax.frontier.results import (
+    BAND_COLUMNS,
     COLUMNS,
     METHODS,
     format_table,
+    frontier_bands,
     frontier_table,
+    frontier_table_ci,
     make_row,
     plot_frontier,
     read_csv,
+    separations,
+    write_bands_csv,
     write_csv,
 )
 from rlhf_jax.sweeps import (
@@ -24,19 +29,24 @@ from rlhf_jax.sweeps import (
 from rlhf_jax.train.unlikelihood import make_unlikelihood_loss, make_unlikelihood_step
 
 __all__ = [
+    "BAND_COLUMNS",
     "COLUMNS",
     "METHODS",
     "flatten_sweep_metrics",
     "format_table",
+    "frontier_bands",
     "frontier_table",
+    "frontier_table_ci",
     "make_row",
     "make_unlikelihood_loss",
     "make_unlikelihood_step",
     "plot_frontier",
     "read_csv",
+    "separations",
     "stack_sweep",
     "sweep_member",
     "sweep_step",
     "time_sweep",
+    "write_bands_csv",
     "write_csv",
 ]

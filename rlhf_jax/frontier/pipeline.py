@@ -7,10 +7,16 @@ Stages, each resumable and each a point source for `frontier.csv`: the SFT model
 (`pairs.task_preference_pairs`), a Bradley-Terry reward model (`stages.train_reward_model`,
 scores normalised to mean 0 / std 1 on held-out pairs), DPO over a beta sweep as one vmapped
 program (`stages.train_dpo`), PPO on the reward model over KL coefficients (one vmapped program)
-and PPO-GT on the ground truth on the host (`stages.train_ppo`), Preferred-FT and Unlikelihood
-(one vmapped program), Best-of-N with the reward model, and the SFT policy itself. Every point
-is (exact sequence KL(π ‖ π_SFT), mean ground-truth reward) on the same held-out prompts with the
-same sampling key (`eval.evaluate_reward_kl`).
+and PPO-GT on the ground truth on the host (`stages.train_ppo`), GRPO and RLOO on the reward
+model (each a KL-coefficient sweep as one vmapped program, `stages.train_critic_free`),
+Preferred-FT and Unlikelihood (one vmapped program), Best-of-N with the reward model, and the SFT
+policy itself. Every point is (exact sequence KL(π ‖ π_SFT), mean ground-truth reward) on the
+same held-out prompts with the same sampling key within a seed (`eval.evaluate_reward_kl`).
+
+Seeds (`config.seeds`): one SFT model (`WORKDIR/sft/`, the reference every KL is measured
+against, trained with the first seed), then per seed `WORKDIR/seed_<s>/` with its own preference
+pairs, reward model, runs of every method and evaluation key. The bands over seeds therefore
+measure what varies between replications of everything after the SFT model.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ class Context:
     """What every stage reads: the task, the models and the fixed evaluation prompts."""
 
     config: FrontierConfig
-    root: Path
+    root: Path  # this seed's folder
     mesh: Any
     task: Any
     tok: rdata.Tokenizer
@@ -50,6 +56,18 @@ class Context:
     train_pairs: list = dataclasses.field(default_factory=list)
     eval_batch: dict = dataclasses.field(default_factory=dict)
     eval_rng: Any = None
+    seed: int = 0
+
+    def for_seed(self, seed: int) -> Context:
+        """This context for one seed: its folder, its evaluation key, no seed-specific models."""
+        return dataclasses.replace(
+            self,
+            root=Path(self.config.workdir) / f"seed_{seed}",
+            seed=seed,
+            eval_rng=jax.random.PRNGKey(seed + 12345),
+            rm_params=None,
+            train_pairs=[],
+        )
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -132,11 +150,11 @@ def _rows_from_metrics(rows: list[dict], members: list[tuple[str, str]], seed: i
 # Stages.
 
 
-def stage_sft(ctx: Context) -> list[dict]:
-    """Trains (or reloads) the SFT model and evaluates it: the KL = 0 point."""
-    c, wd = ctx.config, ctx.root / "sft"
+def stage_sft_model(ctx: Context) -> None:
+    """Trains (or reloads) the SFT model of every seed into WORKDIR/sft/ (the first seed's)."""
+    c, wd = ctx.config, Path(ctx.config.workdir) / "sft"
     if not (wd / handover.HF_DIR).is_dir():
-        params = models.init_params(ctx.cfg, jax.random.PRNGKey(c.seed))
+        params = models.init_params(ctx.cfg, jax.random.PRNGKey(c.seeds[0]))
         stages.train_sft(
             ctx.task,
             ctx.cfg,
@@ -148,16 +166,21 @@ def stage_sft(ctx: Context) -> list[dict]:
                 weight_decay=0.01,
             ),
             max_length=ctx.lengths["max_length"],
-            seed=c.seed,
+            seed=c.seeds[0],
             progress=c.progress,
         )  # fmt: skip
     _, ctx.sft_params = handover.load_init_params(wd)
+
+
+def stage_sft(ctx: Context) -> list[dict]:
+    """The SFT policy evaluated with this seed's key: the KL = 0 point."""
     if (points := _done(ctx, "sft")) is not None:
         return points
     kl, reward, stderr, texts = ctx.evaluate(ctx.sft_params, texts=True)
-    (wd / "samples.txt").write_text("\n".join(texts) + "\n")
+    _points_path(ctx, "sft").parent.mkdir(parents=True, exist_ok=True)
+    (ctx.root / "sft" / "samples.txt").write_text("\n".join(texts) + "\n")
     print("sft samples:\n  " + "\n  ".join(texts[:3]))
-    points = [fr.make_row("sft", "", c.seed, 0, kl, reward, stderr)]
+    points = [fr.make_row("sft", "", ctx.seed, 0, kl, reward, stderr)]
     fr.write_csv(_points_path(ctx, "sft"), points)
     return points
 
@@ -167,7 +190,7 @@ def stage_pairs(ctx: Context) -> tuple[list, list]:
     held-out pairs come from test prefixes after the evaluation prompts (disjoint from them)."""
     c = ctx.config
     common = dict(
-        seed=c.seed,
+        seed=ctx.seed,
         sampling=ctx.sampling,
         completions_per_prompt=c.completions_per_prompt,
         max_prompt_length=c.max_prompt_length,
@@ -199,7 +222,7 @@ def stage_reward_model(ctx: Context, train_pairs: list, heldout: list) -> dict:
         schedule=ctx.schedule(
             c.rm_steps, c.rm_batch_size, c.rm_lr, warmup_steps=c.rm_steps // 10, weight_decay=0.01
         ),
-        seed=c.seed,
+        seed=ctx.seed,
         normalize=True,
         progress=c.progress,
         **ctx.lengths,
@@ -211,8 +234,9 @@ def stage_dpo(ctx: Context) -> tuple[list[dict], dict]:
     """DPO over the beta sweep as one vmapped program, evaluated every dpo_eval_every steps."""
     c, wd = ctx.config, ctx.root / "dpo"
     timing_path = wd / "timing.json"
+    first = ctx.seed == c.seeds[0]  # the first seed times the vmapped sweep
     if (points := _done(ctx, "dpo")) is not None:
-        return points, json.loads(timing_path.read_text())
+        return points, json.loads(timing_path.read_text()) if first else None
     _, rows, info = stages.train_dpo(
         ctx.cfg,
         ctx.sft_params,
@@ -226,16 +250,16 @@ def stage_dpo(ctx: Context) -> tuple[list[dict], dict]:
         ),
         betas=c.dpo_betas,
         precompute_reference=True,
-        seed=c.seed,
+        seed=ctx.seed,
         eval_fn=ctx.sweep_eval(len(c.dpo_betas), lambda s: s.params),
-        time_sweep_steps=c.timing_steps,
+        time_sweep_steps=c.timing_steps if first else 0,
         progress=c.progress,
         **ctx.lengths,
     )  # fmt: skip
     members = [("dpo", f"beta={b:g}") for b in c.dpo_betas]
-    points = _rows_from_metrics(rows, members, c.seed)
+    points = _rows_from_metrics(rows, members, ctx.seed)
     fr.write_csv(_points_path(ctx, "dpo"), points)
-    return points, info["timing"]
+    return points, info["timing"] if first else None
 
 
 def _ppo(ctx: Context, name: str, kl_coef: float, **kwargs: Any) -> list[dict]:
@@ -257,7 +281,7 @@ def _ppo(ctx: Context, name: str, kl_coef: float, **kwargs: Any) -> list[dict]:
         ),
         value_learning_rate=c.ppo_lr,
         max_prompt_length=c.max_prompt_length,
-        seed=c.seed,
+        seed=ctx.seed,
         progress=c.progress,
         **kwargs,
     )  # fmt: skip
@@ -275,7 +299,7 @@ def stage_ppo(ctx: Context) -> list[dict]:
         eval_fn=ctx.sweep_eval(len(c.ppo_kl_coefs), lambda s: s.policy_params),
     )  # fmt: skip
     members = [("ppo", f"kl_coef={k:g}") for k in c.ppo_kl_coefs]
-    points = _rows_from_metrics(rows, members, c.seed)
+    points = _rows_from_metrics(rows, members, ctx.seed)
     fr.write_csv(_points_path(ctx, "ppo"), points)
     return points
 
@@ -293,8 +317,39 @@ def stage_ppo_gt(ctx: Context) -> list[dict]:
         ctx, "ppo_gt", c.ppo_gt_kl_coef, host_reward=synthetic.ground_truth_reward,
         reward_on="text", eval_fn=eval_fn,
     )  # fmt: skip
-    points = _rows_from_metrics(rows, [("ppo-gt", f"kl_coef={c.ppo_gt_kl_coef:g}")], c.seed)
+    points = _rows_from_metrics(rows, [("ppo-gt", f"kl_coef={c.ppo_gt_kl_coef:g}")], ctx.seed)
     fr.write_csv(_points_path(ctx, "ppo_gt"), points)
+    return points
+
+
+def stage_critic_free(ctx: Context, algo: str) -> list[dict]:
+    """GRPO (β k3 in the loss, its paper's form) or RLOO (β k1 in the reward, Eq. 3) on the
+    learned reward model, the KL-coefficient sweep as one vmapped program."""
+    c = ctx.config
+    if (points := _done(ctx, algo)) is not None:
+        return points
+    schedule = ctx.schedule(
+        c.cf_steps, c.cf_prompts, c.cf_lr, warmup_steps=max(c.cf_steps // 10, 1), decay=False,
+        eval_every=c.cf_eval_every,
+    )  # fmt: skip
+    rl = train.CriticFreeConfig(
+        algo=algo, group_size=c.cf_group_size, kl_in="loss" if algo == "grpo" else "reward",
+        temperature=c.temperature, max_new_tokens=c.max_new_tokens, eos_id=ctx.tok.eos_id,
+        pad_id=ctx.tok.pad_id,
+    )  # fmt: skip
+    loader = stages.prompt_loader(
+        ctx.task, batch_size=schedule.local_batch_size, max_prompt_length=c.max_prompt_length,
+        seed=ctx.seed,
+    )  # fmt: skip
+    _, rows = stages.train_critic_free(
+        ctx.cfg, ctx.sft_params, loader, workdir=ctx.root / algo, mesh=ctx.mesh,
+        schedule=schedule, rl=rl, reward_model=(ctx.cfg, ctx.rm_params), kl_coefs=c.cf_kl_coefs,
+        seed=ctx.seed, eval_fn=ctx.sweep_eval(len(c.cf_kl_coefs), lambda s: s.params),
+        progress=c.progress,
+    )  # fmt: skip
+    members = [(algo, f"kl_coef={k:g}") for k in c.cf_kl_coefs]
+    points = _rows_from_metrics(rows, members, ctx.seed)
+    fr.write_csv(_points_path(ctx, algo), points)
     return points
 
 
@@ -311,7 +366,7 @@ def stage_unlikelihood(ctx: Context) -> list[dict]:
     opt = schedule.optimizer()
     states = sweeps.stack_sweep(
         [
-            train.create_train_state(ctx.sft_params, opt, c.seed, hparams={"alpha": a})
+            train.create_train_state(ctx.sft_params, opt, ctx.seed, hparams={"alpha": a})
             for a in alphas
         ]
     )
@@ -319,7 +374,7 @@ def stage_unlikelihood(ctx: Context) -> list[dict]:
         sweeps.sweep_step(train.make_unlikelihood_step(ctx.model, opt)),
         states,
         stages.preference_loader(
-            ctx.train_pairs, ctx.tok, batch_size=schedule.local_batch_size, seed=c.seed,
+            ctx.train_pairs, ctx.tok, batch_size=schedule.local_batch_size, seed=ctx.seed,
             **ctx.lengths,
         ),
         workdir=ctx.root / "unlikelihood",
@@ -331,7 +386,7 @@ def stage_unlikelihood(ctx: Context) -> list[dict]:
     )  # fmt: skip
     members = [("preferred-ft", "chosen-nll")]
     members += [("unlikelihood", f"alpha={a:g}") for a in c.unlikelihood_alphas]
-    points = _rows_from_metrics(rows, members, c.seed)
+    points = _rows_from_metrics(rows, members, ctx.seed)
     fr.write_csv(_points_path(ctx, "unlikelihood"), points)
     return points
 
@@ -362,7 +417,7 @@ def stage_best_of_n(ctx: Context) -> list[dict]:
         )
         points.append(
             fr.make_row(
-                "best-of-n", f"n={n}", c.seed, 0, res.kl, res.reward_mean, res.reward_stderr
+                "best-of-n", f"n={n}", ctx.seed, 0, res.kl, res.reward_mean, res.reward_stderr
             )
         )
     fr.write_csv(_points_path(ctx, "best_of_n"), points)
@@ -374,7 +429,7 @@ def stage_best_of_n(ctx: Context) -> list[dict]:
 
 def make_context(config: FrontierConfig, mesh: Any) -> Context:
     """The task (prepared on first use), the model config (vocabulary rounded as every stage:
-    `handover.model_config`) and the evaluation prompts and key."""
+    `handover.model_config`) and the evaluation prompts; the first seed's folder and key."""
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
     tok = rdata.task_tokenizer(task)
     cfg = handover.model_config(
@@ -399,16 +454,49 @@ def make_context(config: FrontierConfig, mesh: Any) -> Context:
     ctx.eval_batch = rdata.tokenize_prompts(
         tok, prompts, max_prompt_length=config.max_prompt_length
     )
-    ctx.eval_rng = jax.random.PRNGKey(config.seed + 12345)
-    return ctx
+    return ctx.for_seed(config.seeds[0])
+
+
+# The comparisons the summary states only where the intervals over seeds are disjoint.
+COMPARISONS = (
+    ("dpo", "ppo"), ("dpo", "ppo-gt"), ("dpo", "grpo"), ("dpo", "rloo"), ("ppo", "grpo"),
+    ("ppo", "rloo"), ("grpo", "rloo"), ("dpo", "best-of-n"), ("ppo", "best-of-n"),
+)  # fmt: skip
+
+
+def run_seed(ctx: Context, timed: Any) -> tuple[list[dict], dict, dict | None]:
+    """Every stage after the SFT model for `ctx.seed`: (points, reward-model info, DPO timing
+    (None unless this seed times the vmapped sweep))."""
+    s = f"seed {ctx.seed}"
+    points = timed(f"{s} sft", stage_sft, ctx)
+    ctx.train_pairs, heldout = timed(f"{s} pairs", stage_pairs, ctx)
+    rm_info = timed(f"{s} reward_model", stage_reward_model, ctx, ctx.train_pairs, heldout)
+    print(
+        f"seed {ctx.seed} reward model: held-out accuracy {rm_info['heldout_accuracy']:.3f} on "
+        f"{rm_info['heldout_pairs']} pairs ({rm_info['train_pairs']} training pairs)"
+    )
+    dpo_points, timing = timed(f"{s} dpo", stage_dpo, ctx)
+    points += dpo_points
+    points += timed(f"{s} ppo", stage_ppo, ctx)
+    points += timed(f"{s} ppo_gt", stage_ppo_gt, ctx)
+    for algo in ctx.config.critic_free:
+        points += timed(f"{s} {algo}", stage_critic_free, ctx, algo)
+    points += timed(f"{s} unlikelihood", stage_unlikelihood, ctx)
+    points += timed(f"{s} best_of_n", stage_best_of_n, ctx)
+    return points, rm_info, timing
 
 
 def run_frontier(config: FrontierConfig, mesh: Any = None) -> dict:
-    """Runs (or resumes) every stage into `config.workdir`; writes frontier.csv, frontier.png and
-    summary.json and prints the table; returns the summary."""
+    """Runs (or resumes) every stage of every seed into `config.workdir`; writes frontier.csv
+    (every point), frontier_bands.csv (each method's frontier over seeds with its confidence
+    band), frontier.png and summary.json and prints the table; returns the summary."""
     start = time.perf_counter()
+    if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
+        # Every seed builds the same programs: from the second on they load compiled.
+        jax.config.update("jax_compilation_cache_dir", str(Path(config.workdir) / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     mesh = runner.resolve_mesh(config.mesh) if mesh is None else mesh
-    ctx = make_context(config, mesh)
+    base = make_context(config, mesh)
     timings = {}
 
     def timed(name, fn, *args):
@@ -423,47 +511,72 @@ def run_frontier(config: FrontierConfig, mesh: Any = None) -> dict:
         )
         return out
 
-    points = timed("sft", stage_sft, ctx)
-    ctx.train_pairs, heldout = timed("pairs", stage_pairs, ctx)
-    rm_info = timed("reward_model", stage_reward_model, ctx, ctx.train_pairs, heldout)
-    print(
-        f"reward model: held-out accuracy {rm_info['heldout_accuracy']:.3f} on "
-        f"{rm_info['heldout_pairs']} pairs ({rm_info['train_pairs']} training pairs)"
-    )
-    dpo_points, timing = timed("dpo", stage_dpo, ctx)
-    points += dpo_points
-    points += timed("ppo", stage_ppo, ctx)
-    points += timed("ppo_gt", stage_ppo_gt, ctx)
-    points += timed("unlikelihood", stage_unlikelihood, ctx)
-    points += timed("best_of_n", stage_best_of_n, ctx)
+    timed("sft model", stage_sft_model, base)
+    points, rm_infos, timing = [], {}, None
+    for seed in config.seeds:
+        seed_points, rm_infos[seed], seed_timing = run_seed(base.for_seed(seed), timed)
+        points += seed_points
+        timing = timing or seed_timing
 
-    root = ctx.root
+    root = Path(config.workdir)
     csv_path = fr.write_csv(root / "frontier.csv", points)
-    png_path = fr.plot_frontier(points, root / "frontier.png")
-    table = fr.frontier_table(points, config.kl_thresholds)
+    max_kl = max([float(p["kl"]) for p in points] + [1e-3])
+    bands = fr.frontier_bands(points, np.linspace(0.0, max_kl, 200), level=config.confidence)
+    bands_path = fr.write_bands_csv(root / "frontier_bands.csv", bands)
+    png_path = fr.plot_frontier(points, root / "frontier.png", level=config.confidence)
+    ci = fr.frontier_table_ci(points, config.kl_thresholds, level=config.confidence)
+    seps = fr.separations(points, config.kl_thresholds, COMPARISONS, level=config.confidence)
+    accuracy = [info["heldout_accuracy"] for info in rm_infos.values()]
+
+    def clean(v):
+        return None if np.isnan(v) else v
+
     summary = {
         "csv": str(csv_path),
+        "bands_csv": str(bands_path),
         "figure": str(png_path),
-        "reward_model": rm_info,
+        "seeds": list(config.seeds),
+        "confidence": config.confidence,
+        "reward_model": {str(k): v for k, v in rm_infos.items()},
+        "reward_model_accuracy_mean": float(np.mean(accuracy)),
         "vmap_timing": timing,
         "table": {
             "kl_thresholds": list(config.kl_thresholds),
-            "best_reward": {m: [None if np.isnan(v) else v for v in vs] for m, vs in table.items()},
+            "best_reward": {m: [clean(v[0]) for v in vs] for m, vs in ci.items()},
+            "half_width": {m: [clean(v[1]) for v in vs] for m, vs in ci.items()},
         },
+        "separated": [x for x in seps if x["verdict"] != "overlap"],
         "stage_seconds": timings,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
     print(f"frontier figure: {png_path}")
-    print(f"frontier points: {csv_path} ({len(points)} rows)")
-    print(f"reward model held-out accuracy: {rm_info['heldout_accuracy']:.3f}")
+    print(f"frontier points: {csv_path} ({len(points)} rows); bands: {bands_path}")
     print(
-        f"vmapped sweep: {timing['vmapped_s']:.2f} s, one by one: {timing['one_by_one_s']:.2f} s, "
-        f"speed-up {timing['speedup']:.2f}x ({timing['members']} DPO runs x {timing['steps']} "
-        f"steps; max |param diff| {timing['max_param_diff']:.1e})"
+        f"reward model held-out accuracy: {np.mean(accuracy):.3f} (mean over "
+        f"{len(accuracy)} seeds: {', '.join(f'{a:.3f}' for a in accuracy)})"
     )
-    print("best reward (VADER) at KL(π ‖ π_SFT) <= threshold, nats:")
-    print(fr.format_table(table, config.kl_thresholds))
+    if timing:
+        print(
+            f"vmapped sweep: {timing['vmapped_s']:.2f} s, one by one: "
+            f"{timing['one_by_one_s']:.2f} s, speed-up {timing['speedup']:.2f}x "
+            f"({timing['members']} DPO runs x {timing['steps']} steps; max |param diff| "
+            f"{timing['max_param_diff']:.1e})"
+        )
+    n = len(config.seeds)
+    print(
+        f"best reward (VADER) at KL(π ‖ π_SFT) <= threshold, nats: mean over {n} seed(s)"
+        + (f" ± {config.confidence:.0%} t-interval half-width" if n > 1 else "")
+    )
+    print(fr.format_table(ci, config.kl_thresholds))
+    if n > 1:
+        print("separated (intervals disjoint):")
+        for x in summary["separated"] or [{"verdict": None}]:
+            if x["verdict"] is None:
+                print("  none")
+                continue
+            hi, lo = (x["a"], x["b"]) if x["verdict"] == "a > b" else (x["b"], x["a"])
+            print(f"  KL<={x['kl']:g}: {hi} above {lo}")
     print(f"total {summary['seconds']:.0f} s")
     return summary

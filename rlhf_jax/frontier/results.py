@@ -1,4 +1,5 @@
-"""The frontier's results: one CSV row per evaluated point, the best-reward table, the figure.
+"""The frontier's results: one CSV row per evaluated point, the best-reward table and the
+confidence bands over seeds, the figure.
 
 Every evaluated point is one CSV row with the columns `COLUMNS`:
 
@@ -11,8 +12,17 @@ nats, `reward` the mean ground-truth reward over held-out prompts and `stderr` i
 
     rows = read_csv(path)
     table = frontier_table(rows, thresholds=(1, 2, 5, 10))   # method -> best reward at KL <= t
+    ci = frontier_table_ci(rows, (1, 2, 5, 10))               # method -> [(mean, half-width)]
     print(format_table(table, (1, 2, 5, 10)))
+    bands = frontier_bands(rows, kl_grid)                     # BAND_COLUMNS rows
     plot_frontier(rows, "frontier.png")
+
+Over seeds, a method's frontier at KL budget x is, per seed, the best reward among that seed's
+points with KL <= x (its upper envelope); the table and the bands report the mean over seeds and
+a Student-t confidence interval (95 % by default: mean ± t_{0.975, n-1} · sd / sqrt(n)), defined
+where every seed of the method has a point under x. The envelope is a maximum over noisy
+evaluations, so it is biased upwards by about the evaluation's standard error; every method
+gets the same treatment.
 """
 
 from __future__ import annotations
@@ -28,12 +38,17 @@ import jax
 import numpy as np
 
 COLUMNS = ("method", "hyperparameter", "seed", "step", "kl", "reward", "stderr")
-METHODS = ("sft", "dpo", "ppo", "ppo-gt", "preferred-ft", "unlikelihood", "best-of-n")
+BAND_COLUMNS = ("method", "kl", "seeds", "mean", "lo", "hi")
+METHODS = (
+    "sft", "dpo", "ppo", "ppo-gt", "grpo", "rloo", "preferred-ft", "unlikelihood", "best-of-n"
+)  # fmt: skip
 # Labels and styles of the figure, after the paper's legend.
 _STYLE = {
     "dpo": ("DPO", "tab:red", "o"),
     "ppo": ("PPO", "tab:blue", "s"),
     "ppo-gt": ("PPO-GT", "tab:cyan", "^"),
+    "grpo": ("GRPO (learned RM)", "tab:olive", "X"),
+    "rloo": ("RLOO (learned RM)", "tab:brown", "h"),
     "preferred-ft": ("Preferred-FT", "tab:green", "D"),
     "unlikelihood": ("Unlikelihood", "tab:orange", "v"),
     "best-of-n": ("Best of N (learned RM)", "tab:purple", "P"),
@@ -106,16 +121,78 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Table.
+# Table and bands over seeds.
+
+
+def _envelopes(rows: list[Mapping[str, Any]], method: str) -> dict[int, tuple[np.ndarray, ...]]:
+    """seed -> (KLs sorted, best reward so far along them) of one method's points."""
+    out = {}
+    for seed in sorted({int(r["seed"]) for r in rows if r["method"] == method}):
+        pts = sorted(
+            (float(r["kl"]), float(r["reward"]))
+            for r in rows
+            if r["method"] == method and int(r["seed"]) == seed
+        )
+        kl = np.array([p[0] for p in pts])
+        out[seed] = (kl, np.maximum.accumulate(np.array([p[1] for p in pts])))
+    return out
+
+
+def _best_at(envelope: tuple[np.ndarray, np.ndarray], x: float) -> float:
+    kl, best = envelope
+    i = int(np.searchsorted(kl, x, side="right"))
+    return float(best[i - 1]) if i else math.nan
+
+
+def _interval(values: Sequence[float], level: float) -> tuple[float, float]:
+    """(mean, half-width of the Student-t interval; NaN with one value)."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return float(v.mean()), math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
+def frontier_table_ci(
+    rows: Iterable[Mapping[str, Any]], thresholds: Sequence[float], *, level: float = 0.95
+) -> dict[str, list[tuple[float, float]]]:
+    """Per method and KL threshold: (mean over seeds of the best reward at KL <= threshold, the
+    half-width of its `level` Student-t interval). (NaN, NaN) where some seed of the method has
+    no point under the threshold; the half-width is NaN with one seed.
+
+    Args:
+      rows: frontier points (keys `COLUMNS`), any number of seeds.
+      thresholds: KL thresholds in nats.
+      level: confidence level of the interval.
+    Returns:
+      method -> [len(thresholds)] (mean, half-width), methods in `METHODS` order.
+    """
+    rows = list(rows)
+    table = {}
+    for method in METHODS:
+        envs = _envelopes(rows, method)
+        if not envs:
+            continue
+        cells = []
+        for t in thresholds:
+            best = [_best_at(e, t) for e in envs.values()]
+            cells.append(
+                (math.nan, math.nan) if any(math.isnan(b) for b in best) else _interval(best, level)
+            )
+        table[method] = cells
+    return table
 
 
 def frontier_table(
     rows: Iterable[Mapping[str, Any]], thresholds: Sequence[float]
 ) -> dict[str, list[float]]:
-    """Best reward of each method among its points with KL <= each threshold.
+    """Best reward of each method among its points with KL <= each threshold, averaged over seeds.
 
-    `table[m][j] = max{reward(p) : p a point of method m, kl(p) <= thresholds[j]}`, NaN when the
-    method has no point under that threshold. Methods appear in `METHODS` order (those present).
+    With one seed, `table[m][j] = max{reward(p) : p a point of method m, kl(p) <= thresholds[j]}`;
+    with several, the mean over seeds of that maximum. NaN when (a seed of) the method has no
+    point under that threshold. Methods appear in `METHODS` order (those present).
 
     Args:
       rows: frontier points (keys `COLUMNS`).
@@ -123,25 +200,99 @@ def frontier_table(
     Returns:
       method -> [len(thresholds)] best rewards.
     """
+    ci = frontier_table_ci(rows, thresholds)
+    return {m: [mean for mean, _ in cells] for m, cells in ci.items()}
+
+
+def frontier_bands(
+    rows: Iterable[Mapping[str, Any]], kl_grid: Sequence[float] | np.ndarray, *, level: float = 0.95
+) -> list[dict[str, Any]]:
+    """Each method's frontier over seeds on a KL grid: rows with the keys `BAND_COLUMNS` (method,
+    kl, seeds, mean, lo, hi), at the grid points where every seed of the method has a point
+    with KL <= kl (lo = hi = mean with one seed)."""
     rows = list(rows)
-    table = {}
+    bands = []
     for method in METHODS:
-        points = [(float(r["kl"]), float(r["reward"])) for r in rows if r["method"] == method]
-        if not points:
+        envs = _envelopes(rows, method)
+        for x in kl_grid:
+            best = [_best_at(e, float(x)) for e in envs.values()]
+            if not best or any(math.isnan(b) for b in best):
+                continue
+            mean, half = _interval(best, level)
+            half = 0.0 if math.isnan(half) else half
+            bands.append(
+                {"method": method, "kl": float(x), "seeds": len(best), "mean": mean,
+                 "lo": mean - half, "hi": mean + half}
+            )  # fmt: skip
+    return bands
+
+
+def write_bands_csv(path: str | os.PathLike, bands: Iterable[Mapping[str, Any]]) -> Path:
+    """Writes `frontier_bands` rows (keys `BAND_COLUMNS`) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=BAND_COLUMNS, extrasaction="raise")
+        writer.writeheader()
+        for row in bands:
+            writer.writerow({k: row[k] for k in BAND_COLUMNS})
+    os.replace(tmp, path)
+    return path
+
+
+def separations(
+    rows: Iterable[Mapping[str, Any]],
+    thresholds: Sequence[float],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    level: float = 0.95,
+) -> list[dict[str, Any]]:
+    """Which of two methods is higher at each KL budget, stated only where their intervals are
+    disjoint: rows {a, b, kl, a_mean, a_half, b_mean, b_half, verdict} with verdict "a > b",
+    "a < b" or "overlap" (also when an interval is missing: one seed, or no point)."""
+    ci = frontier_table_ci(rows, thresholds, level=level)
+    out = []
+    for a, b in pairs:
+        if a not in ci or b not in ci:
             continue
-        table[method] = [
-            max((rew for kl, rew in points if kl <= t), default=math.nan) for t in thresholds
-        ]
-    return table
+        for j, t in enumerate(thresholds):
+            (am, ah), (bm, bh) = ci[a][j], ci[b][j]
+            verdict = "overlap"
+            if not any(math.isnan(v) for v in (am, ah, bm, bh)):
+                if am - ah > bm + bh:
+                    verdict = "a > b"
+                elif am + ah < bm - bh:
+                    verdict = "a < b"
+            out.append(
+                {"a": a, "b": b, "kl": t, "a_mean": am, "a_half": ah, "b_mean": bm,
+                 "b_half": bh, "verdict": verdict}
+            )  # fmt: skip
+    return out
 
 
-def format_table(table: Mapping[str, Sequence[float]], thresholds: Sequence[float]) -> str:
-    """The table of `frontier_table` as fixed-width text ("—" where a method has no point)."""
-    head = f"{'method':<14}" + "".join(f"{f'KL<={t:g}':>10}" for t in thresholds)
-    lines = [head, "-" * len(head)]
+def format_table(
+    table: Mapping[str, Sequence[Any]], thresholds: Sequence[float], *, width: int = 10
+) -> str:
+    """The table of `frontier_table` (floats) or `frontier_table_ci` ((mean, half-width) pairs,
+    shown as "0.52±0.04") as fixed-width text ("—" where a method has no point)."""
+    cells_of = {}
     for method, values in table.items():
-        cells = "".join(f"{'—':>10}" if math.isnan(v) else f"{v:>10.3f}" for v in values)
-        lines.append(f"{method:<14}" + cells)
+        cells = []
+        for v in values:
+            mean, half = v if isinstance(v, tuple) else (v, math.nan)
+            if math.isnan(mean):
+                cells.append("—")
+            elif math.isnan(half):
+                cells.append(f"{mean:.3f}")
+            else:
+                cells.append(f"{mean:.2f}±{half:.2f}")
+        cells_of[method] = cells
+    width = max([width, *(len(c) + 1 for cs in cells_of.values() for c in cs)])
+    head = f"{'method':<14}" + "".join(f"{f'KL<={t:g}':>{width}}" for t in thresholds)
+    lines = [head, "-" * len(head)]
+    for method, cells in cells_of.items():
+        lines.append(f"{method:<14}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
@@ -156,16 +307,18 @@ def plot_frontier(
     title: str = "Synthetic reviews (offline IMDb stand-in): reward vs KL",
     reward_label: str = "reward (VADER, held-out prompts)",
     envelope: bool = True,
+    level: float = 0.95,
 ) -> Path:
     """Scatter of reward against KL(π ‖ π_ref), one colour and marker per method (paper Fig. 2
-    left): every evaluation of every run is a point; Best-of-N is a line over N; SFT is a star.
+    left): every evaluation of every run (every seed) is a point; SFT is a star.
 
     Args:
       rows: frontier points (keys `COLUMNS`).
       path: the PNG to write.
       title, reward_label: figure texts.
-      envelope: also draw each method's frontier, the running maximum of its rewards along
-        increasing KL (a thin line in its colour).
+      envelope: also draw each method's frontier (`frontier_bands`): the mean over seeds of the
+        best reward so far along increasing KL, with its `level` confidence band shaded when
+        there are several seeds.
     Returns:
       The path written.
     """
@@ -174,22 +327,30 @@ def plot_frontier(
     rows = list(rows)
     fig = Figure(figsize=(8.4, 4.8))
     ax = fig.subplots()
+    max_kl = max([float(r["kl"]) for r in rows] + [1e-3])
+    all_bands = frontier_bands(rows, np.linspace(0.0, max_kl, 400), level=level) if envelope else []
     for method in METHODS:
         points = sorted((float(r["kl"]), float(r["reward"])) for r in rows if r["method"] == method)
         if not points:
             continue
         label, color, marker = _STYLE[method]
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        if method == "best-of-n":
-            ax.plot(xs, ys, color=color, marker=marker, ms=7, lw=1.2, label=label, zorder=3)
-        elif method == "sft":
-            ax.scatter(xs, ys, c=color, marker=marker, s=160, label=label, zorder=4)
-        else:
-            ax.scatter(
-                xs, ys, c=color, marker=marker, s=22, alpha=0.75, label=label, edgecolors="none"
-            )
-            if envelope:  # the method's frontier: best reward so far along increasing KL
-                ax.step(xs, np.maximum.accumulate(ys), where="post", color=color, lw=0.9, alpha=0.6)
+        if method == "sft":
+            ax.scatter([np.mean(xs)], [np.mean(ys)], c=color, marker=marker, s=160, label=label,
+                       zorder=4)  # fmt: skip
+            continue
+        alpha = 0.75 if len({r["seed"] for r in rows}) == 1 else 0.35
+        ax.scatter(
+            xs, ys, c=color, marker=marker, s=22, alpha=alpha, label=label, edgecolors="none"
+        )
+        if envelope:
+            band = [b for b in all_bands if b["method"] == method]
+            if band:
+                bx = [b["kl"] for b in band]
+                ax.plot(bx, [b["mean"] for b in band], color=color, lw=1.3, alpha=0.9)
+                if band[0]["seeds"] > 1:
+                    lo, hi = [b["lo"] for b in band], [b["hi"] for b in band]
+                    ax.fill_between(bx, lo, hi, color=color, alpha=0.15, lw=0)
     ax.set_xlabel("KL(π ‖ π_ref)  [nats per completion]")
     ax.set_ylabel(reward_label)
     ax.set_title(title, fontsize=10)
