@@ -15,6 +15,9 @@ chosen, rejected). --loss-type is one of sigmoid (DPO), ipo, hinge, robust, simp
 Writes into WORKDIR: run_config.json, pairs.jsonl (reused on rerun), reference_logps.npz (with
 --precompute-reference), metrics.jsonl (step, loss, rewards/accuracy, rewards/margin, logps/...,
 grad_norm, update_norm), tensorboard/, checkpoints/, and when finished hf/ and model_config.json.
+With --lora-rank R only LoRA adapters train (rank R, scale --lora-alpha / R, on the projections
+--lora-targets selects); the SFT model is their frozen base and, adapters off, the reference (one
+copy); checkpoints hold the adapters, adapter/ has them in PEFT's format and hf/ the merged model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, losses, models, pairs, sharding, stages
+from rlhf_jax import cli, data, handover, lora, losses, models, pairs, sharding, stages
 from rlhf_jax.data import synthetic
 from rlhf_jax.sampling import SamplingConfig
 
@@ -58,6 +61,9 @@ class Config:
     warmup_steps: int = 50
     log_every: int = 20
     checkpoint_every: int = 250
+    lora_rank: int = 0  # LoRA adapters of this rank, the base frozen and the reference (0: off)
+    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
+    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -105,6 +111,7 @@ def main(
     cfg = handover.init_config(config.init_from)
     length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
     handover.check_model(cfg, tok, max_length=length)
+    lora_cfg = cli.lora_config(config, cfg)
     records = None
     if config.pairs:  # read (and checked) before anything is written
         records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size)
@@ -146,6 +153,7 @@ def main(
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
+        lora=lora_cfg,
     )
     if rows:
         last = rows[-1]

@@ -7,6 +7,12 @@ JSON dict from the primary host: config, KL coefficient, ...). Orbax writes into
 directory and renames it when complete, so a run killed at any moment (SIGKILL included) leaves
 either a whole checkpoint or none that `restore_latest` would pick up.
 
+Frozen parameters are not written: a `TrainState`'s `frozen` (a DPO reference, a LoRA base) and a
+`PPOState`'s `ref_params` / `reward_params`, wherever they sit in the state (also inside a sweep).
+They never change, so `restore_latest` takes them from its `target_state`, the initial state of
+the rerun command; a checkpoint holds only what training changes (a LoRA run: the adapters and
+their optimizer state).
+
 A driver's loop, in the order that keeps "no checkpoint after the last good step":
 
     ckpt = Checkpointer(workdir, save_every=cfg.checkpoint_every)
@@ -25,6 +31,7 @@ A driver's loop, in the order that keeps "no checkpoint after the last good step
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +43,35 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _ITEMS = ("state", "data", "extra")
+FROZEN_FIELDS = ("frozen", "ref_params", "reward_params")
+SHARED_KEY = "shared"  # a sweep state's frozen fields held once (`sweeps.stack_sweep`)
+
+
+def _frozen_names(tree: Any) -> list[str]:
+    if not (dataclasses.is_dataclass(tree) and hasattr(tree, "replace")):
+        return []
+    return [f for f in FROZEN_FIELDS if getattr(tree, f, None) is not None]
+
+
+def without_frozen(state: Any) -> Any:
+    """`state` with its frozen parts (`FROZEN_FIELDS` of train states, at any depth of dicts, and
+    a sweep's `"shared"` entry) set to None: what a checkpoint holds."""
+    if names := _frozen_names(state):
+        return state.replace(**{f: None for f in names})
+    if isinstance(state, Mapping):
+        return {k: None if k == SHARED_KEY else without_frozen(v) for k, v in state.items()}
+    return state
+
+
+def with_frozen(restored: Any, template: Any) -> Any:
+    """`restored` (a `without_frozen` state) with the frozen parts of `template` put back."""
+    if names := _frozen_names(template):
+        return restored.replace(**{f: getattr(template, f) for f in names})
+    if isinstance(template, Mapping):
+        return {
+            k: v if k == SHARED_KEY else with_frozen(restored[k], v) for k, v in template.items()
+        }
+    return restored
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -222,7 +258,7 @@ class Checkpointer:
         extra = dict(extra or {})
         json.dumps(extra)  # fail here, not in the writer thread
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(without_frozen(state)),
             data=ocp.args.JsonSave(data),
             extra=ocp.args.JsonSave(extra),
         )
@@ -233,7 +269,8 @@ class Checkpointer:
 
         Args:
           target_state: a state like the saved one: concrete sharded arrays, or ShapeDtypeStructs
-            with shardings (e.g. `jax.eval_shape` output with `state_shardings` attached).
+            with shardings (e.g. `jax.eval_shape` output with `state_shardings` attached). Its
+            frozen parts are the restored state's (they are not in the checkpoint).
         Returns:
           (step, state, data_state, extra), with this process's data state, or None when the
           directory holds no checkpoint.
@@ -245,7 +282,9 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree.map(_abstract, target_state)),
+                state=ocp.args.StandardRestore(
+                    jax.tree.map(_abstract, without_frozen(target_state))
+                ),
                 data=ocp.args.JsonRestore(),
                 extra=ocp.args.JsonRestore(),
             ),
@@ -261,7 +300,8 @@ class Checkpointer:
                 f"checkpoint step {step} holds data states of {len(states)} processes but this "
                 f"run has {count}; resume with the same number of processes"
             )
-        return step, restored["state"], data_state, dict(restored["extra"] or {})
+        state = with_frozen(restored["state"], target_state)
+        return step, state, data_state, dict(restored["extra"] or {})
 
     def wait(self) -> None:
         """Blocks until in-flight saves are on disk."""

@@ -137,6 +137,8 @@ RANGES: dict[str, Rule] = {
     "eval_batches": (_at_least(0), ">= 0"),
     "n_layers": (_at_least(1), ">= 1"),
     "seed": (_at_least(0), ">= 0"),
+    "lora_rank": (_at_least(0), ">= 0 (0: full fine-tuning)"),
+    "lora_alpha": (_positive, "> 0"),
 }
 SUFFIX_RANGES: dict[str, Rule] = {
     "steps": (_at_least(1), ">= 1"),
@@ -301,6 +303,32 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_
             f"{jax.process_count()} processes"
         )
     return batch_size // jax.process_count()
+
+
+def lora_config(config: Any, model_config: Any) -> Any:
+    """The `lora.LoraConfig` of a driver's `--lora-rank` / `--lora-alpha` / `--lora-targets`
+    (None for `--lora-rank 0`: full fine-tuning), checked against the model's projections before
+    anything is written.
+
+    Raises:
+      ConfigError: a bad value or a target pattern that matches no projection, naming the flag.
+    """
+    from rlhf_jax import lora, models
+
+    if not getattr(config, "lora_rank", 0):
+        return None
+    try:
+        cfg = lora.LoraConfig(
+            rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets
+        )
+    except ValueError as e:
+        raise ConfigError(f"--lora-*: {e}") from None
+    abstract = jax.eval_shape(lambda: models.init_params(model_config, jax.random.key(0)))
+    try:
+        lora.target_modules(abstract, cfg)
+    except ValueError as e:
+        raise ConfigError(f"--lora-targets: {e}") from None
+    return cfg
 
 
 def default_data_dir(anchor: str | os.PathLike) -> str:

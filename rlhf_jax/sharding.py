@@ -55,13 +55,25 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     # divides the tensor axis, else replicated), the output projection [H, Dh, D] row parallel.
     (r"(^|/)embed/embedding$", P("tensor", "fsdp")),  # [V, D]: vocab over tensor, width fsdp
     (r"pos_embed/embedding$", P(None, "fsdp")),  # [max_len, D]
-    (r"attn/[qkv]/kernel$", P("fsdp", "tensor", None)),  # [D, heads, Dh]
-    (r"attn/[qkv]/bias$", P("tensor", None)),  # [heads, Dh]
-    (r"attn/o/kernel$", P("tensor", None, "fsdp")),  # [H, Dh, D]
-    (r"mlp/(gate|up)/kernel$", P("fsdp", "tensor")),  # [D, F]: column parallel
-    (r"mlp/(gate|up)/bias$", P("tensor")),  # [F]
-    (r"mlp/down/kernel$", P("tensor", "fsdp")),  # [F, D]: row parallel
+    # QLoRA's quantized kernels (models.quant) split like the kernels they replace (NF4's last
+    # axis is halved), their per-channel int8 scales like biases, NF4's flat absmax replicated.
+    (r"attn/[qkv]/kernel(_int8|_nf4)?$", P("fsdp", "tensor", None)),  # [D, heads, Dh]
+    (r"attn/[qkv]/(bias|kernel_scale)$", P("tensor", None)),  # [heads, Dh]
+    (r"attn/o/kernel(_int8|_nf4)?$", P("tensor", None, "fsdp")),  # [H, Dh, D]
+    (r"mlp/(gate|up)/kernel(_int8|_nf4)?$", P("fsdp", "tensor")),  # [D, F]: column parallel
+    (r"mlp/(gate|up)/(bias|kernel_scale)$", P("tensor")),  # [F]
+    (r"mlp/down/kernel(_int8|_nf4)?$", P("tensor", "fsdp")),  # [F, D]: row parallel
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]: vocab over tensor
+    # LoRA adapters (rlhf_jax.lora): A [*in, r] split like the kernel's input axes, B [r, *out]
+    # like its output axes (whole heads over tensor); r is never split.
+    (r"attn/[qkv]/a$", P("fsdp", None)),  # [D, r]
+    (r"attn/[qkv]/b$", P(None, "tensor", None)),  # [r, heads, Dh]
+    (r"attn/o/a$", P("tensor", None, None)),  # [H, Dh, r]
+    (r"attn/o/b$", P(None, "fsdp")),  # [r, D]
+    (r"mlp/(gate|up)/a$", P("fsdp", None)),  # [D, r]
+    (r"mlp/(gate|up)/b$", P(None, "tensor")),  # [r, F]
+    (r"mlp/down/a$", P("tensor", None)),  # [F, r]
+    (r"mlp/down/b$", P(None, "fsdp")),  # [r, D]
     (r".*", P()),  # norms, output biases, reward/value heads, step, rng, optax counts
 )
 

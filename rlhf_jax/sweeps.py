@@ -6,7 +6,10 @@ member states sharing each batch (DPO's beta, PPO's kl_coef, Unlikelihood's alph
     state, rows = runner.fit(step, states, loader, ...)     # metrics "loss/0", "loss/1", ...
 
 The sweep state is `{"step": int32 [], "members": the states stacked leaf-wise}`, with a scalar
-step so that `runner.fit` logs and checkpoints it like any run.
+step so that `runner.fit` logs and checkpoints it like any run. Frozen parts equal in every member
+(a DPO reference, a LoRA base, PPO's reference and reward model: `checkpoint.FROZEN_FIELDS`) are
+held once, under `"shared"`, and every member reads the same arrays: a sweep of N runs holds one
+reference, not N.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.checkpoint import FROZEN_FIELDS
 from rlhf_jax.train.state import stack_states, unstack_state
 
 Batch = Mapping[str, jax.Array]
@@ -38,30 +42,61 @@ def flatten_sweep_metrics(metrics: Mapping[str, jax.Array]) -> Metrics:
     return out
 
 
+def _same(a: Any, b: Any) -> bool:
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(
+        x is y or (x.shape == y.shape and bool(jnp.array_equal(x, y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
 def stack_sweep(states: Sequence[Any]) -> dict[str, Any]:
-    """A sweep state: `{"step": int32 [], "members": the states stacked leaf-wise}`.
+    """A sweep state: `{"step": int32 [], "members": the states stacked leaf-wise}`, plus
+    `"shared"`: the frozen fields (`checkpoint.FROZEN_FIELDS`) equal in every member, held once.
 
     The members are stacked by `train.stack_states`; the scalar step is the sweep's own update
     count (what `runner.fit` reads and checkpoints).
     """
-    return {"step": jnp.zeros((), jnp.int32), "members": stack_states(list(states))}
+    states = list(states)
+    shared = {}
+    for name in FROZEN_FIELDS:
+        values = [getattr(s, name, None) for s in states]
+        if values[0] is not None and all(_same(values[0], v) for v in values[1:]):
+            shared[name] = values[0]
+    if shared:
+        states = [s.replace(**{name: None for name in shared}) for s in states]
+    out = {"step": jnp.zeros((), jnp.int32), "members": stack_states(states)}
+    if shared:
+        out["shared"] = shared
+    return out
 
 
 def sweep_member(sweep: Mapping[str, Any], i: int) -> Any:
-    """The i-th member state of a sweep state."""
-    return unstack_state(sweep["members"], i)
+    """The i-th member state of a sweep state (with the shared frozen fields)."""
+    member = unstack_state(sweep["members"], i)
+    return member.replace(**sweep["shared"]) if sweep.get("shared") else member
 
 
 def sweep_step(
     step: Callable[[Any, Batch], tuple[Any, Metrics]],
 ) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], Metrics]]:
-    """`vmap(step)` over the members of a sweep state (`stack_sweep`) sharing one batch, with
-    scalar metrics (`flatten_sweep_metrics`); compile it like any step."""
-    vstep = jax.vmap(step, in_axes=(0, None))
+    """`vmap(step)` over the members of a sweep state (`stack_sweep`) sharing one batch and the
+    shared frozen fields, with scalar metrics (`flatten_sweep_metrics`); compile it like any
+    step."""
 
     def run(sweep: dict[str, Any], batch: Batch) -> tuple[dict[str, Any], Metrics]:
-        members, metrics = vstep(sweep["members"], batch)
-        return {"step": sweep["step"] + 1, "members": members}, flatten_sweep_metrics(metrics)
+        shared = sweep.get("shared") or {}
+
+        def one(member, batch):
+            new, metrics = step(member.replace(**shared) if shared else member, batch)
+            return (new.replace(**{k: None for k in shared}) if shared else new), metrics
+
+        members, metrics = jax.vmap(one, in_axes=(0, None))(sweep["members"], batch)
+        out = {"step": sweep["step"] + 1, "members": members}
+        if shared:
+            out["shared"] = shared
+        return out, flatten_sweep_metrics(metrics)
 
     return run
 

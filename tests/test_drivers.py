@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from helpers import drivers as driver_scripts
@@ -192,6 +193,33 @@ def test_ppo_tiny_with_the_ground_truth_and_adaptive_kl(drivers, sft, tmp_path, 
         want = np.mean([vader.polarity_scores(t)["compound"] for t in texts])
         np.testing.assert_allclose(row["score"], want, rtol=1e-5, atol=1e-6)
     assert rows[-1]["kl_coef_next"] != pytest.approx(0.05)  # adaptive
+
+
+def test_dpo_tiny_with_lora_adapters(drivers, sft, tmp_path):
+    """--lora-rank: the adapters train against the SFT model as base and reference; the run
+    writes them in PEFT's format (read back here) and the merged model as hf/."""
+    from rlhf_jax import lora
+    from rlhf_jax.models import peft as peft_io
+
+    argv = ["--preset", "tiny", "--workdir", str(tmp_path / "run"), "--init-from", str(sft[0])]
+    rows = drivers["dpo"].main(argv + ["--lora-rank", "4", "--lora-alpha", "8"])
+    _check_outputs(tmp_path / "run", rows, 30)
+    cfg, merged = models.from_pretrained(str(tmp_path / "run" / "hf"))
+    adapters, lora_cfg = peft_io.load_peft(str(tmp_path / "run" / "adapter"), cfg)
+    assert (lora_cfg.rank, lora_cfg.alpha) == (4, 8.0)
+    _, base = models.from_pretrained(str(sft[0] / "hf"))
+    want = lora.merge(base, adapters, lora_cfg)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    moved = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(adapters))
+    assert moved > 0  # B left zero
+    bad = tmp_path / "bad"
+    with pytest.raises(cli.ConfigError, match="--lora-targets"):
+        drivers["dpo"].main(
+            ["--preset", "tiny", "--workdir", str(bad), "--init-from", str(sft[0]),
+             "--lora-rank", "4", "--lora-targets", "attention/query"]
+        )  # fmt: skip
+    assert not bad.exists()
 
 
 def test_grpo_sentiment_with_the_reward_model_and_dapo_on_the_ground_truth(

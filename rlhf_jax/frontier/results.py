@@ -86,18 +86,23 @@ def make_row(
     }
 
 
-def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Writes `rows` (keys `COLUMNS`) to `path` atomically (temporary file, then rename)."""
+def _write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns) -> Path:
+    """Writes `rows` (keys `columns`) to `path` atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] for k in COLUMNS})
+            writer.writerow({k: row[k] for k in columns})
     os.replace(tmp, path)
     return path
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Writes `rows` (keys `COLUMNS`) to `path` atomically (temporary file, then rename)."""
+    return _write_rows(path, rows, COLUMNS)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -208,13 +213,18 @@ def frontier_bands(
     rows: Iterable[Mapping[str, Any]], kl_grid: Sequence[float] | np.ndarray, *, level: float = 0.95
 ) -> list[dict[str, Any]]:
     """Each method's frontier over seeds on a KL grid: rows with the keys `BAND_COLUMNS` (method,
-    kl, seeds, mean, lo, hi), at the grid points where every seed of the method has a point
-    with KL <= kl (lo = hi = mean with one seed)."""
+    kl, seeds, mean, lo, hi), at the (ascending) grid points from where every seed of the method
+    has a point with KL <= kl up to the method's largest KL (lo = hi = mean with one seed)."""
     rows = list(rows)
     bands = []
     for method in METHODS:
         envs = _envelopes(rows, method)
+        if not envs:
+            continue
+        last = max(float(e[0][-1]) for e in envs.values())
         for x in kl_grid:
+            if float(x) > last:
+                break
             best = [_best_at(e, float(x)) for e in envs.values()]
             if not best or any(math.isnan(b) for b in best):
                 continue
@@ -229,16 +239,7 @@ def frontier_bands(
 
 def write_bands_csv(path: str | os.PathLike, bands: Iterable[Mapping[str, Any]]) -> Path:
     """Writes `frontier_bands` rows (keys `BAND_COLUMNS`) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=BAND_COLUMNS, extrasaction="raise")
-        writer.writeheader()
-        for row in bands:
-            writer.writerow({k: row[k] for k in BAND_COLUMNS})
-    os.replace(tmp, path)
-    return path
+    return _write_rows(path, bands, BAND_COLUMNS)
 
 
 def separations(

@@ -55,6 +55,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
 from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.projection import Projection
 
 _INIT_STD = 0.02  # GPT-2 / HF initializer_range
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # masked scores (as jax.nn.dot_product_attention)
@@ -93,16 +94,9 @@ def _residual_std(cfg: TransformerConfig) -> float:
 
 
 def _dense(features, cfg: TransformerConfig, name: str, *, bias: bool, axis=-1, std=_INIT_STD):
-    return nn.DenseGeneral(
-        features,
-        axis=axis,
-        use_bias=bias,
-        dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(std),
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+    features = features if isinstance(features, tuple) else (features,)
+    in_axes = len(axis) if isinstance(axis, tuple) else 1
+    return Projection(features, in_axes, use_bias=bias, dtype=cfg.compute_dtype, std=std, name=name)
 
 
 class _RMSNorm(nn.Module):

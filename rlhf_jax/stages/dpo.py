@@ -14,11 +14,14 @@ import jax
 
 from rlhf_jax import data as rdata
 from rlhf_jax import handover, losses, models, runner, sweeps, train
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
+from rlhf_jax.models import peft as peft_io
 from rlhf_jax.stages.common import Schedule, preference_loader
 
 REFERENCE_CACHE = "reference_logps.npz"
 TIMING_FILE = "timing.json"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapters in PEFT's format
 
 
 def train_dpo(
@@ -41,6 +44,7 @@ def train_dpo(
     eval_fn: Callable[[Any, int], dict] | None = None,
     time_sweep_steps: int = 0,
     progress: bool = True,
+    lora: Any = None,
 ) -> tuple[Any, list[dict], dict[str, Any]]:
     """Trains the policy from `params` (also the reference) with `train.make_dpo_step`.
 
@@ -52,10 +56,17 @@ def train_dpo(
     no reference model. `loss_type` is a name or a pairwise loss function
     (`losses.pairwise_loss`); "simpo" / "orpo" need no reference.
 
+    With `lora` (a `lora.LoraConfig`) only adapters train: the state's params are the adapters,
+    `frozen = {"base": params}` is the one copy of the base, which is also the reference (the
+    base with the adapters off; `rlhf_jax.lora`), and checkpoints hold the adapters and their
+    optimizer state. A single run also writes the adapters in PEFT's format
+    (`WORKDIR/adapter/`); `WORKDIR/hf/` holds the merged model.
+
     Args:
       eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state for several betas).
     Returns:
-      (final params (stacked over betas for a sweep), metrics rows, info: pairs, timing).
+      (final params (stacked over betas for a sweep; merged with the adapters under `lora`),
+      metrics rows, info: pairs, timing).
     """
     sweep = not isinstance(betas, int | float)
     beta_list = [float(b) for b in betas] if sweep else [float(betas)]
@@ -81,15 +92,19 @@ def train_dpo(
         )
         frozen = None  # the batches carry the reference log-probs
     opt = schedule.optimizer()
-    step = train.make_dpo_step(
-        model,
-        opt,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        average_log_prob=average_log_prob,
+    dpo_kwargs = dict(
+        loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob
     )
+    if lora is None:
+        step = train.make_dpo_step(model, opt, **dpo_kwargs)
+        trained, frozen_state = params, frozen
+    else:  # adapters train; the base is frozen and (unless precomputed) the reference
+        loss = train.make_dpo_loss(lora_lib.LoraTransformer(cfg, lora), **dpo_kwargs)
+        step = train.make_step(lora_lib.lora_loss(loss), opt)
+        trained = lora_lib.init_adapters(params, lora, jax.random.PRNGKey(seed))
+        frozen_state = {"base": params} if frozen is not None else {"base": params, "ref": None}
     states = [
-        train.create_train_state(params, opt, seed, frozen=frozen, hparams={"beta": b})
+        train.create_train_state(trained, opt, seed, frozen=frozen_state, hparams={"beta": b})
         for b in beta_list
     ]
     loader = preference_loader(
@@ -104,12 +119,17 @@ def train_dpo(
             workdir=workdir,
             mesh=mesh,
             eval_fn=eval_fn,
-            desc="dpo",
+            desc="dpo" if lora is None else "dpo (lora)",
             progress=progress,
             **schedule.fit_kwargs(),
         )
-        handover.save_lm(workdir, cfg, state.params, tokenizer=tokenizer)
-        return state.params, rows, info
+        policy = state.params
+        if lora is not None:
+            policy = lora_lib.merge(params, state.params, lora)
+            if sh.is_primary():
+                peft_io.save_peft(str(workdir / ADAPTER_DIR), cfg, state.params, lora)
+        handover.save_lm(workdir, cfg, policy, tokenizer=tokenizer)
+        return policy, rows, info
 
     stacked = sweeps.stack_sweep(states)
     first = records[: schedule.local_batch_size]  # a batch of the training shapes
@@ -146,4 +166,7 @@ def train_dpo(
         jit=False,  # compiled above
         **schedule.fit_kwargs(),
     )
-    return state["members"].params, rows, info
+    policy = state["members"].params
+    if lora is not None:
+        policy = jax.vmap(lambda a: lora_lib.merge(params, a, lora))(policy)
+    return policy, rows, info
