@@ -425,6 +425,39 @@ MUTANTS = (
         ("tests/test_checkpoint.py",),
         "resume from the oldest kept checkpoint instead of the latest",
     ),
+    # --- LoRA and QLoRA -------------------------------------------------------------------------
+    Mutant(
+        "lora-scale-ignored",
+        "rlhf_jax/models/projection.py",
+        "return y + jnp.asarray(scale, y.dtype) * delta",
+        "return y + delta",
+        ("tests/test_lora.py",),
+        "the adapters' alpha / r scale is dropped",
+    ),
+    Mutant(
+        "lora-reference-with-adapters",
+        "rlhf_jax/lora.py",
+        'ref = frozen.get("ref", {"base": base})',
+        'ref = frozen.get("ref", {"base": base, "lora": adapters})',
+        ("tests/test_lora.py",),
+        "the reference keeps the adapters on (the policy against itself)",
+    ),
+    Mutant(
+        "nf4-nibbles-swapped",
+        "rlhf_jax/models/quant.py",
+        "idx = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)  # [n]",
+        "idx = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)  # [n]",
+        ("tests/test_qlora.py",),
+        "NF4 codes unpacked in the wrong order",
+    ),
+    Mutant(
+        "peft-b-untransposed",
+        "rlhf_jax/models/peft.py",
+        'b = parts[0]["b"].reshape(r, -1).T  # [out, r]',
+        'b = parts[0]["b"].reshape(-1, r)  # [out, r]',
+        ("tests/test_lora_peft.py",),
+        "PEFT's lora_B written as a reshape instead of a transpose",
+    ),
 )
 
 # name -> why it is accepted (an equivalent mutant, or one no test can see by design).

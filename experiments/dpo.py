@@ -17,7 +17,8 @@ Writes into WORKDIR: run_config.json, pairs.jsonl (reused on rerun), reference_l
 grad_norm, update_norm), tensorboard/, checkpoints/, and when finished hf/ and model_config.json.
 With --lora-rank R only LoRA adapters train (rank R, scale --lora-alpha / R, on the projections
 --lora-targets selects); the SFT model is their frozen base and, adapters off, the reference (one
-copy); checkpoints hold the adapters, adapter/ has them in PEFT's format and hf/ the merged model.
+copy); --quantize int8|nf4 stores that base quantized (QLoRA); checkpoints hold the adapters,
+adapter/ has them in PEFT's format and hf/ the merged model.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Config:
     lora_rank: int = 0  # LoRA adapters of this rank, the base frozen and the reference (0: off)
     lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
     lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
+    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -154,6 +156,7 @@ def main(
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
         lora=lora_cfg,
+        quantize=config.quantize,
     )
     if rows:
         last = rows[-1]

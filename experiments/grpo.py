@@ -30,6 +30,10 @@ loss (GRPO) or β k1 in the reward (Eq. 3). DAPO's dynamic sampling (on for dapo
 every informative group of the batch); --overlong-cache L turns on DAPO's overlong penalty over
 the last L of --max-new-tokens.
 
+--lora-rank R trains LoRA adapters on the frozen starting model, which is also the reference
+(adapters off); --quantize int8|nf4 stores it quantized (QLoRA); adapter/ holds the adapters in
+PEFT's format and hf/ the merged model.
+
 Writes WORKDIR/run_config.json, metrics.jsonl (reward, loss, clip fractions, entropy,
 groups_kept, ...), checkpoints/ (rerun to resume) and hf/.
 """
@@ -45,7 +49,7 @@ from typing import Literal
 import jax
 import numpy as np
 
-from rlhf_jax import cli, handover, models, runner, sharding, stages, train
+from rlhf_jax import cli, handover, lora, models, runner, sharding, stages, train
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
 from rlhf_jax.data import arithmetic as ar
@@ -90,6 +94,10 @@ class Config:
     eval_every: int = 100
     log_every: int = 20
     checkpoint_every: int = 100
+    lora_rank: int = 0  # LoRA adapters of this rank on the frozen start (0: full)
+    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
+    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
+    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -165,6 +173,12 @@ def pass_at_1_fn(model, task: ar.ArithmeticTask, n: int, seed: int):
     return fn
 
 
+def _policy_params(state):
+    """The policy of a critic-free state: its params, or (LoRA) the adapters on their base."""
+    base = (state.frozen or {}).get("base")
+    return state.params if base is None else {"base": base, "lora": state.params}
+
+
 def _rl_config(config: Config, max_new_tokens: int, eos_id: int, pad_id: int):
     return train.CriticFreeConfig(
         algo=config.algo, group_size=config.group_size, kl_in=config.kl_in,
@@ -238,9 +252,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"{cfg.max_len}) cannot read {config.digits}-digit problems; train it with this task"
         )
     rl = _rl_config(config, task.answer_length, ar.EOS, ar.PAD)
+    lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
     workdir = Path(config.workdir)
     model = models.Transformer(cfg)
+    if lora_cfg is not None:
+        model = lora.LoraTransformer(cfg, lora_cfg)  # also reads plain params
     pass_at_1 = pass_at_1_fn(model, task, config.eval_prompts, config.seed)
 
     if config.init_from:
@@ -267,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     params, rows = stages.train_critic_free(
         cfg, params, _prompts(task, config), workdir=workdir, mesh=mesh,
         schedule=_schedule(config), rl=rl, reward_fn=ar.exact_match_reward,
-        kl_coef=config.kl_coef, seed=config.seed,
-        eval_fn=lambda state, step: {"pass_at_1": pass_at_1(state.params)},
+        kl_coef=config.kl_coef, seed=config.seed, lora=lora_cfg, quantize=config.quantize,
+        eval_fn=lambda state, step: {"pass_at_1": pass_at_1(_policy_params(state))},
     )  # fmt: skip
     after = pass_at_1(params)
     if sharding.is_primary():
@@ -297,6 +314,7 @@ def _sentiment(config: Config) -> list[dict]:
     cfg = handover.init_config(config.init_from)
     handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
     rl = _rl_config(config, config.max_new_tokens, tok.eos_id, tok.pad_id)
+    lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     cfg, params = handover.load_init_params(config.init_from)
@@ -304,7 +322,7 @@ def _sentiment(config: Config) -> list[dict]:
         reward = {"host_reward": task.reward_fn, "reward_on": "text"}
     else:
         reward = {"reward_model": handover.load_reward_model(config.reward)}
-    model = models.Transformer(cfg)
+    model = models.Transformer(cfg) if lora_cfg is None else lora.LoraTransformer(cfg, lora_cfg)
     prompts = rdata.tokenize_prompts(
         tok, task.test_prompts[: config.eval_prompts], max_prompt_length=config.max_prompt_length
     )
@@ -312,7 +330,7 @@ def _sentiment(config: Config) -> list[dict]:
 
     def eval_fn(state, step):
         res = ev.evaluate_reward_kl(
-            model, state.params, params, prompts, jax.random.key(config.seed + 12345),
+            model, _policy_params(state), params, prompts, jax.random.key(config.seed + 12345),
             sampling=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id,
             reward_fn=synthetic.ground_truth_reward, tokenizer=tok, batch_size=256,
         )  # fmt: skip
@@ -325,7 +343,7 @@ def _sentiment(config: Config) -> list[dict]:
     _, rows = stages.train_critic_free(
         cfg, params, loader, workdir=config.workdir, mesh=mesh, schedule=_schedule(config),
         rl=rl, tokenizer=tok, kl_coef=config.kl_coef, seed=config.seed, eval_fn=eval_fn,
-        **reward,
+        lora=lora_cfg, quantize=config.quantize, **reward,
     )  # fmt: skip
     last = rows[-1] if rows else {}
     if "eval/reward" in last:

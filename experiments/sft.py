@@ -14,17 +14,20 @@ tokenizer's.
 Writes into WORKDIR: run_config.json, metrics.jsonl (step, loss, nll_token, accuracy, grad_norm,
 update_norm, eval/nll_token, ...), tensorboard/, checkpoints/ (rerun the same command to resume),
 and when finished hf/ (a Hugging Face folder of the family, with the tokenizer) and
-model_config.json: the --init-from of reward_model.py, dpo.py and ppo.py.
+model_config.json: the --init-from of reward_model.py, dpo.py and ppo.py. With --lora-rank R
+(an --init-from model, usually) only LoRA adapters train on the frozen model (--quantize
+int8|nf4: stored quantized, QLoRA); adapter/ holds them in PEFT's format, hf/ the merged model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 
-from rlhf_jax import cli, data, handover, models, sharding, stages
+from rlhf_jax import cli, data, handover, lora, models, sharding, stages
 from rlhf_jax.data import synthetic
 
 
@@ -47,6 +50,10 @@ class Config:
     checkpoint_every: int = 500
     eval_every: int = 500
     eval_batches: int = 4  # held-out batches of the test split per evaluation (0: none)
+    lora_rank: int = 0  # LoRA adapters of this rank on the frozen model (0: full fine-tuning)
+    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
+    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
+    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -85,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         depth = {} if config.n_layers is None else {"n_layers": config.n_layers}
         cfg = handover.model_config(config.model, tok, **depth)
     handover.check_model(cfg, tok, max_length=config.max_length)
+    lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     if config.init_from:
@@ -102,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         max_length=config.max_length,
         seed=config.seed,
         eval_batches=config.eval_batches,
+        lora=lora_cfg,
+        quantize=config.quantize,
     )
     if rows:
         print(f"sft: step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}; wrote {config.workdir}")

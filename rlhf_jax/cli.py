@@ -307,15 +307,22 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_
 
 def lora_config(config: Any, model_config: Any) -> Any:
     """The `lora.LoraConfig` of a driver's `--lora-rank` / `--lora-alpha` / `--lora-targets`
-    (None for `--lora-rank 0`: full fine-tuning), checked against the model's projections before
-    anything is written.
+    (None for `--lora-rank 0`: full fine-tuning), checked with `--quantize` against the model's
+    projections before anything is written.
 
     Raises:
-      ConfigError: a bad value or a target pattern that matches no projection, naming the flag.
+      ConfigError: a bad value, a target pattern that matches no projection, or `--quantize`
+        without adapters or for kernels it cannot store, naming the flag.
     """
     from rlhf_jax import lora, models
 
+    quantize = getattr(config, "quantize", "none")
     if not getattr(config, "lora_rank", 0):
+        if quantize != "none":
+            raise ConfigError(
+                f"--quantize {quantize} needs --lora-rank > 0: QLoRA trains adapters on a "
+                "quantized, frozen base"
+            )
         return None
     try:
         cfg = lora.LoraConfig(
@@ -328,6 +335,11 @@ def lora_config(config: Any, model_config: Any) -> Any:
         lora.target_modules(abstract, cfg)
     except ValueError as e:
         raise ConfigError(f"--lora-targets: {e}") from None
+    if quantize != "none":
+        try:
+            jax.eval_shape(lambda p: lora.quantize_base(p, quantize), abstract)
+        except ValueError as e:
+            raise ConfigError(f"--quantize {quantize}: {e}") from None
     return cfg
 
 

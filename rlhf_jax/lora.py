@@ -205,6 +205,21 @@ def dequantize_base(params: Mapping[str, Any]) -> dict:
     return out
 
 
+QUANTIZE = ("none", "int8", "nf4")
+
+
+def prepare(
+    params: Mapping[str, Any], cfg: LoraConfig, rng: Any, *, quantize: str = "none"
+) -> tuple[dict, dict]:
+    """(fresh adapters, the frozen base) for a run: the base quantized for QLoRA when
+    `quantize` is "int8" or "nf4"."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    adapters = init_adapters(params, cfg, rng)
+    base = dict(params) if quantize == "none" else quantize_base(params, quantize)
+    return adapters, base
+
+
 def lora_collection(adapters: Mapping[str, Any], cfg: LoraConfig) -> dict:
     """The "lora" variable collection of `models.projection.Projection`: each adapter {a, b}
     with its scale (alpha / r)."""

@@ -222,6 +222,31 @@ def test_dpo_tiny_with_lora_adapters(drivers, sft, tmp_path):
     assert not bad.exists()
 
 
+def test_sft_and_grpo_with_qlora(drivers, sft, tmp_path):
+    """--lora-rank with --quantize: SFT continues the tiny SFT model with adapters on an int8
+    base; GRPO on addition trains adapters on an NF4 base. Both hand over a merged hf/ and
+    PEFT adapters; --quantize without adapters is refused before any side effect."""
+    from rlhf_jax.models import peft as peft_io
+
+    wd = tmp_path / "sft_qlora"
+    argv = ["--preset", "tiny", "--workdir", str(wd), "--init-from", str(sft[0]), "--steps", "12"]
+    rows = drivers["sft"].main(argv + ["--lora-rank", "4", "--quantize", "int8"])
+    _check_outputs(wd, rows, 12)
+    cfg, _ = models.from_pretrained(str(wd / "hf"))
+    adapters, _ = peft_io.load_peft(str(wd / "adapter"), cfg)
+    assert "layers_0" in adapters
+    grpo = driver_scripts.load("grpo")
+    gwd = tmp_path / "grpo_qlora"
+    rows = grpo.main(["--preset", "tiny", "--workdir", str(gwd), "--lora-rank", "4",
+                      "--quantize", "nf4", "--kl-coef", "0.05"])  # fmt: skip
+    assert rows[-1]["step"] == 6 and "eval/pass_at_1" in rows[-1] and rows[-1]["kl"] >= 0
+    assert (gwd / "adapter" / peft_io.CONFIG_FILE).is_file() and (gwd / "hf").is_dir()
+    bad = tmp_path / "bad"
+    with pytest.raises(cli.ConfigError, match="--quantize int8 needs --lora-rank"):
+        drivers["sft"].main(["--preset", "tiny", "--workdir", str(bad), "--quantize", "int8"])
+    assert not bad.exists()
+
+
 def test_grpo_sentiment_with_the_reward_model_and_dapo_on_the_ground_truth(
     sft, reward_model, tmp_path
 ):

@@ -175,6 +175,12 @@ def test_lora_dpo_step_trains_only_the_adapters_against_the_base():
     for x, y in zip(jax.tree.leaves(new.frozen["base"]), jax.tree.leaves(base)):
         np.testing.assert_array_equal(x, y)  # the base is frozen
     assert set(new.frozen) == {"base"}  # one copy of the base: it is also the reference
+    # The same step with a separate frozen copy of the base as the reference: identical.
+    copy = {"base": base, "ref": {"base": jax.tree.map(jnp.copy, base)}}
+    two, metrics2 = jax.jit(step)(state.replace(frozen=copy), batch)
+    assert float(metrics2["loss"]) == float(metrics["loss"])
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_targets_and_config_are_checked_with_the_fix():
@@ -288,3 +294,57 @@ def test_lora_run_checkpoints_only_the_adapters_and_resumes_bit_exactly(tmp_path
     adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(straight.params))
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(straight.frozen["base"]))
     assert adapter_bytes < base_bytes / 8
+
+
+def test_critic_free_with_lora_samples_the_adapted_policy_against_the_base():
+    """GRPO with the policy as adapters on a frozen base: the rollout samples and scores the
+    merged model, the reference log-probs are the base's (adapters off), and the update moves
+    the adapters only."""
+    from rlhf_jax.data import arithmetic as ar
+
+    cfg = models.get_config("llama-tiny", vocab_size=16, max_len=16, n_layers=2)
+    base = models.init_params(cfg, jax.random.key(0))
+    adapters = _randomize_b(lora.init_adapters(base, LORA, jax.random.key(1)))
+    task = ar.ArithmeticTask(digits=2, noise=0.5)
+    prompts, mask = task.prompts(task.problems(4, 0))
+    batch = {"prompt_tokens": prompts, "prompt_mask": mask}
+    rl = train.CriticFreeConfig(
+        algo="grpo", group_size=4, max_new_tokens=task.answer_length, eos_id=ar.EOS,
+        pad_id=ar.PAD,
+    )  # fmt: skip
+    tx = optax.sgd(0.1)
+    state = train.create_critic_free_state(adapters, tx, 0, base_params=base, kl_coef=0.1)
+    model = lora.LoraTransformer(cfg, LORA)
+    _, ro = jax.jit(train.make_critic_free_rollout(model, ar.exact_match_reward, rl))(state, batch)
+    merged = lora.merge(base, adapters, LORA)
+    plain_state = train.create_critic_free_state(merged, tx, 0, ref_params=base, kl_coef=0.1)
+    plain = train.make_critic_free_rollout(models.Transformer(cfg), ar.exact_match_reward, rl)
+    _, want = jax.jit(plain)(plain_state, batch)
+    np.testing.assert_array_equal(ro.response_tokens, want.response_tokens)
+    np.testing.assert_allclose(ro.logps, want.logps, atol=2e-5)
+    np.testing.assert_allclose(ro.ref_logps, want.ref_logps, atol=2e-5)
+    assert float(jnp.abs(ro.logps - ro.ref_logps).max()) > 1e-3  # the adapters matter
+    step = jax.jit(train.make_critic_free_step(model, ar.exact_match_reward, tx, rl))
+    new, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) > 0
+    assert jax.tree.structure(new.params) == jax.tree.structure(adapters)
+    assert set(new.frozen) == {"base"}
+
+
+def test_beta_sweep_over_adapters_is_one_vmapped_program_with_one_base():
+    from rlhf_jax import sweeps
+
+    cfg = CONFIGS["llama"]
+    state, step = _lora_dpo(cfg)
+    states = [state.replace(hparams={"beta": jnp.float32(b)}) for b in (0.1, 1.0)]
+    sweep = sweeps.stack_sweep(states)
+    assert sweep["members"].frozen is None  # the base is held once, shared by both members
+    assert sweep["shared"]["frozen"]["base"] is state.frozen["base"]
+    batch = _preference_batch(cfg)
+    swept, metrics = jax.jit(sweeps.sweep_step(step))(sweep, batch)
+    for i, s in enumerate(states):
+        one, m = jax.jit(step)(s, batch)
+        assert float(metrics[f"loss/{i}"]) == pytest.approx(float(m["loss"]), rel=1e-5)
+        member = sweeps.sweep_member(swept, i)
+        for a, b in zip(jax.tree.leaves(member.params), jax.tree.leaves(one.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -4,6 +4,7 @@ loaders of the offline task's preference and prompt batches."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,12 @@ import jax
 import optax
 
 from rlhf_jax import data as rdata
-from rlhf_jax import train
+from rlhf_jax import handover, train
+from rlhf_jax import lora as lora_lib
+from rlhf_jax import sharding as sh
+from rlhf_jax.models import peft as peft_io
+
+ADAPTER_DIR = "adapter"  # a LoRA run's adapters in PEFT's format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,3 +127,15 @@ def prompt_loader(task: Any, *, batch_size: int, max_prompt_length: int, seed: i
         max_prompt_length=max_prompt_length,
         seed=seed,
     )
+
+
+def save_adapted(
+    workdir: Any, cfg: Any, base: Any, adapters: Any, lora: Any, tokenizer: Any = None
+) -> Any:
+    """A LoRA run's hand-over: the adapters in PEFT's format (`WORKDIR/adapter/`) and the merged
+    model (`WORKDIR/hf/`, a quantized base dequantized first); returns the merged params."""
+    merged = lora_lib.merge(base, adapters, lora)
+    if sh.is_primary():
+        peft_io.save_peft(str(os.path.join(str(workdir), ADAPTER_DIR)), cfg, adapters, lora)
+    handover.save_lm(workdir, cfg, merged, tokenizer=tokenizer)
+    return merged

@@ -17,7 +17,8 @@ from typing import Any
 import jax
 
 from rlhf_jax import handover, models, runner, sweeps, train
-from rlhf_jax.stages.common import Schedule
+from rlhf_jax import lora as lora_lib
+from rlhf_jax.stages.common import Schedule, save_adapted
 from rlhf_jax.stages.ppo import HostReward, make_host_reward_step
 
 
@@ -40,6 +41,8 @@ def train_critic_free(
     seed: int = 0,
     eval_fn: Callable[[Any, int], dict] | None = None,
     progress: bool = True,
+    lora: Any = None,
+    quantize: str = "none",
 ) -> tuple[Any, list[dict]]:
     """A critic-free run from `params` on the prompt batches of `loader` (`schedule.batch_size`
     prompts per iteration, each sampled `rl.group_size` times).
@@ -50,6 +53,11 @@ def train_critic_free(
     `kl_coefs` sweep, `params` is also the frozen reference (`rl.kl_in` places the term); a sweep
     (device rewards only) trains as one vmapped program. A single run writes `WORKDIR/hf/`.
 
+    With `lora` (a `lora.LoraConfig`) only adapters train; `params` is their frozen base
+    (quantized with `quantize`: QLoRA) and, adapters off, the reference. The state's params are
+    then the adapters (the policy is `{"base": frozen["base"], "lora": params}`); a single run
+    also writes `WORKDIR/adapter/` (PEFT) and hf/ holds the merged model.
+
     Returns:
       (final policy params (stacked over kl_coefs for a sweep), metrics rows).
     """
@@ -59,7 +67,10 @@ def train_critic_free(
     if kl_coefs is not None and host_reward is not None:
         raise ValueError("a KL-coefficient sweep needs a reward on the device (one program)")
     opt = schedule.optimizer()
-    model = models.Transformer(cfg)
+    model = models.Transformer(cfg) if lora is None else lora_lib.LoraTransformer(cfg, lora)
+    trained, base = params, None
+    if lora is not None:
+        trained, base = lora_lib.prepare(params, lora, jax.random.PRNGKey(seed), quantize=quantize)
     reward_params = None
     if reward_model is not None:
         rm_cfg, reward_params = reward_model
@@ -67,8 +78,12 @@ def train_critic_free(
     fns = train.make_critic_free(model, opt, rl, reward_fn=reward_fn)
 
     def state_for(beta: float) -> Any:
-        kl = {"ref_params": params, "kl_coef": beta} if (beta or kl_coefs is not None) else {}
-        return train.create_critic_free_state(params, opt, seed, reward_params=reward_params, **kl)
+        kl = {}
+        if beta or kl_coefs is not None:  # the reference: the SFT model, or (LoRA) the base
+            kl = {"kl_coef": beta} if lora is not None else {"ref_params": params, "kl_coef": beta}
+        return train.create_critic_free_state(
+            trained, opt, seed, reward_params=reward_params, base_params=base, **kl
+        )
 
     common = dict(workdir=workdir, mesh=mesh, eval_fn=eval_fn, progress=progress)
     if kl_coefs is not None:
@@ -77,6 +92,9 @@ def train_critic_free(
             sweeps.sweep_step(fns.step), states, loader, desc=f"{rl.algo} sweep", **common,
             **schedule.fit_kwargs(),
         )  # fmt: skip
+        if lora is not None:
+            b = state["shared"]["frozen"]["base"]
+            return jax.vmap(lambda a: lora_lib.merge(b, a, lora))(state["members"].params), rows
         return state["members"].params, rows
     if host_reward is None:
         step, jit, desc = fns.step, True, rl.algo
@@ -86,5 +104,8 @@ def train_critic_free(
     state, rows = runner.fit(
         step, state_for(kl_coef), loader, desc=desc, jit=jit, **common, **schedule.fit_kwargs()
     )
+    if lora is not None:
+        base = state.frozen["base"]
+        return save_adapted(workdir, cfg, base, state.params, lora, tokenizer), rows
     handover.save_lm(workdir, cfg, state.params, tokenizer=tokenizer)
     return state.params, rows

@@ -16,12 +16,10 @@ from rlhf_jax import data as rdata
 from rlhf_jax import handover, losses, models, runner, sweeps, train
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
-from rlhf_jax.models import peft as peft_io
-from rlhf_jax.stages.common import Schedule, preference_loader
+from rlhf_jax.stages.common import Schedule, preference_loader, save_adapted
 
 REFERENCE_CACHE = "reference_logps.npz"
 TIMING_FILE = "timing.json"
-ADAPTER_DIR = "adapter"  # a LoRA run's adapters in PEFT's format
 
 
 def train_dpo(
@@ -45,6 +43,7 @@ def train_dpo(
     time_sweep_steps: int = 0,
     progress: bool = True,
     lora: Any = None,
+    quantize: str = "none",
 ) -> tuple[Any, list[dict], dict[str, Any]]:
     """Trains the policy from `params` (also the reference) with `train.make_dpo_step`.
 
@@ -59,8 +58,9 @@ def train_dpo(
     With `lora` (a `lora.LoraConfig`) only adapters train: the state's params are the adapters,
     `frozen = {"base": params}` is the one copy of the base, which is also the reference (the
     base with the adapters off; `rlhf_jax.lora`), and checkpoints hold the adapters and their
-    optimizer state. A single run also writes the adapters in PEFT's format
-    (`WORKDIR/adapter/`); `WORKDIR/hf/` holds the merged model.
+    optimizer state. `quantize` ("int8", "nf4") stores that base quantized (QLoRA). A single run
+    also writes the adapters in PEFT's format (`WORKDIR/adapter/`); `WORKDIR/hf/` holds the
+    merged model.
 
     Args:
       eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state for several betas).
@@ -101,8 +101,8 @@ def train_dpo(
     else:  # adapters train; the base is frozen and (unless precomputed) the reference
         loss = train.make_dpo_loss(lora_lib.LoraTransformer(cfg, lora), **dpo_kwargs)
         step = train.make_step(lora_lib.lora_loss(loss), opt)
-        trained = lora_lib.init_adapters(params, lora, jax.random.PRNGKey(seed))
-        frozen_state = {"base": params} if frozen is not None else {"base": params, "ref": None}
+        trained, base = lora_lib.prepare(params, lora, jax.random.PRNGKey(seed), quantize=quantize)
+        frozen_state = {"base": base} if frozen is not None else {"base": base, "ref": None}
     states = [
         train.create_train_state(trained, opt, seed, frozen=frozen_state, hparams={"beta": b})
         for b in beta_list
@@ -123,13 +123,11 @@ def train_dpo(
             progress=progress,
             **schedule.fit_kwargs(),
         )
-        policy = state.params
         if lora is not None:
-            policy = lora_lib.merge(params, state.params, lora)
-            if sh.is_primary():
-                peft_io.save_peft(str(workdir / ADAPTER_DIR), cfg, state.params, lora)
-        handover.save_lm(workdir, cfg, policy, tokenizer=tokenizer)
-        return policy, rows, info
+            base = state.frozen["base"]
+            return save_adapted(workdir, cfg, base, state.params, lora, tokenizer), rows, info
+        handover.save_lm(workdir, cfg, state.params, tokenizer=tokenizer)
+        return state.params, rows, info
 
     stacked = sweeps.stack_sweep(states)
     first = records[: schedule.local_batch_size]  # a batch of the training shapes
@@ -168,5 +166,6 @@ def train_dpo(
     )
     policy = state["members"].params
     if lora is not None:
-        policy = jax.vmap(lambda a: lora_lib.merge(params, a, lora))(policy)
+        base = state["shared"]["frozen"]["base"]
+        policy = jax.vmap(lambda a: lora_lib.merge(base, a, lora))(policy)
     return policy, rows, info

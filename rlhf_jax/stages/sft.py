@@ -9,7 +9,8 @@ import jax
 
 from rlhf_jax import data as rdata
 from rlhf_jax import handover, models, runner, train
-from rlhf_jax.stages.common import Schedule
+from rlhf_jax import lora as lora_lib
+from rlhf_jax.stages.common import Schedule, save_adapted
 
 
 def train_sft(
@@ -24,6 +25,8 @@ def train_sft(
     seed: int = 0,
     eval_batches: int = 0,
     progress: bool = True,
+    lora: Any = None,
+    quantize: str = "none",
 ) -> tuple[Any, list[dict]]:
     """Trains `params` (a `Transformer` of `cfg`) on the task's full reviews and writes
     `WORKDIR/hf/` for the next stage (`handover.save_lm`); resumes from `WORKDIR/checkpoints`.
@@ -33,12 +36,30 @@ def train_sft(
     batches of the test split are evaluated every `schedule.eval_every` steps (eval/nll_token,
     eval/accuracy).
 
+    With `lora` (a `lora.LoraConfig`) only adapters train on the frozen `params` (quantized with
+    `quantize` "int8" / "nf4": QLoRA); the run writes them in PEFT's format (`WORKDIR/adapter/`)
+    and the merged model as `WORKDIR/hf/`.
+
     Returns:
-      (final params, metrics rows).
+      (final params (merged under `lora`), metrics rows).
     """
     tok = rdata.task_tokenizer(task)
     model = models.Transformer(cfg)
     opt = schedule.optimizer()
+    if lora is None:
+        step, state0 = train.make_sft_step(model, opt), train.create_train_state(params, opt, seed)
+
+        def policy_of(state):
+            return state.params
+    else:
+        adapters, base = lora_lib.prepare(params, lora, jax.random.PRNGKey(seed), quantize=quantize)
+        model = lora_lib.LoraTransformer(cfg, lora)
+        step = train.make_step(lora_lib.lora_loss(train.make_sft_loss(model)), opt)
+        state0 = train.create_train_state(adapters, opt, seed, frozen={"base": base})
+
+        def policy_of(state):
+            return {"base": state.frozen["base"], "lora": state.params}
+
     lengths = dict(max_length=max_length, max_prompt_length=max_length - 1)
     loader = rdata.task_loaders(
         task, "demonstration", batch_size=schedule.local_batch_size, seed=seed, **lengths
@@ -58,21 +79,23 @@ def train_sft(
         sft_eval = jax.jit(train.make_sft_eval(model))
 
         def eval_fn(state, step):
-            rows = jax.device_get([sft_eval(state.params, b) for b in eval_set])
+            rows = jax.device_get([sft_eval(policy_of(state), b) for b in eval_set])
             return {
                 k: sum(float(r[k]) for r in rows) / len(rows) for k in ("nll_token", "accuracy")
             }
 
     state, rows = runner.fit(
-        train.make_sft_step(model, opt),
-        train.create_train_state(params, opt, seed),
+        step,
+        state0,
         loader,
         workdir=workdir,
         mesh=mesh,
         eval_fn=eval_fn,
-        desc="sft",
+        desc="sft" if lora is None else "sft (lora)",
         progress=progress,
         **schedule.fit_kwargs(),
     )
+    if lora is not None:
+        return save_adapted(workdir, cfg, state.frozen["base"], state.params, lora, tok), rows
     handover.save_lm(workdir, cfg, state.params, tokenizer=tok)
     return state.params, rows

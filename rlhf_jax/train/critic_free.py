@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
+from rlhf_jax.lora import LoraTransformer, lora_loss
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.ppo import _policy_forward, _sequence
 from rlhf_jax.train.state import TrainState, create_train_state
@@ -46,7 +47,7 @@ from rlhf_jax.train.step import make_step
 Batch = Mapping[str, jax.Array]
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 Reward = RewardFn | nn.Module | None  # a JAX function, a RewardModel, or None (host reward)
-FROZEN_KEYS = ("ref", "reward")
+FROZEN_KEYS = ("ref", "reward", "base")
 
 # algorithm -> its choices (losses.critic_free's module doc); "advantages": group or reinforce_pp
 ALGORITHMS: dict[str, dict[str, Any]] = {
@@ -172,14 +173,18 @@ def create_critic_free_state(
     *,
     ref_params: Any = None,
     reward_params: Any = None,
+    base_params: Any = None,
     kl_coef: float | None = None,
 ) -> TrainState:
     """The `TrainState` of a critic-free run: `frozen = {"ref": ref_params, "reward":
-    reward_params}` (the keys given), `hparams = {"kl_coef": kl_coef}` when given (checked on
-    the host; it needs `ref_params`)."""
-    if kl_coef is not None and ref_params is None:
+    reward_params, "base": base_params}` (the keys given), `hparams = {"kl_coef": kl_coef}` when
+    given (checked on the host; it needs a reference). With LoRA (a `lora.LoraTransformer`
+    policy), `params` are the adapters and `base_params` their frozen base, which is also the
+    reference (adapters off) unless `ref_params` names another."""
+    if kl_coef is not None and ref_params is None and base_params is None:
         raise ValueError("kl_coef needs ref_params, the reference the KL is measured against")
-    frozen = {k: v for k, v in (("ref", ref_params), ("reward", reward_params)) if v is not None}
+    named = (("ref", ref_params), ("reward", reward_params), ("base", base_params))
+    frozen = {k: v for k, v in named if v is not None}
     hparams = {"kl_coef": kl_coef} if kl_coef is not None else None
     return create_train_state(params, optimizer, rng, frozen=frozen or None, hparams=hparams)
 
@@ -190,10 +195,23 @@ def _frozen(state, key: str) -> Any:
         return None
     if not isinstance(frozen, Mapping) or not set(frozen) <= set(FROZEN_KEYS):
         raise ValueError(
-            "a critic-free state's frozen must be {'ref': params, 'reward': params} (either key "
-            "optional); build it with train.create_critic_free_state"
+            "a critic-free state's frozen must be {'ref': params, 'reward': params, 'base': "
+            "params} (each key optional); build it with train.create_critic_free_state"
         )
     return frozen.get(key)
+
+
+def _policy(state) -> Any:
+    """The policy's params as the model reads them: the adapters on their base under LoRA."""
+    base = _frozen(state, "base")
+    return state.params if base is None else {"base": base, "lora": state.params}
+
+
+def _reference(state) -> Any:
+    """The reference's params: frozen["ref"], else (LoRA) the base with the adapters off."""
+    ref = _frozen(state, "ref")
+    base = _frozen(state, "base")
+    return {"base": base} if ref is None and base is not None else ref
 
 
 @flax.struct.dataclass
@@ -289,8 +307,9 @@ def _sample(model: nn.Module, cfg: CriticFreeConfig, reward_fn: Reward):
         q_mask = jnp.asarray(batch["prompt_mask"]).astype(jnp.int32)
         g, p = cfg.group_size, q_tok.shape[1]
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+        policy = _policy(state)
         gen = generate(
-            model, state.params, q_tok, q_mask, rng, **cfg.sampling.generate_kwargs(),
+            model, policy, q_tok, q_mask, rng, **cfg.sampling.generate_kwargs(),
             eos_id=cfg.eos_id, pad_id=cfg.pad_id, num_samples=g,
         )  # fmt: skip
         r_tok = gen.tokens.reshape(-1, cfg.max_new_tokens)  # [P*G, N], prompt-major
@@ -298,8 +317,8 @@ def _sample(model: nn.Module, cfg: CriticFreeConfig, reward_fn: Reward):
         q_tok, q_mask = jnp.repeat(q_tok, g, axis=0), jnp.repeat(q_mask, g, axis=0)
         tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)
         live = r_mask > 0
-        _, logps = _policy_forward(model, state.params, tokens, mask, r_tok, p, cfg.temperature)
-        ref = _frozen(state, "ref")
+        _, logps = _policy_forward(model, policy, tokens, mask, r_tok, p, cfg.temperature)
+        ref = _reference(state)
         if ref is None and "kl_coef" in state.hparams:
             raise ValueError("hparams['kl_coef'] needs the reference params in state.frozen['ref']")
         ref_logps = jnp.zeros_like(logps)
@@ -392,7 +411,10 @@ def make_critic_free_update(
     """`update(state, rollout) -> (state, metrics)`: `epochs` passes of `num_minibatches`
     `make_step` updates (minibatches of whole groups, in order), metrics averaged, plus the
     rollout's `stats`."""
-    step = make_step(make_critic_free_loss(model, cfg), optimizer)
+    loss = make_critic_free_loss(model, cfg)
+    if isinstance(model, LoraTransformer):  # the adapters train; their base is in frozen
+        loss = lora_loss(loss)
+    step = make_step(loss, optimizer)
 
     def update(state, ro: CriticFreeRollout):
         stats, ro = ro.stats, ro.replace(stats={})
