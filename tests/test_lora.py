@@ -66,7 +66,7 @@ def test_fresh_adapters_leave_the_model_exactly_unchanged(family):
     assert 0.5 * bound < float(jnp.abs(q["a"]).max()) <= bound and not np.any(q["b"])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["llama"])
 def test_adapted_forward_and_decoding_equal_the_merged_model(family):
     cfg, base, adapters = _setup(family)
     adapters = _randomize_b(adapters)

@@ -45,7 +45,7 @@ def _random_adapters(base, lora_cfg, seed=1):
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_our_adapters_load_in_peft_with_our_logits(family, checkpoint, tmp_path):
     hf, folder = checkpoint(family)
     cfg, base = models.from_pretrained(folder)
@@ -84,7 +84,7 @@ def test_an_adapter_peft_wrote_loads_with_peft_logits(family, checkpoint, tmp_pa
     np.testing.assert_allclose(_ours(cfg, base, adapters, lora_cfg), want, atol=fam.TOL)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gpt_neox"])
+@pytest.mark.parametrize("family", ["gpt_neox"])
 def test_merged_export_is_a_plain_hf_folder_with_the_adapted_logits(family, checkpoint, tmp_path):
     _, folder = checkpoint(family)
     cfg, base = models.from_pretrained(folder)
