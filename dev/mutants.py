@@ -438,7 +438,7 @@ MUTANTS = (
         "lora-reference-with-adapters",
         "rlhf_jax/lora.py",
         'ref = frozen.get("ref", {"base": base})',
-        'ref = frozen.get("ref", {"base": base, "lora": adapters})',
+        'ref = frozen.get("ref", {"base": base, "lora": params})',
         ("tests/test_lora.py",),
         "the reference keeps the adapters on (the policy against itself)",
     ),
@@ -457,6 +457,22 @@ MUTANTS = (
         'b = parts[0]["b"].reshape(-1, r)  # [out, r]',
         ("tests/test_lora_peft.py",),
         "PEFT's lora_B written as a reshape instead of a transpose",
+    ),
+    Mutant(
+        "ppo-lora-critic-on-the-policy-base",
+        "rlhf_jax/train/ppo.py",
+        'trunk = ref_params if reward_params is None else reward_params["transformer"]',
+        "trunk = ref_params",
+        ("tests/test_lora_rl.py",),
+        "PPO's LoRA critic reads the policy's base instead of the reward model's trunk",
+    ),
+    Mutant(
+        "lora-dropout-key-dropped",
+        "rlhf_jax/lora.py",
+        "return loss_fn(view(params, base, rng), batch, frozen=ref, hparams=hparams)",
+        "return loss_fn(view(params, base), batch, frozen=ref, hparams=hparams)",
+        ("tests/test_lora_rl.py",),
+        "the step's dropout key never reaches the adapters (dropout silently off)",
     ),
 )
 

@@ -65,6 +65,7 @@ class Config:
     lora_rank: int = 0  # LoRA adapters of this rank, the base frozen and the reference (0: off)
     lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
     lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
+    lora_dropout: float = 0.0  # dropout on the adapters' input while training
     quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)

@@ -16,15 +16,20 @@ starts from the policy). --kl-coef is the initial KL coefficient; --target-kl ma
 
 Writes into WORKDIR: run_config.json, metrics.jsonl (step, loss, score, kl_exact, kl_k1, kl_k3,
 kl_coef, clipfrac, approx_kl, entropy, value_error, ...), tensorboard/, checkpoints/, and when
-finished hf/ (the policy) and model_config.json.
+finished hf/ (the policy) and model_config.json. With --lora-rank R the policy trains LoRA
+adapters on the frozen SFT model, which is also the reference (one copy; --quantize int8|nf4
+stores it quantized: QLoRA), and the critic trains adapters and its head on the reward model's
+trunk (with the ground truth: on the same base); adapter/ holds the policy's adapters in PEFT's
+format and hf/ the merged policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
-from rlhf_jax import cli, data, handover, sharding, stages, train
+from rlhf_jax import cli, data, handover, lora, sharding, stages, train
 from rlhf_jax.data import synthetic
 
 GROUND_TRUTH = "ground-truth"
@@ -57,6 +62,10 @@ class Config:
     checkpoint_every: int = 50
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
+    lora_rank: int = 0  # LoRA adapters of this rank on policy and critic, bases frozen (0: off)
+    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
+    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
+    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the policy's base stored quantized
 
 
 PRESETS = {
@@ -98,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     tok = data.task_tokenizer(task)
     cfg = handover.init_config(config.init_from)
     handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
+    lora_cfg = cli.lora_config(config, cfg)
     ppo = train.PPOConfig(  # checks its own ranges too
         kl_coef=config.kl_coef,
         kl_target=config.target_kl,
@@ -128,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         value_learning_rate=config.value_learning_rate,
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
+        lora=lora_cfg,
+        quantize=config.quantize,
         **reward,
     )
     if rows:

@@ -15,7 +15,10 @@ JSONL file (prompt, chosen, rejected) and its last tenth is held out.
 Writes into WORKDIR: run_config.json, pairs.jsonl and pairs_test.jsonl (reused on rerun),
 metrics.jsonl (step, loss, accuracy, margin, ..., eval/accuracy = held-out pair accuracy),
 tensorboard/, checkpoints/, and when finished reward_model/ (the trunk as an HF folder plus
-head.safetensors) and model_config.json: the --reward of ppo.py.
+head.safetensors) and model_config.json: the --reward of ppo.py. With --lora-rank R only LoRA
+adapters on the trunk train, with the head beside them; --quantize int8|nf4 stores the frozen
+trunk quantized (QLoRA); adapter/ holds the adapters in PEFT's format plus head.safetensors, and
+reward_model/ the merged reward model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, models, pairs, sharding, stages
+from rlhf_jax import cli, data, handover, lora, models, pairs, sharding, stages
 from rlhf_jax.data import synthetic
 from rlhf_jax.sampling import SamplingConfig
 
@@ -58,6 +61,11 @@ class Config:
     eval_every: int = 250
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
+    lora_rank: int = 0  # LoRA adapters of this rank on the frozen trunk, the head beside (0: off)
+    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
+    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
+    lora_dropout: float = 0.0  # dropout on the adapters' input while training
+    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen trunk stored quantized
 
 
 PRESETS = {
@@ -94,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cfg = handover.init_config(config.init_from)
     length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
     handover.check_model(cfg, tok, max_length=length)
+    lora_cfg = cli.lora_config(config, cfg)
     records = test_records = None
     if config.pairs:  # read (and checked) before anything is written; the last tenth held out
         records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size + 1)
@@ -152,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
+        lora=lora_cfg,
+        quantize=config.quantize,
     )
     if "heldout_accuracy" in info:
         print(f"reward model: held-out pair accuracy {info['heldout_accuracy']:.3f}")

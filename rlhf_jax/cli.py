@@ -139,6 +139,7 @@ RANGES: dict[str, Rule] = {
     "seed": (_at_least(0), ">= 0"),
     "lora_rank": (_at_least(0), ">= 0 (0: full fine-tuning)"),
     "lora_alpha": (_positive, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 SUFFIX_RANGES: dict[str, Rule] = {
     "steps": (_at_least(1), ">= 1"),
@@ -307,8 +308,8 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_
 
 def lora_config(config: Any, model_config: Any) -> Any:
     """The `lora.LoraConfig` of a driver's `--lora-rank` / `--lora-alpha` / `--lora-targets`
-    (None for `--lora-rank 0`: full fine-tuning), checked with `--quantize` against the model's
-    projections before anything is written.
+    (and `--lora-dropout` where the driver has it; None for `--lora-rank 0`: full fine-tuning),
+    checked with `--quantize` against the model's projections before anything is written.
 
     Raises:
       ConfigError: a bad value, a target pattern that matches no projection, or `--quantize`
@@ -326,7 +327,10 @@ def lora_config(config: Any, model_config: Any) -> Any:
         return None
     try:
         cfg = lora.LoraConfig(
-            rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            targets=config.lora_targets,
+            dropout=getattr(config, "lora_dropout", 0.0),
         )
     except ValueError as e:
         raise ConfigError(f"--lora-*: {e}") from None

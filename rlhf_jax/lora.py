@@ -8,6 +8,10 @@ base as the reference policy with no second copy of the weights.
     model.apply({"params": {"base": base}}, tokens)                      # the base: adapters off
     merged = merge(base, adapters, lora_cfg)               # a plain tree for `save_pretrained`
 
+Reward and value models take adapters on their trunk the same way (`LoraRewardModel`,
+`LoraValueModel`), their head trained in full beside them: the trained tree is then
+`trained(adapters, {"head": head})` and the model reads `view(that, {"transformer": trunk})`.
+
 Training trains only the adapters: `lora_loss(loss_fn)` turns a loss of the step contract
 written for `LoraTransformer` (policy params `{"base", "lora"}`) into a loss of the adapters,
 with `frozen = {"base": base}`. The reference the inner loss sees is `{"base": base}` (the same
@@ -34,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models import quant
-from rlhf_jax.models.projection import LORA
+from rlhf_jax.models.heads import RewardModel, ValueModel
+from rlhf_jax.models.projection import LORA, LORA_DROPOUT_RNG
 from rlhf_jax.models.transformer import Transformer
 
 # Every attention and MLP projection (module paths look like "layers_0/attn/q").
@@ -50,8 +55,10 @@ class LoraConfig:
     Attributes:
       rank: r (>= 1).
       alpha: the scale is alpha / r (> 0).
-      dropout: dropout on the adapters' input. Only 0 is accepted for now: the steps do not yet
-        pass the dropout key through.
+      dropout: dropout rate on the adapters' input, in [0, 1), applied only in training steps
+        (`lora_loss` receives a key per step from `train.make_step`); sampling, evaluation and
+        the reference (adapters off) never drop. The on-policy methods (PPO, critic-free) refuse
+        it: their ratio to the sampling policy would not start at 1.
       targets: a regular expression searched in each projection's module path
         ("layers_3/attn/q", "layers_0/mlp/down", ...).
     """
@@ -66,11 +73,8 @@ class LoraConfig:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if self.dropout != 0:
-            raise ValueError(
-                f"LoRA dropout {self.dropout}: only 0 is supported (the steps do not pass a "
-                "dropout key yet)"
-            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         try:
             re.compile(self.targets)
         except re.error as e:
@@ -86,7 +90,7 @@ class LoraConfig:
 def target_modules(params: Mapping[str, Any], cfg: LoraConfig | str) -> list[tuple[str, ...]]:
     """The module paths (tuples of keys) of the projections `cfg.targets` (or the pattern `cfg`)
     selects: every subtree with a kernel (float or quantized) whose path matches, the token
-    embedding and LM head excluded.
+    embedding, the LM head and a reward / value head excluded.
 
     Raises:
       ValueError: the pattern matches no projection (naming what paths look like).
@@ -98,7 +102,7 @@ def target_modules(params: Mapping[str, Any], cfg: LoraConfig | str) -> list[tup
         if not isinstance(tree, Mapping):
             return
         has_kernel = "kernel" in tree or quant.is_quantized(dict(tree))
-        if has_kernel and path and path[0] != "lm_head":
+        if has_kernel and path and path[-1] not in ("lm_head", "head"):
             candidates.append("/".join(path))
             if re.search(pattern, "/".join(path)):
                 found.append(path)
@@ -222,14 +226,75 @@ def prepare(
 
 def lora_collection(adapters: Mapping[str, Any], cfg: LoraConfig) -> dict:
     """The "lora" variable collection of `models.projection.Projection`: each adapter {a, b}
-    with its scale (alpha / r)."""
-    return _with_scale(adapters, cfg.scale)
+    with its scale (alpha / r) and, when `cfg.dropout` > 0, its dropout rate."""
+    extra = {"scale": jnp.float32(cfg.scale)}
+    if cfg.dropout > 0:
+        extra["dropout"] = jnp.float32(cfg.dropout)
+    return _with_extra(adapters, extra)
 
 
-def _with_scale(tree: Mapping[str, Any], scale: float) -> dict:
+def _with_extra(tree: Mapping[str, Any], extra: dict) -> dict:
     if set(tree) == {"a", "b"}:
-        return {"a": tree["a"], "b": tree["b"], "scale": jnp.float32(scale)}
-    return {k: _with_scale(v, scale) for k, v in tree.items()}
+        return {"a": tree["a"], "b": tree["b"], **extra}
+    return {k: _with_extra(v, extra) for k, v in tree.items()}
+
+
+# The keys of an adapted model's params (`view`): the frozen base, the adapters, the modules
+# trained in full beside them (PEFT's modules_to_save, e.g. a reward model's head) and the
+# training step's dropout key.
+VIEW_KEYS = ("base", "lora", "modules", "dropout_rng")
+# A trained tree with modules beside the adapters: {"lora": adapters, "modules": {...}}.
+TRAINED_KEYS = ("lora", "modules")
+
+
+def trained(adapters: Mapping[str, Any], modules: Mapping[str, Any] | None = None) -> Any:
+    """What a LoRA run trains: the adapters, or `{"lora": adapters, "modules": modules}` when
+    top-level modules (a reward or value head) train in full beside them."""
+    return adapters if modules is None else {"lora": adapters, "modules": dict(modules)}
+
+
+def split_trained(params: Any) -> tuple[Any, Any]:
+    """(adapters, modules or None) of a `trained` tree."""
+    if isinstance(params, Mapping) and set(params) == set(TRAINED_KEYS):
+        return params["lora"], params["modules"]
+    return params, None
+
+
+def view(params: Any, base: Mapping[str, Any], rng: Any = None) -> dict:
+    """The params an adapted model (`LoraTransformer`, `LoraRewardModel`, `LoraValueModel`)
+    reads: the trained tree (`trained`) on its frozen `base`, with `rng` the dropout key of a
+    training step (None: no dropout)."""
+    adapters, modules = split_trained(params)
+    out = {"base": base, "lora": adapters}
+    if modules is not None:
+        out["modules"] = modules
+    if rng is not None:
+        out["dropout_rng"] = rng
+    return out
+
+
+def _adapted_variables(variables: Any, cfg: LoraConfig) -> tuple[Any, dict]:
+    """(plain variables, rngs) for an adapted model's `apply`: `{"base", "lora"?, "modules"?,
+    "dropout_rng"?}` params become the base's params (modules merged over its top level) plus
+    the "lora" collection; other variables pass unchanged."""
+    params = variables.get("params") if isinstance(variables, Mapping) else None
+    if not (isinstance(params, Mapping) and "base" in params and set(params) <= set(VIEW_KEYS)):
+        return variables, {}
+    plain = {**params["base"], **params.get("modules", {})}
+    variables = {**variables, "params": plain}
+    rngs = {}
+    if "lora" in params:
+        variables[LORA] = lora_collection(params["lora"], cfg)
+        if cfg.dropout > 0 and params.get("dropout_rng") is not None:
+            rngs[LORA_DROPOUT_RNG] = params["dropout_rng"]
+    return variables, rngs
+
+
+def _apply(module, parent_apply, variables, *args, **kwargs):
+    variables, rngs = _adapted_variables(variables, module.lora)
+    if rngs:
+        kwargs["rngs"] = {**kwargs.get("rngs", {}), **rngs}
+    return parent_apply(variables, *args, **kwargs)
 
 
 class LoraTransformer(Transformer):
@@ -241,27 +306,59 @@ class LoraTransformer(Transformer):
     lora: LoraConfig = LoraConfig()
 
     def apply(self, variables, *args, **kwargs):
-        params = variables.get("params") if isinstance(variables, Mapping) else None
-        if isinstance(params, Mapping) and "base" in params and set(params) <= {"base", "lora"}:
-            variables = {**variables, "params": params["base"]}
-            if "lora" in params:
-                variables[LORA] = lora_collection(params["lora"], self.lora)
-        return super().apply(variables, *args, **kwargs)
+        return _apply(self, super().apply, variables, *args, **kwargs)
+
+
+class LoraRewardModel(RewardModel):
+    """`models.RewardModel` with adapters on its trunk: params `view(trained(adapters,
+    {"head": head}), {"transformer": trunk})`, adapters from `init_adapters` on the whole
+    reward-model tree (so they sit under "transformer"), the head trained in full beside them
+    (PEFT's modules_to_save)."""
+
+    lora: LoraConfig = LoraConfig()
+
+    def apply(self, variables, *args, **kwargs):
+        return _apply(self, super().apply, variables, *args, **kwargs)
+
+
+class LoraValueModel(ValueModel):
+    """`models.ValueModel` with adapters on its trunk and the head trained beside them (as
+    `LoraRewardModel`); PPO puts it on the reward model's frozen trunk (or the policy's base)."""
+
+    lora: LoraConfig = LoraConfig()
+
+    def apply(self, variables, *args, **kwargs):
+        return _apply(self, super().apply, variables, *args, **kwargs)
+
+
+ADAPTED = (LoraTransformer, LoraRewardModel, LoraValueModel)
+
+
+def check_no_dropout(model: Any, who: str) -> None:
+    """Refuses an adapted `model` with dropout for an on-policy method (`who`): its ratio to the
+    sampling policy (no dropout) would not start at 1."""
+    if isinstance(model, ADAPTED) and model.lora.dropout > 0:
+        raise ValueError(
+            f"LoRA dropout {model.lora.dropout}: {who} sample with the policy they train, so "
+            "set dropout to 0 (it is for SFT, the reward model and the DPO family)"
+        )
 
 
 def lora_loss(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A loss of the adapters from `loss_fn(params, batch, *, frozen, hparams)` written for a
-    `LoraTransformer`: it is called with params `{"base": frozen["base"], "lora": adapters}` and
-    frozen `frozen.get("ref", {"base": frozen["base"]})`, the base with its adapters off (the
-    same arrays, no copy). Only the adapters are differentiated."""
+    """A loss of the trained tree (`trained`: the adapters, and any modules trained beside them)
+    from `loss_fn(params, batch, *, frozen, hparams)` written for an adapted model: it is called
+    with params `view(trained, frozen["base"], rng)` and frozen `frozen.get("ref", {"base":
+    frozen["base"]})`, the base with its adapters off (the same arrays, no copy). Only the
+    trained tree is differentiated; `rng` (passed by `train.make_step`) keys the adapters'
+    dropout."""
 
-    def wrapped(adapters, batch, *, frozen, hparams):
+    def wrapped(params, batch, *, frozen, hparams, rng=None):
         if not isinstance(frozen, Mapping) or "base" not in frozen:
             raise ValueError(
                 "a LoRA step needs state.frozen = {'base': base params} (and optionally 'ref')"
             )
         base = frozen["base"]
         ref = frozen.get("ref", {"base": base})
-        return loss_fn({"base": base, "lora": adapters}, batch, frozen=ref, hparams=hparams)
+        return loss_fn(view(params, base, rng), batch, frozen=ref, hparams=hparams)
 
     return wrapped

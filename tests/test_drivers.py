@@ -241,6 +241,49 @@ def test_sft_with_qlora(drivers, sft, tmp_path):
     assert not bad.exists()
 
 
+def test_reward_model_and_ppo_with_lora(drivers, sft, reward_model, tmp_path):
+    """--lora-rank on the reward model (adapters on the trunk, the head beside them; pairs read
+    from the reward-model run) and on PPO against it (QLoRA: an int8 policy base; the critic's
+    adapters on the reward model's trunk): each hands over the merged model and the adapters."""
+    from rlhf_jax import lora
+    from rlhf_jax.models import peft as peft_io
+
+    rm_dir, ppo_dir = tmp_path / "rm", tmp_path / "ppo"
+    argv = ["--preset", "tiny", "--init-from", str(sft[0]), "--steps", "10"]
+    pairs_file = str(reward_model[0] / "pairs.jsonl")
+    rows = drivers["reward_model"].main(
+        argv + ["--workdir", str(rm_dir), "--pairs", pairs_file, "--lora-rank", "4",
+                "--lora-dropout", "0.1"]
+    )  # fmt: skip
+    _check_outputs(rm_dir, rows, 10)
+    cfg, merged = runner.load_reward_model(rm_dir)
+    adapters, lora_cfg = peft_io.load_peft(str(rm_dir / "adapter"), cfg)
+    assert lora_cfg.dropout == pytest.approx(0.1)
+    from safetensors.numpy import load_file
+
+    head = load_file(str(rm_dir / "adapter" / "head.safetensors"))
+    np.testing.assert_array_equal(head["kernel"], merged["head"]["kernel"])
+    _, sft_params = models.from_pretrained(str(sft[0] / "hf"))
+    want = lora.merge(sft_params, adapters, lora_cfg)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(merged["transformer"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+    ppo_argv = ["--preset", "tiny", "--init-from", str(sft[0]), "--workdir", str(ppo_dir)]
+    rows = drivers["ppo"].main(
+        ppo_argv + ["--reward", str(rm_dir), "--lora-rank", "4", "--quantize", "int8"]
+    )
+    _check_outputs(ppo_dir, rows, 4)
+    assert all(r["kl_exact"] > 1e-7 for r in rows)  # the adapters moved the policy
+    cfg, _ = models.from_pretrained(str(ppo_dir / "hf"))
+    assert "layers_0" in peft_io.load_peft(str(ppo_dir / "adapter"), cfg)[0]
+    bad = tmp_path / "bad"
+    with pytest.raises(cli.ConfigError, match=r"--lora-dropout 1.5: must be in \[0, 1\)"):
+        drivers["reward_model"].main(
+            argv + ["--workdir", str(bad), "--lora-rank", "4", "--lora-dropout", "1.5"]
+        )
+    assert not bad.exists()
+
+
 def test_grpo_sentiment_with_the_reward_model_and_dapo_on_the_ground_truth(
     sft, reward_model, tmp_path
 ):

@@ -195,8 +195,8 @@ def test_targets_and_config_are_checked_with_the_fix():
         lora.LoraConfig(targets="attn/(q")
     with pytest.raises(ValueError, match="rank must be >= 1"):
         lora.LoraConfig(rank=0)
-    with pytest.raises(ValueError, match="dropout"):
-        lora.LoraConfig(dropout=0.1)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        lora.LoraConfig(dropout=-0.1)
     loss = lora.lora_loss(train.make_dpo_loss(lora.LoraTransformer(cfg, only_q)))
     with pytest.raises(ValueError, match="state.frozen = {'base'"):
         loss(adapters, _preference_batch(cfg), frozen=base, hparams={"beta": 0.1})

@@ -148,8 +148,8 @@ def _scale(peft_cfg: dict, name: str, rank: int) -> float:
 
 def load_peft(path: str, config: TransformerConfig) -> tuple[dict, Any]:
     """Reads a PEFT LoRA folder for the HF model of `config.family` into our adapters and a
-    `lora.LoraConfig` (rank and alpha of `adapter_config.json`; a module whose own scale differs,
-    by `rank_pattern` / `alpha_pattern` / rsLoRA, has it folded into its B).
+    `lora.LoraConfig` (rank, alpha and dropout of `adapter_config.json`; a module whose own scale
+    differs, by `rank_pattern` / `alpha_pattern` / rsLoRA, has it folded into its B).
 
     Raises:
       ValueError: not a LoRA adapter, DoRA, a bias or `modules_to_save` we cannot represent, or
@@ -166,7 +166,7 @@ def load_peft(path: str, config: TransformerConfig) -> tuple[dict, Any]:
             raise ValueError(f"{path}: {key}={peft_cfg[key]!r} is not supported (expected {ok!r})")
     tensors = load_file(os.path.join(path, WEIGHTS_FILE))
     rank, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
-    lora_cfg = LoraConfig(rank=rank, alpha=alpha)
+    lora_cfg = LoraConfig(rank=rank, alpha=alpha, dropout=float(peft_cfg.get("lora_dropout", 0.0)))
     conv1d = config.family == "gpt2"
     adapters: dict = {}
     used = set()

@@ -18,8 +18,9 @@ import numpy as np
 
 from rlhf_jax import data as rdata
 from rlhf_jax import handover, models, runner, sweeps, train
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
-from rlhf_jax.stages.common import Schedule, prompt_loader
+from rlhf_jax.stages.common import Schedule, prompt_loader, save_adapted
 
 # A host reward: one sample per row -> [B] scores. A sample is the decoded prompt + completion
 # (on="text", EOS dropped) or its token ids (on="tokens", as sampled: EOS kept when emitted).
@@ -103,6 +104,8 @@ def train_ppo(
     seed: int = 0,
     eval_fn: Callable[[Any, int], dict] | None = None,
     progress: bool = True,
+    lora: Any = None,
+    quantize: str = "none",
 ) -> tuple[Any, list[dict]]:
     """PPO from `params` (policy and frozen reference) on the task's training prompts.
 
@@ -111,6 +114,12 @@ def train_ppo(
     (on decoded texts or token ids, `make_host_reward_step`), and the critic starts from the
     policy. With `kl_coefs` (reward model only) the runs of each KL coefficient train as one
     vmapped program (`sweeps`); otherwise `ppo.kl_coef`. One run writes `WORKDIR/hf/`.
+
+    With `lora` (a `lora.LoraConfig`) the policy trains adapters on `params` (quantized with
+    `quantize`: QLoRA), which stay frozen and are also the reference; the critic trains adapters
+    and its head on the reward model's trunk (or, with a host reward, on that same base). No
+    weights are copied: the state holds one base, the reward model, and what trains. A run
+    writes the policy's adapters (`WORKDIR/adapter/`, PEFT) and the merged `WORKDIR/hf/`.
 
     Args:
       schedule: steps, prompts per iteration (batch_size), the policy's learning rate and its
@@ -135,14 +144,21 @@ def train_ppo(
         value_cfg, reward_params, reward_fn = cfg, None, None
         value_params = models.init_value_params(cfg, rng_value, params)
     nets = (models.Transformer(cfg), models.ValueModel(value_cfg))
+    policy_params, ref_params = params, params
+    if lora is not None:  # adapters on the frozen base (the reference) and on the critic's trunk
+        rng_lora = jax.random.PRNGKey(seed)
+        policy_params, ref_params = lora_lib.prepare(params, lora, rng_lora, quantize=quantize)
+        value_adapters = lora_lib.init_adapters(value_params, lora, jax.random.fold_in(rng_lora, 1))
+        value_params = lora_lib.trained(value_adapters, {"head": value_params["head"]})
+        nets = (lora_lib.LoraTransformer(cfg, lora), lora_lib.LoraValueModel(value_cfg, lora))
     fns = train.make_ppo(*nets, popt, vopt, ppo, reward_fn=reward_fn)
 
     def state_for(kl_coef: float) -> train.PPOState:
         return train.create_ppo_state(
             dataclasses.replace(ppo, kl_coef=kl_coef),
-            policy_params=params,
+            policy_params=policy_params,
             value_params=value_params,
-            ref_params=params,
+            ref_params=ref_params,
             policy_optimizer=popt,
             value_optimizer=vopt,
             rng=seed,
@@ -159,15 +175,21 @@ def train_ppo(
             sweeps.sweep_step(fns.step), states, loader, desc="ppo sweep", **common,
             **schedule.fit_kwargs(),
         )  # fmt: skip
-        return state["members"].policy_params, rows
+        policy = state["members"].policy_params
+        if lora is not None:
+            policy = jax.vmap(lambda a: lora_lib.merge(ref_params, a, lora))(policy)
+        return policy, rows
     if host_reward is None:
         step, jit, desc = fns.step, True, "ppo"
     else:
         step = make_host_reward_step(fns, host_reward, mesh=mesh, on=reward_on, tokenizer=tok)
         jit, desc = False, "ppo (host reward)"
+    desc += " (lora)" if lora is not None else ""
     state, rows = runner.fit(
         step, state_for(ppo.kl_coef), loader, desc=desc, jit=jit, **common,
         **schedule.fit_kwargs(),
     )  # fmt: skip
+    if lora is not None:
+        return save_adapted(workdir, cfg, ref_params, state.policy_params, lora, tok), rows
     handover.save_lm(workdir, cfg, state.policy_params, tokenizer=tok)
     return state.policy_params, rows

@@ -15,8 +15,10 @@ import numpy as np
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
 from rlhf_jax import handover, models, runner, train
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
-from rlhf_jax.stages.common import Schedule, preference_loader
+from rlhf_jax.models import peft as peft_io
+from rlhf_jax.stages.common import ADAPTER_DIR, Schedule, preference_loader
 
 INFO_FILE = "reward_model_eval.json"
 
@@ -36,11 +38,18 @@ def train_reward_model(
     seed: int = 0,
     normalize: bool = False,
     progress: bool = True,
+    lora: Any = None,
+    quantize: str = "none",
 ) -> tuple[Any, list[dict], dict[str, Any]]:
     """Trains a `RewardModel` (trunk = `lm_params`, head ~ N(0, 1/sqrt(D+1)) from PRNGKey(seed))
     on `train_pairs`; evaluates the held-out accuracy on `test_pairs` every
     `schedule.eval_every` steps and at the end (eval/accuracy, eval/margin); writes
     `WORKDIR/reward_model/` (`handover.save_reward_model`) and `WORKDIR/reward_model_eval.json`.
+
+    With `lora` (a `lora.LoraConfig`) adapters train on the frozen trunk (quantized with
+    `quantize` "int8" / "nf4": QLoRA) and the head trains in full beside them (PEFT's
+    modules_to_save); the run writes the trunk's adapters in PEFT's format plus the head
+    (`WORKDIR/adapter/`, `head.safetensors`) and the merged reward model as usual.
 
     With `normalize`, the head is rescaled so that the scores of the held-out pairs have mean 0
     and standard deviation 1 (a fixed reward scale for PPO).
@@ -52,26 +61,50 @@ def train_reward_model(
     rm = models.RewardModel(cfg)
     params = models.init_reward_params(cfg, jax.random.PRNGKey(seed), lm_params)
     opt = schedule.optimizer()
+    if lora is None:
+        step, state0 = train.make_reward_step(rm, opt), train.create_train_state(params, opt, seed)
+
+        def scored(state):
+            return state.params
+    else:  # adapters on the trunk, the head beside them; the trunk frozen
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+        adapters, base = lora_lib.prepare(params, lora, rng, quantize=quantize)
+        trunk = {"transformer": base["transformer"]}
+        rm = lora_lib.LoraRewardModel(cfg, lora)
+        step = train.make_step(lora_lib.lora_loss(train.make_reward_loss(rm)), opt)
+        trained = lora_lib.trained(adapters, {"head": params["head"]})
+        state0 = train.create_train_state(trained, opt, seed, frozen={"base": trunk})
+
+        def scored(state):
+            return lora_lib.view(state.params, state.frozen["base"])
+
     lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
     loader = preference_loader(
         train_pairs, tokenizer, batch_size=schedule.local_batch_size, seed=seed, **lengths
     )
 
     def eval_fn(state, step):
-        return ev.preference_accuracy(rm, state.params, test_pairs, tokenizer, **lengths)
+        return ev.preference_accuracy(rm, scored(state), test_pairs, tokenizer, **lengths)
 
     state, rows = runner.fit(
-        train.make_reward_step(rm, opt),
-        train.create_train_state(params, opt, seed),
+        step,
+        state0,
         loader,
         workdir=workdir,
         mesh=mesh,
         eval_fn=eval_fn if test_pairs else None,
-        desc="reward model",
+        desc="reward model" if lora is None else "reward model (lora)",
         progress=progress,
         **schedule.fit_kwargs(),
     )
-    params = jax.device_get(state.params)
+    if lora is None:
+        params = jax.device_get(state.params)
+    else:  # the merged reward model from here on (scores, normalisation, hand-over)
+        adapters, modules = lora_lib.split_trained(state.params)
+        params = jax.device_get(lora_lib.merge({**state.frozen["base"], **modules}, adapters, lora))
+        rm = models.RewardModel(cfg)
+        if sh.is_primary():
+            _save_adapter(Path(workdir) / ADAPTER_DIR, cfg, adapters, modules["head"], lora)
     info: dict[str, Any] = {
         "train_pairs": len(train_pairs),
         "train_accuracy_last_log": float(rows[-1]["accuracy"]) if rows else float("nan"),
@@ -94,3 +127,12 @@ def train_reward_model(
     if sh.is_primary():
         (Path(workdir) / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return params, rows, info
+
+
+def _save_adapter(path: Path, cfg: Any, adapters: Any, head: Any, lora: Any) -> None:
+    """The trunk's adapters in PEFT's format plus the head trained beside them."""
+    from safetensors.numpy import save_file
+
+    peft_io.save_peft(str(path), cfg, adapters["transformer"], lora)
+    head = {k: np.ascontiguousarray(jax.device_get(v), np.float32) for k, v in head.items()}
+    save_file(head, str(path / handover.HEAD_FILE))

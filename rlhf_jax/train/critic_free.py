@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
-from rlhf_jax.lora import LoraTransformer, lora_loss
+from rlhf_jax.lora import LoraTransformer, check_no_dropout, lora_loss
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.ppo import _policy_forward, _sequence
 from rlhf_jax.train.state import TrainState, create_train_state
@@ -413,6 +413,7 @@ def make_critic_free_update(
     rollout's `stats`."""
     loss = make_critic_free_loss(model, cfg)
     if isinstance(model, LoraTransformer):  # the adapters train; their base is in frozen
+        check_no_dropout(model, "the critic-free methods")
         loss = lora_loss(loss)
     step = make_step(loss, optimizer)
 

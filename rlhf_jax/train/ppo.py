@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.state import _unalias, as_key
@@ -144,9 +145,13 @@ class PPOState:
     """Everything one PPO iteration reads or writes (a pytree; donate it).
 
     Attributes:
-      policy_params, policy_opt_state: the trained policy (a `Transformer`) and its optax state.
-      value_params, value_opt_state: the critic (a `ValueModel`) and its optax state.
-      ref_params: frozen reference policy (pi_ref, the SFT model).
+      policy_params, policy_opt_state: the trained policy (a `Transformer`) and its optax state;
+        under LoRA (a `lora.LoraTransformer`) its adapters, on the base `ref_params`.
+      value_params, value_opt_state: the critic (a `ValueModel`) and its optax state; under
+        LoRA (a `lora.LoraValueModel`) its adapters and head (`lora.trained`) on the reward
+        model's trunk (or, with a host reward, on `ref_params`).
+      ref_params: frozen reference policy (pi_ref, the SFT model); under LoRA the base the
+        adapters sit on, which is also the reference (adapters off): one copy.
       reward_params: frozen reward-model params, or None when the reward is a host function.
       kl_coef: float32 scalar, current KL coefficient.
       step: int32 scalar, number of updates so far.
@@ -229,6 +234,31 @@ def create_ppo_state(
     )
 
 
+def policy_view(policy_model: nn.Module, policy_params: Any, ref_params: Any) -> Any:
+    """The policy's params as its model reads them: under LoRA (a `lora.LoraTransformer`)
+    `policy_params` are the adapters and `ref_params` their frozen base, the reference."""
+    if isinstance(policy_model, lora_lib.LoraTransformer):
+        return lora_lib.view(policy_params, ref_params)
+    return policy_params
+
+
+def reference_view(policy_model: nn.Module, ref_params: Any) -> Any:
+    """The reference's params: `ref_params`, or under LoRA the base with its adapters off."""
+    if isinstance(policy_model, lora_lib.LoraTransformer):
+        return {"base": ref_params}
+    return ref_params
+
+
+def value_view(value_model: nn.Module, value_params: Any, ref_params: Any, reward_params: Any):
+    """The critic's params as its model reads them. A `lora.LoraValueModel` trains adapters and
+    its head (`lora.trained`) on a frozen trunk held nowhere else: the reward model's trunk, or
+    with a host reward the policy's reference."""
+    if isinstance(value_model, lora_lib.LoraValueModel):
+        trunk = ref_params if reward_params is None else reward_params["transformer"]
+        return lora_lib.view(value_params, {"transformer": trunk})
+    return value_params
+
+
 def _sequence(query_tokens, query_mask, response_tokens, response_mask):
     tokens = jnp.concatenate([query_tokens, response_tokens], axis=1)  # [B, P+N]
     mask = jnp.concatenate([query_mask, response_mask], axis=1).astype(jnp.int32)  # [B, P+N]
@@ -256,6 +286,8 @@ def make_ppo_rollout(
     policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfig
 ) -> Callable[[PPOState, Batch], tuple[PPOState, Rollout]]:
     """Builds `rollout(state, prompt_batch) -> (state, Rollout)` (state unchanged; scores 0).
+    With a `lora.LoraTransformer` policy (and/or a `lora.LoraValueModel` critic) the state's
+    trained params are adapters, read through `policy_view` / `value_view`.
 
     Samples N = cfg.max_new_tokens tokens with key fold_in(fold_in(rng, step), 0), then one
     teacher-forced forward each of the policy, the reference and the critic on the full sequence.
@@ -266,9 +298,10 @@ def make_ppo_rollout(
         q_mask = jnp.asarray(batch["prompt_mask"]).astype(jnp.int32)  # [B, P]
         b, p = q_tok.shape
         rng_sample = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _RNG_SAMPLE)
+        policy = policy_view(policy_model, state.policy_params, state.ref_params)
         gen = generate(
             policy_model,
-            state.policy_params,
+            policy,
             q_tok,
             q_mask,
             rng_sample,
@@ -279,12 +312,14 @@ def make_ppo_rollout(
         r_tok, r_mask = gen.tokens, gen.mask.astype(jnp.int32)  # [B, N]
         tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)  # [B, P+N]
         logits, logps = _policy_forward(
-            policy_model, state.policy_params, tokens, mask, r_tok, p, cfg.temperature
+            policy_model, policy, tokens, mask, r_tok, p, cfg.temperature
         )
+        ref = reference_view(policy_model, state.ref_params)
         ref_logits, ref_logps = _policy_forward(
-            policy_model, state.ref_params, tokens, mask, r_tok, p, cfg.temperature
+            policy_model, ref, tokens, mask, r_tok, p, cfg.temperature
         )
-        values = value_model.apply({"params": state.value_params}, tokens, mask)  # [B, P+N]
+        value = value_view(value_model, state.value_params, state.ref_params, state.reward_params)
+        values = value_model.apply({"params": value}, tokens, mask)  # [B, P+N]
         values = _response_slice(values, p, cfg.max_new_tokens)  # [B, N]
         live = r_mask > 0
         if cfg.eos_id is None:

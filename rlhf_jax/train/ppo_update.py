@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses
 from rlhf_jax.train.ppo import (
     _RNG_MINIBATCH,
@@ -27,7 +28,9 @@ from rlhf_jax.train.ppo import (
     _sequence,
     make_ppo_rollout,
     make_ppo_score,
+    policy_view,
     rollout_metrics,
+    value_view,
 )
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import LossFn, make_step, paired_optimizer
@@ -42,11 +45,16 @@ def make_ppo_loss(policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfi
 
     `loss = ppo_policy_loss(logps, old_logps, A) + vf_coef * ppo_value_loss(V, old_V, returns)`
     (Schulman et al. 2017, eq. 7 and 9), logps recomputed under softmax(logits / temperature) as
-    in the rollout. The minibatch is a dict of Rollout fields.
+    in the rollout. The minibatch is a dict of Rollout fields. Under LoRA (`_adapted`) frozen
+    is `{"ref": state.ref_params, "reward": state.reward_params}`, the bases of the adapters.
     """
 
     def loss_fn(params, mb, *, frozen=None, hparams=None):
         policy_params, value_params = params
+        if _adapted(policy_model, value_model):  # LoRA: the bases are frozen["ref"/"reward"]
+            ref, reward = frozen["ref"], frozen["reward"]
+            policy_params = policy_view(policy_model, policy_params, ref)
+            value_params = value_view(value_model, value_params, ref, reward)
         r_tok, r_mask = mb["response_tokens"], mb["response_mask"]
         p, n = mb["query_tokens"].shape[1], r_tok.shape[1]
         tokens, mask = _sequence(mb["query_tokens"], mb["query_mask"], r_tok, r_mask)
@@ -77,6 +85,12 @@ def make_ppo_loss(policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfi
         return loss, {"loss": loss, **metrics}
 
     return loss_fn
+
+
+def _adapted(policy_model: nn.Module, value_model: nn.Module) -> bool:
+    return isinstance(policy_model, lora_lib.LoraTransformer) or isinstance(
+        value_model, lora_lib.LoraValueModel
+    )
 
 
 _TRAIN_FIELDS = (
@@ -112,6 +126,9 @@ def make_ppo_update(
     score_penalized, rlhf_reward, kl_k1, kl_k3, kl_exact, kl_coef (the one used for this
     rollout), kl_coef_next, response_length, eos_rate, advantage_mean, return_mean.
     """
+    for model in (policy_model, value_model):
+        lora_lib.check_no_dropout(model, "PPO")
+    adapted = _adapted(policy_model, value_model)
     minibatch_step = make_step(
         make_ppo_loss(policy_model, value_model, cfg),
         paired_optimizer(policy_optimizer, value_optimizer),
@@ -137,6 +154,7 @@ def make_ppo_update(
             opt_state=(state.policy_opt_state, state.value_opt_state),
             step=state.step,
             rng=state.rng,
+            frozen={"ref": state.ref_params, "reward": state.reward_params} if adapted else None,
         )
         joint, metrics = jax.lax.scan(epoch, joint, jax.random.split(rng, cfg.ppo_epochs))
         metrics = jax.tree.map(jnp.mean, metrics)  # over epochs x minibatches
@@ -189,8 +207,10 @@ def make_ppo(
     """All PPO functions for one configuration.
 
     Args:
-      policy_model: the policy (and reference) `Transformer`.
-      value_model: the critic `ValueModel`.
+      policy_model: the policy (and reference) `Transformer`; a `lora.LoraTransformer` trains
+        adapters on the base `state.ref_params`, which is then also the reference.
+      value_model: the critic `ValueModel`; a `lora.LoraValueModel` trains adapters and its
+        head on the reward model's trunk (`state.reward_params`), or on `state.ref_params`.
       policy_optimizer, value_optimizer: optax transformations of the two param trees.
       cfg: PPOConfig.
       reward_fn: a JAX function `(state.reward_params, rollout) -> scores [B]` (e.g.

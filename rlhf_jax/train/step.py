@@ -5,7 +5,9 @@ and hyperparameters:
 
     loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)
 
-(`metrics` a dict of scalars; "loss" is added when missing). The step built from it is
+(`metrics` a dict of scalars; "loss" is added when missing). A loss that also declares a
+keyword `rng` receives a key of its own per step, `fold_in(fold_in(state.rng, state.step),
+RNG_LOSS)` (LoRA dropout, `lora.lora_loss`); evaluation passes none. The step built from it is
 
     step(state, batch) -> (state, metrics)
 
@@ -24,6 +26,7 @@ loss, so a user's loss written to the contract trains the same way:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +39,21 @@ Batch = Any
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 Step = Callable[[Any, Batch], tuple[Any, Metrics]]
+RNG_LOSS = 0x6C6F7373  # the fold_in purpose of a loss's per-step key ("loss")
+
+
+def takes_rng(loss_fn: Callable[..., Any]) -> bool:
+    """Whether `loss_fn` declares a keyword `rng` (then `make_step` passes it a key)."""
+    try:
+        return "rng" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def loss_key(state: Any) -> jax.Array:
+    """The key `make_step` passes a loss that takes `rng`: `fold_in(fold_in(state.rng,
+    state.step), RNG_LOSS)`."""
+    return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), RNG_LOSS)
 
 
 def make_step(
@@ -56,12 +74,15 @@ def make_step(
       The step; metrics are the loss's plus grad_norm and update_norm.
     """
 
+    keyed = takes_rng(loss_fn)
+
     def step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
         frozen = getattr(state, "frozen", None)
         hparams = getattr(state, "hparams", None) or {}
+        extra = {"rng": loss_key(state)} if keyed else {}
 
         def objective(params):
-            loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams)
+            loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams, **extra)
             return loss, {"loss": loss, **metrics}
 
         grads, metrics = jax.grad(objective, has_aux=True)(state.params)
