@@ -19,7 +19,7 @@ $(BASE_STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(TEST_STAMP): setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,tpu-plan]'
 	touch $(BASE_STAMP) $@
 
 demo: $(BASE_STAMP)

@@ -140,8 +140,8 @@ MUTANTS = (
     Mutant(
         "make-step-drops-frozen",
         "rlhf_jax/train/step.py",
-        "            loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams)\n",
-        "            loss, metrics = loss_fn(params, batch, frozen=None, hparams=hparams)\n",
+        "loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams, **extra)",
+        "loss, metrics = loss_fn(params, batch, frozen=None, hparams=hparams, **extra)",
         (*STEP_TESTS, "tests/test_train_step.py"),
         "the step contract does not pass the frozen (reference) params to the loss",
     ),
@@ -189,8 +189,8 @@ MUTANTS = (
     Mutant(
         "ppo-reference-is-policy",
         "rlhf_jax/train/ppo.py",
-        "policy_model, state.ref_params, tokens, mask, r_tok, p, cfg.temperature",
-        "policy_model, state.policy_params, tokens, mask, r_tok, p, cfg.temperature",
+        "ref = reference_view(policy_model, state.ref_params)",
+        "ref = policy",
         PPO_TESTS,
         "the rollout's reference log-probs come from the policy (KL always 0)",
     ),
@@ -328,7 +328,7 @@ MUTANTS = (
     Mutant(
         "dr-grpo-norm-by-count",
         "rlhf_jax/losses/critic_free.py",
-        "return _masked_sum(x, m) / (b * (t if max_tokens is None else max_tokens))",
+        "return _masked_sum(x, m) / (rows * (t if max_tokens is None else max_tokens))",
         "return _masked_mean(x, m)",
         CRITIC_FREE_TESTS,
         "Dr. GRPO's constant normaliser replaced by the token count",
@@ -473,6 +473,23 @@ MUTANTS = (
         "return loss_fn(view(params, base), batch, frozen=ref, hparams=hparams)",
         ("tests/test_lora_rl.py",),
         "the step's dropout key never reaches the adapters (dropout silently off)",
+    ),
+    # --- memory features (issue 14) -------------------------------------------------------------
+    Mutant(
+        "microbatch-gradients-summed",
+        "rlhf_jax/train/step.py",
+        "grads = jax.tree.map(lambda t, p: (t / k).astype(jnp.result_type(p)), total, params)",
+        "grads = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)",
+        ("tests/test_planner.py::test_microbatches_lower_the_temporaries_and_keep_the_update",),
+        "gradient accumulation sums the microbatches' gradients instead of averaging them",
+    ),
+    Mutant(
+        "chunked-logps-without-temperature",
+        "rlhf_jax/losses/logprobs.py",
+        "        logits = logits / temperature\n",
+        "",
+        ("tests/test_planner.py::test_chunked_logps_equal_numpy_and_hold_no_full_logits",),
+        "chunked log-probs ignore the sampling temperature",
     ),
 )
 

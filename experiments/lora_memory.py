@@ -11,7 +11,7 @@ reference, batch), temporaries and outputs of the step compiled for this machine
 with float32 parameters and AdamW (the optimizer state mirrors what trains), remat on the decoder
 blocks, LoRA rank --rank on every attention and MLP projection. The arguments are what the
 choice of method changes; the temporaries depend on the backend's scheduling (compile for the
-target with experiments/plan.py once it exists for a per-chip answer).
+target with experiments/plan.py for a per-chip answer).
 
 --logits-from HF_FOLDER measures what quantizing a trained base costs: the logits of the model
 with its projections stored int8 / NF4 (dequantized in the forward, adapters at B = 0) against the

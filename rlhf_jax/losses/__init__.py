@@ -33,7 +33,13 @@ from rlhf_jax.losses.kl import (
     kl_estimate,
     kl_penalized_rewards,
 )
-from rlhf_jax.losses.logprobs import entropy_from_logits, sequence_logps, sft_loss, token_logps
+from rlhf_jax.losses.logprobs import (
+    chunked_target_logps,
+    entropy_from_logits,
+    sequence_logps,
+    sft_loss,
+    token_logps,
+)
 from rlhf_jax.losses.ppo import gae, ppo_policy_loss, ppo_value_loss, whiten
 from rlhf_jax.losses.reward import bradley_terry_loss
 
@@ -68,6 +74,7 @@ __all__ = [
     "sft_loss",
     "simpo_loss",
     "token_logps",
+    "chunked_target_logps",
     "unlikelihood_loss",
     "whiten",
 ]

@@ -213,6 +213,7 @@ def policy_gradient_loss(
     kl_coef: Scalar = 0.0,
     kl_estimator: str | Callable[[Array, Array], Array] = "k3",
     logits: Float[ArrayLike, "B T V"] | None = None,
+    entropy: Float[ArrayLike, "B T"] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The clipped policy-gradient loss of the critic-free family (arrays in, arrays out).
 
@@ -244,13 +245,15 @@ def policy_gradient_loss(
       kl_coef: its coefficient.
       kl_estimator: "k1", "k2", "k3" or a function (see `kl_estimate`).
       logits: [B, T, V] policy logits, for the entropy metric (optional).
+      entropy: [B, T] the policy's entropies instead of `logits` (chunked log-probs).
 
     Returns:
       (loss, metrics): `pg_loss` (the clipped term alone), `kl` (the masked token mean of the
       estimate; 0 without `ref_logps`), `clipfrac_low` / `clipfrac_high` (the fraction of masked
       tokens where the lower / upper clip is active: A < 0 and rho < 1 - low, A > 0 and
       rho > 1 + high), `clipfrac` (their sum), `approx_kl` (masked mean of
-      (logps - old_logps)^2 / 2), `ratio_mean`, and `entropy` when `logits` are given.
+      (logps - old_logps)^2 / 2), `ratio_mean`, and `entropy` when `logits` or `entropy` are
+      given.
     """
     _check_choice("ratio", ratio, RATIOS)
     _check_choice("aggregation", aggregation, AGGREGATIONS)
@@ -298,5 +301,7 @@ def policy_gradient_loss(
     }
     metrics["clipfrac"] = metrics["clipfrac_low"] + metrics["clipfrac_high"]
     if logits is not None:
-        metrics["entropy"] = _masked_mean(entropy_from_logits(logits), m)
+        entropy = entropy_from_logits(logits)
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy, m)
     return aggregate(total), metrics

@@ -9,6 +9,9 @@ Shape strings of one letter are written with a leading space (`" B"`) so that li
 them as forward references; jaxtyping ignores the space.
 """
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +89,61 @@ def token_logps(
         ..., 0
     ]
     return picked - jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+
+
+def chunked_target_logps(
+    hidden: Float[ArrayLike, "B T D"],
+    weight: Float[ArrayLike, "_ _"],
+    targets: Int[ArrayLike, "B T"],
+    *,
+    chunk: int,
+    dtype: Any = jnp.float32,
+    softcap: float | None = None,
+    vocab_major: bool = False,
+    temperature: float = 1.0,
+) -> tuple[Float[Array, "B T"], Shaped[Array, "B T"], Float[Array, "B T"]]:
+    """`token_logps(logits, targets)`, `argmax(logits) == targets` and
+    `entropy_from_logits(logits)` for `logits = hidden @ weight` (float32 accumulation in
+    `dtype`, then `cap * tanh(logits / cap)` with `softcap`, then `/ temperature`) without ever
+    holding the [B, T, V] logits: a `lax.scan` over chunks of `chunk` positions whose body is
+    rematerialised, so the backward pass recomputes one chunk's logits at a time.
+
+    Args:
+      hidden: [B, T, D] final hidden states (already aligned with `targets`).
+      weight: the output layer, [D, V] (an LM head kernel) or, with `vocab_major`, [V, D] (a tied
+        embedding).
+      targets: [B, T] token ids in [0, V).
+      chunk: positions per chunk (>= 1; T is padded up to a multiple of it).
+    Returns:
+      ([B, T] float32 log-probabilities, [B, T] bool: the target is the argmax, [B, T] float32
+      entropies).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    hidden = jnp.asarray(hidden)
+    targets = jnp.asarray(targets, jnp.int32)
+    b, t, d = hidden.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(h_i, y_i):
+        logits = jnp.einsum(
+            spec, h_i.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32
+        )  # [B, c, V]
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
+        logits = logits / temperature
+        picked = jnp.take_along_axis(logits, y_i[..., None], axis=-1)[..., 0]
+        hit = jnp.argmax(logits, axis=-1) == y_i
+        return picked - jax.nn.logsumexp(logits, axis=-1), hit, entropy_from_logits(logits)
+
+    _, outs = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (h, y))  # each [n, B, c]
+    logps, hits, ent = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in outs)
+    return logps, hits, ent
 
 
 def sequence_logps(

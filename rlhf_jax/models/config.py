@@ -18,6 +18,7 @@ FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+REMAT = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,9 @@ class TransformerConfig:
 
     Numerics: `dtype` is the compute dtype ("float32" or "bfloat16"); parameters are always
     float32, the residual stream, norm statistics, attention softmax and logits float32. `remat`
-    rematerialises each block in the backward pass; `grad_barrier` is a backward-pass scheduling
-    hint with no effect on any number.
+    rematerialises each block in the backward pass (a policy: "none", "full", "dots");
+    `logits_chunk` computes target log-probs in chunks of positions; `grad_barrier` is a
+    backward-pass scheduling hint with no effect on any number.
 
     Architecture (set by the family; every field is read from the HF config.json):
       family: the Hugging Face `model_type` written by `save_pretrained`.
@@ -65,7 +67,15 @@ class TransformerConfig:
     d_ff: int | None = None
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"
-    remat: bool = False
+    # Rematerialisation of each decoder block in the backward pass: "none", "full" (keep only
+    # the block's input) or "dots" (keep the matmul outputs without batch dimensions:
+    # `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`). True / False mean "full" /
+    # "none".
+    remat: bool | str = "none"
+    # Log-probs of the targets over the vocabulary in chunks of this many positions (0: all at
+    # once), each chunk's logits recomputed in the backward pass: no [B, T, V] float32 logits
+    # tensor is held by the losses that use `Transformer.target_logps` (SFT, the DPO family).
+    logits_chunk: int = 0
     # Backward-pass scheduling hint at each norm input (see `transformer._grad_barrier`): an
     # identity whose cotangent goes through `lax.optimization_barrier`. It speeds up reverse-mode
     # training steps on XLA:CPU; turn it off for forward-mode AD (jax.jvp, jacfwd, hessian), which
@@ -122,7 +132,12 @@ class TransformerConfig:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be >= 0 (0: off), got {self.logits_chunk}")
         choices = [
+            ("remat", REMAT),
             ("dtype", ("float32", "bfloat16")),
             ("attention", ("xla", "cudnn")),
             ("family", FAMILIES),

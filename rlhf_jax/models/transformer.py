@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
+from rlhf_jax import losses
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.projection import Projection
 
@@ -441,6 +442,19 @@ def _within(window: int | None, query: Array, key: Array) -> Array | bool:
     return True if window is None else key > query - window
 
 
+def logits_chunked(model: nn.Module) -> bool:
+    """Whether `model` (a `Transformer` or anything with a `config`) computes its losses'
+    log-probs in chunks (`TransformerConfig.logits_chunk`): then callers use `target_logps`."""
+    return bool(getattr(getattr(model, "config", None), "logits_chunk", 0))
+
+
+# Remat policies by name (`TransformerConfig.remat`): what each block keeps for the backward pass.
+_REMAT_POLICIES = {
+    "full": lambda: None,  # nothing but the block's input: everything recomputed
+    "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Transformer(nn.Module):
     """Decoder: `apply({"params": p}, tokens, attention_mask=None, positions=None) -> logits`.
 
@@ -456,7 +470,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init)
         if cfg.positions == "learned":
             self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=embed_init)
-        block = nn.remat(_Block) if cfg.remat else _Block
+        block = _Block
+        if cfg.remat != "none":
+            block = nn.remat(_Block, policy=_REMAT_POLICIES[cfg.remat]())
         self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = _norm(cfg, "final_norm")
         if not cfg.tie_embeddings:
@@ -530,6 +546,34 @@ class Transformer(nn.Module):
         else:
             out = self.lm_head(hidden)
         return _softcap(out.astype(jnp.float32), cfg.final_softcap)
+
+    def target_logps(
+        self,
+        tokens: Int[ArrayLike, "B T"],
+        attention_mask: Shaped[ArrayLike, "B T"] | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[Float[Array, "B T-1"], Shaped[Array, "B T-1"], Float[Array, "B T-1"]]:
+        """(log pi(tokens[:, t+1] | tokens[:, :t+1]) [B, T-1] float32, whether that token is the
+        argmax [B, T-1], the entropy of pi(. | tokens[:, :t+1]) [B, T-1]) under softmax(logits /
+        temperature): the teacher-forced log-probs of a sequence. With `logits_chunk` set, the
+        logits are computed in chunks of that many positions and never held whole
+        (`losses.chunked_target_logps`)."""
+        cfg = self.config
+        tokens = jnp.asarray(tokens)
+        targets = tokens[:, 1:]
+        hidden = self.hidden(tokens, attention_mask)[:, :-1]  # [B, T-1, D]
+        if not cfg.logits_chunk:
+            logits = self.logits(hidden) / temperature  # [B, T-1, V]
+            hit = jnp.argmax(logits, axis=-1) == targets
+            return losses.token_logps(logits, targets), hit, losses.entropy_from_logits(logits)
+        if cfg.tie_embeddings:
+            weight, vocab_major = self.embed.embedding, True  # [V, D]
+        else:
+            weight, vocab_major = self.lm_head.variables["params"]["kernel"], False  # [D, V]
+        return losses.chunked_target_logps(
+            hidden, weight, targets, chunk=cfg.logits_chunk, dtype=cfg.compute_dtype,
+            softcap=cfg.final_softcap, vocab_major=vocab_major, temperature=temperature,
+        )  # fmt: skip
 
     def __call__(
         self,

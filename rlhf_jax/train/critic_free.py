@@ -40,7 +40,7 @@ import optax
 from rlhf_jax import losses
 from rlhf_jax.lora import LoraTransformer, check_no_dropout, lora_loss
 from rlhf_jax.sampling import SamplingConfig, generate
-from rlhf_jax.train.ppo import _policy_forward, _sequence
+from rlhf_jax.train.ppo import _policy_logps_entropy, _sequence
 from rlhf_jax.train.state import TrainState, create_train_state
 from rlhf_jax.train.step import make_step
 
@@ -249,14 +249,14 @@ def make_critic_free_loss(model: nn.Module, cfg: CriticFreeConfig):
             ro.query_tokens, ro.query_mask, ro.response_tokens, ro.response_mask
         )
         p = ro.query_tokens.shape[1]
-        logits, logps = _policy_forward(
+        logps, entropy = _policy_logps_entropy(
             model, params, tokens, mask, ro.response_tokens, p, cfg.temperature
         )
         kl = {}
         if cfg.kl_in == "loss":
             kl = dict(ref_logps=ro.ref_logps, kl_coef=hparams.get("kl_coef", 0.0))
         loss, metrics = losses.policy_gradient_loss(
-            logps, ro.logps, ro.advantages, ro.response_mask, logits=logits, **kl, **kwargs
+            logps, ro.logps, ro.advantages, ro.response_mask, entropy=entropy, **kl, **kwargs
         )
         return loss, metrics
 
@@ -317,13 +317,15 @@ def _sample(model: nn.Module, cfg: CriticFreeConfig, reward_fn: Reward):
         q_tok, q_mask = jnp.repeat(q_tok, g, axis=0), jnp.repeat(q_mask, g, axis=0)
         tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)
         live = r_mask > 0
-        _, logps = _policy_forward(model, policy, tokens, mask, r_tok, p, cfg.temperature)
+        logps, _ = _policy_logps_entropy(model, policy, tokens, mask, r_tok, p, cfg.temperature)
         ref = _reference(state)
         if ref is None and "kl_coef" in state.hparams:
             raise ValueError("hparams['kl_coef'] needs the reference params in state.frozen['ref']")
         ref_logps = jnp.zeros_like(logps)
         if ref is not None:
-            _, ref_logps = _policy_forward(model, ref, tokens, mask, r_tok, p, cfg.temperature)
+            ref_logps, _ = _policy_logps_entropy(
+                model, ref, tokens, mask, r_tok, p, cfg.temperature
+            )
         ro = CriticFreeRollout(
             query_tokens=q_tok,
             query_mask=q_mask,

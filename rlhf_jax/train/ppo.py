@@ -47,6 +47,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses
+from rlhf_jax.models.transformer import logits_chunked
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.state import _unalias, as_key
 
@@ -276,6 +277,22 @@ def _policy_forward(policy_model, params, tokens, mask, response_tokens, p, temp
     logits = policy_model.apply({"params": params}, tokens, attention_mask=mask)  # [B, P+N, V]
     logits = _response_slice(logits, p, n) / temperature  # [B, N, V]
     return logits, losses.token_logps(logits, response_tokens)
+
+
+def _policy_logps_entropy(policy_model, params, tokens, mask, response_tokens, p, temperature):
+    """(response log-probs [B, N], entropies [B, N]) of a differentiated forward: through
+    `Transformer.target_logps` in chunks when the model's `logits_chunk` is set (no [B, T, V]
+    logits held), else from the full logits."""
+    n = response_tokens.shape[1]
+    if logits_chunked(policy_model):
+        logps, _, entropy = policy_model.apply(
+            {"params": params}, tokens, mask, temperature, method="target_logps"
+        )  # [B, P+N-1]: position P-1+i scores response token i
+        return logps[:, p - 1 : p - 1 + n], entropy[:, p - 1 : p - 1 + n]
+    logits, logps = _policy_forward(
+        policy_model, params, tokens, mask, response_tokens, p, temperature
+    )
+    return logps, losses.entropy_from_logits(logits)
 
 
 def _masked_seq_sum(x, mask):

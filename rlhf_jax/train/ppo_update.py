@@ -23,7 +23,7 @@ from rlhf_jax.train.ppo import (
     PPOState,
     Rollout,
     _masked_seq_sum,
-    _policy_forward,
+    _policy_logps_entropy,
     _response_slice,
     _sequence,
     make_ppo_rollout,
@@ -58,7 +58,7 @@ def make_ppo_loss(policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfi
         r_tok, r_mask = mb["response_tokens"], mb["response_mask"]
         p, n = mb["query_tokens"].shape[1], r_tok.shape[1]
         tokens, mask = _sequence(mb["query_tokens"], mb["query_mask"], r_tok, r_mask)
-        logits, logps = _policy_forward(
+        logps, entropy = _policy_logps_entropy(
             policy_model, policy_params, tokens, mask, r_tok, p, cfg.temperature
         )
         pg_loss, pg_m = losses.ppo_policy_loss(
@@ -70,7 +70,6 @@ def make_ppo_loss(policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfi
         )
         live = r_mask > 0
         n_tok = jnp.maximum(jnp.sum(live), 1)
-        entropy = losses.entropy_from_logits(logits)  # [b, N]
         metrics = {
             "policy_loss": pg_loss,
             "value_loss": vf_loss,

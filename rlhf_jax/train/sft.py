@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
+from rlhf_jax.models.transformer import logits_chunked
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import LossFn, make_step
 
@@ -45,18 +46,22 @@ def make_sft_loss(model: nn.Module, *, reduction: str = "token") -> LossFn:
     def loss_fn(
         params: Any, batch: Batch, *, frozen=None, hparams=None
     ) -> tuple[jax.Array, Metrics]:
-        tokens = batch["tokens"]
-        logits = model.apply({"params": params}, tokens, attention_mask=batch["attention_mask"])
-        logits, targets = logits[:, :-1], tokens[:, 1:]  # [B, T-1, V], [B, T-1]
+        tokens, attn = batch["tokens"], batch["attention_mask"]
         mask = batch["loss_mask"][:, 1:].astype(jnp.float32)  # [B, T-1]
+        if logits_chunked(model):  # no [B, T, V] logits held
+            tlp, hit, _ = model.apply({"params": params}, tokens, attn, method="target_logps")
+        else:
+            logits = model.apply({"params": params}, tokens, attention_mask=attn)
+            logits, targets = logits[:, :-1], tokens[:, 1:]  # [B, T-1, V], [B, T-1]
+            tlp = losses.token_logps(logits, targets)  # [B, T-1]
+            hit = jnp.argmax(logits, axis=-1) == targets
         n_tok = jnp.maximum(mask.sum(), 1.0)
-        tlp = losses.token_logps(logits, targets)  # [B, T-1]
         nll_token = -jnp.sum(jnp.where(mask > 0, tlp, 0.0)) / n_tok
         if reduction == "token":
             loss = nll_token
-        else:
-            loss = jnp.mean(losses.sft_loss(logits, targets, mask))
-        hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)  # [B, T-1]
+        else:  # losses.sft_loss: the mean over rows of each row's mean NLL
+            loss = -jnp.mean(losses.sequence_logps(tlp, mask, average=True))
+        hit = hit.astype(jnp.float32)  # [B, T-1]
         metrics = {
             "loss": loss,
             "nll_token": nll_token,

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from rlhf_jax.train.state import apply_gradients
@@ -61,8 +62,17 @@ def make_step(
     optimizer: optax.GradientTransformation,
     *,
     norm_groups: Mapping[str, Callable[[Any], Any]] | None = None,
+    microbatches: int = 1,
 ) -> Step:
     """Builds the pure step `step(state, batch) -> (state, metrics)` (un-jitted).
+
+    With `microbatches` K > 1 the batch (every leaf's leading axis, divisible by K) is split
+    into K consecutive microbatches inside the one compiled step: a `lax.scan` sums their
+    gradients in float32 and the optimizer applies the mean, so only one microbatch's
+    activations are alive at a time. That is the full batch's gradient exactly when the loss is
+    a mean over rows with equal weight (the DPO family, the reward model, PPO's minibatches);
+    a token-mean loss weights each microbatch's tokens by their own count instead. Metrics are
+    the microbatches' means; a keyed loss gets `fold_in(key, i)` for microbatch i.
 
     Args:
       loss_fn: `loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)`; it receives
@@ -75,17 +85,27 @@ def make_step(
     """
 
     keyed = takes_rng(loss_fn)
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
 
     def step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
         frozen = getattr(state, "frozen", None)
         hparams = getattr(state, "hparams", None) or {}
-        extra = {"rng": loss_key(state)} if keyed else {}
 
-        def objective(params):
-            loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams, **extra)
-            return loss, {"loss": loss, **metrics}
+        def grads_of(params, batch, key):
+            extra = {"rng": key} if keyed else {}
 
-        grads, metrics = jax.grad(objective, has_aux=True)(state.params)
+            def objective(params):
+                loss, metrics = loss_fn(params, batch, frozen=frozen, hparams=hparams, **extra)
+                return loss, {"loss": loss, **metrics}
+
+            return jax.grad(objective, has_aux=True)(params)
+
+        key = loss_key(state) if keyed else None
+        if microbatches == 1:
+            grads, metrics = grads_of(state.params, batch, key)
+        else:
+            grads, metrics = _accumulated(grads_of, state.params, batch, key, microbatches)
         params, opt_state, norms = apply_gradients(
             optimizer, state.params, state.opt_state, grads, norm_groups=norm_groups
         )
@@ -93,6 +113,32 @@ def make_step(
         return state, {**metrics, **norms}
 
     return step
+
+
+def _accumulated(grads_of, params, batch, key, k: int):
+    """(mean gradient, mean metrics) over `k` consecutive microbatches of `batch` (a scan)."""
+
+    def split(x):
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[0] % k:
+            raise ValueError(
+                f"microbatches={k} must divide every batch leaf's leading axis; got shape {x.shape}"
+            )
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+    parts = jax.tree.map(split, batch)
+
+    def body(acc, xs):
+        i, part = xs
+        sub = None if key is None else jax.random.fold_in(key, i)
+        grads, metrics = grads_of(params, part, sub)
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        return acc, metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    total, metrics = jax.lax.scan(body, zeros, (jnp.arange(k), parts))
+    grads = jax.tree.map(lambda t, p: (t / k).astype(jnp.result_type(p)), total, params)
+    return grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
 def make_eval(loss_fn: LossFn) -> Callable[[Any, Batch], Metrics]:
