@@ -5,6 +5,7 @@ abstract inputs (nothing allocated), with a per-chip table of memory, fit and ro
         --batch 64 --seq-len 2048 --remat full --logits-chunk 512
     .venv/bin/python experiments/plan.py --model llama-3.1-8b --algo dpo --topology v5e:4x4 \\
         --lora-rank 16 --ref base --microbatches 4
+    .venv/bin/python experiments/plan.py --model qwen2.5-7b --algo dpo --loss-type simpo
     .venv/bin/python experiments/plan.py --model gemma-2-9b --algo grpo --group-size 8 \\
         --topology v6e:4x4 --batch 32 --seq-len 1024 --max-new-tokens 512
     .venv/bin/python experiments/plan.py --model tiny --algo sft --topology local --run
@@ -17,7 +18,8 @@ measured time is printed beside the estimate). --mesh splits the devices as the 
 (data=D,fsdp=F,tensor=T; -1 fills). --algo is sft, reward, dpo, ppo or a critic-free method
 (grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp); --batch counts sequences (SFT), pairs (reward,
 DPO) or prompts (RL, each sampled --group-size times by the critic-free methods); --seq-len is
-the tokens per sequence (RL: the prompt plus --max-new-tokens).
+the tokens per sequence (RL: the prompt plus --max-new-tokens); --loss-type picks the DPO family's
+loss (simpo and orpo hold no reference).
 
 Memory features: --remat {none,full,dots} on the decoder blocks, --microbatches K (gradient
 accumulation inside the step; RL: K minibatches), --logits-chunk C (log-probs over the
@@ -73,6 +75,7 @@ class Config:
     remat: Literal["none", "full", "dots"] = "full"  # rematerialisation of the decoder blocks
     microbatches: int = 1  # gradient accumulation inside the step (RL: minibatches)
     ref: Literal["model", "precomputed", "base"] = "model"  # the reference policy's form
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"  # DPO
     logits_chunk: int = 0  # positions per log-prob chunk (0: the whole [B, T, V] at once)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype (params stay float32)
     max_new_tokens: int = 256  # RL: tokens sampled per prompt

@@ -10,9 +10,10 @@ abstract inputs, with the project's own partition rules. Nothing is allocated.
 Per chip, each row gives what `Compiled.memory_analysis()` reports (arguments, temporaries,
 outputs, less the donated state aliased into the outputs), the chip's HBM and whether the sum
 fits, XLA's FLOPs and bytes (`cost_analysis()`), the model FLOPs (the convention of
-`experiments/bench_dpo_step.py`: 6N + 12LTHDh per trained token, 2N + 4LTHDh per forward-only
-token), and the roofline: `max(FLOPs / peak, bytes / bandwidth)` at the chip's published bf16 peak
-and HBM bandwidth (`CHIPS`), with the tokens/s and MFU it implies as upper bounds.
+`experiments/bench_dpo_step.py`: 6N + 12LTHDh per trained token, 4N + 8LTHDh under LoRA, 2N +
+4LTHDh per forward-only token), and the roofline: `max(FLOPs / peak, bytes / bandwidth)` at the
+chip's published bf16 peak and HBM bandwidth (`CHIPS`), with the tokens/s and MFU it implies as
+upper bounds.
 
 XLA counts a loop's body once (`lax.scan`, the decode `while_loop`), so the compute term takes the
 larger of XLA's FLOPs and the model FLOPs per chip, and a program that decodes adds one read of
@@ -80,6 +81,7 @@ class PlanSpec:
     remat: str = "full"
     microbatches: int = 1  # SFT / reward / DPO: gradient accumulation; RL: minibatches
     ref: str = "model"  # DPO / PPO / critic-free: "model", "precomputed" (DPO), "base" (LoRA)
+    loss_type: str = "sigmoid"  # the DPO family's loss (simpo and orpo hold no reference)
     logits_chunk: int = 0
     dtype: str = "bfloat16"
     max_new_tokens: int = 256  # PPO, critic-free
@@ -96,6 +98,8 @@ class PlanSpec:
             raise ValueError("ref 'base' is the LoRA base: set lora_rank > 0")
         if self.lora_rank and self.ref == "model" and self.algo in ("dpo", "ppo", *_CF):
             object.__setattr__(self, "ref", "base")  # LoRA's reference is its base
+        if self.loss_type not in train.dpo.LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {train.dpo.LOSS_TYPES}")
         if self.ref == "precomputed" and self.algo != "dpo":
             raise ValueError("ref 'precomputed' is DPO's (reference log-probs in the batch)")
         if self.quantize != "none" and not self.lora_rank:
@@ -202,6 +206,15 @@ def model_config(spec: PlanSpec) -> models.TransformerConfig:
     )
 
 
+def _train_flops_per_token(cfg: models.TransformerConfig, spec: PlanSpec) -> float:
+    """Model FLOPs of a trained token: forward + backward (6N + 12LTHDh); under LoRA the frozen
+    weights get no gradient, so forward + the activations' gradient (4N + 8LTHDh; the adapters'
+    own FLOPs, under 1 %, are left out)."""
+    if spec.lora_rank:
+        return 2.0 * cfg.flops_per_token(spec.seq_len, backward=False)
+    return cfg.flops_per_token(spec.seq_len)
+
+
 def programs(spec: PlanSpec) -> list[Program]:
     """The compiled programs of `spec`: its training step (for RL the whole iteration: sampling,
     scoring with a reward model, the update) and, for RL, the sampler alone."""
@@ -226,7 +239,7 @@ def programs(spec: PlanSpec) -> list[Program]:
             base = jax.eval_shape(lambda p: lora_lib.quantize_base(p, spec.quantize), tree)
         return adapters, base
 
-    fpt_train = cfg.flops_per_token(spec.seq_len)
+    fpt_train = _train_flops_per_token(cfg, spec)
     fpt_fwd = cfg.flops_per_token(spec.seq_len, backward=False)
     b, t, k = spec.batch, spec.seq_len, spec.microbatches
     if spec.algo == "sft":
@@ -263,14 +276,15 @@ def programs(spec: PlanSpec) -> list[Program]:
     if spec.algo == "dpo":
         trained, base = trained_and_base(params)
         model = models.Transformer(cfg) if lcfg is None else lora_lib.LoraTransformer(cfg, lcfg)
-        loss = train.make_dpo_loss(model)
+        loss = train.make_dpo_loss(model, loss_type=spec.loss_type)
         hp = {"beta": 0.1}
+        free = spec.loss_type in ("simpo", "orpo")  # reference-free: no reference at all
         if base is not None:
             loss, frozen = lora_lib.lora_loss(loss), {"base": base}
-            if spec.ref == "precomputed":
+            if spec.ref == "precomputed" or free:
                 frozen = {"base": base, "ref": None}
         else:
-            frozen = params if spec.ref == "model" else None
+            frozen = params if spec.ref == "model" and not free else None
         state = jax.eval_shape(
             lambda tr, fr: train.create_train_state(tr, tx, 0, frozen=fr, hparams=hp),
             trained,
@@ -278,9 +292,9 @@ def programs(spec: PlanSpec) -> list[Program]:
         )
         batch = dict(pairs)
         flops = 2 * b * t * fpt_train
-        if spec.ref == "precomputed":
+        if spec.ref == "precomputed" and not free:
             batch.update({n: _spec_batch((b,), jnp.float32) for n in train.dpo.REFERENCE_KEYS})
-        else:
+        elif not free:
             flops += 2 * b * t * fpt_fwd
         step = train.make_step(loss, tx, microbatches=k)
         return [Program("step", step, state, batch, flops, 2 * b * t)]
@@ -290,11 +304,11 @@ def programs(spec: PlanSpec) -> list[Program]:
 def _rl_programs(spec, cfg, tx, lcfg, params, trained_and_base) -> list[Program]:
     n = spec.max_new_tokens
     p = spec.seq_len - n
+    fpt_train = _train_flops_per_token(cfg, spec)
     prompts = {
         "prompt_tokens": _spec_batch((spec.batch, p)),
         "prompt_mask": _spec_batch((spec.batch, p)),
     }
-    fpt_train = cfg.flops_per_token(spec.seq_len)
     fpt_fwd = cfg.flops_per_token(spec.seq_len, backward=False)
     decode_fpt = cfg.flops_per_token(spec.seq_len, backward=False)  # an upper bound per new token
     rm_params = _abstract(lambda: models.init_reward_params(cfg, jax.random.key(0)))

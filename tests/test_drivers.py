@@ -224,8 +224,8 @@ def test_dpo_tiny_with_lora_adapters(drivers, sft, tmp_path):
 
 def test_sft_with_qlora(drivers, sft, tmp_path):
     """--lora-rank with --quantize: SFT continues the tiny SFT model with adapters on an int8
-    base and hands over a merged hf/ and PEFT adapters (GRPO with an NF4 base: in
-    test_critic_free_train.py); --quantize without adapters is refused before any side effect."""
+    base and hands over a merged hf/ and PEFT adapters (PPO with an int8 base: below; NF4 steps
+    in test_qlora.py); --quantize without adapters is refused before any side effect."""
     from rlhf_jax.models import peft as peft_io
 
     wd = tmp_path / "sft_qlora"
