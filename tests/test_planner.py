@@ -214,11 +214,11 @@ def test_the_compilers_out_of_memory_is_a_row_that_does_not_fit_and_chunking_fit
     through libtpu): the TPU compiler refuses it and the row says so; with chunked log-probs
     the same step fits, and its roofline is v5e's."""
     wide_vocab = TINY[:-1] + (("vocab_size", 65536), ("n_layers", 1))
-    kw = dict(algo="dpo", topology="v5e:2x2", mesh="data=1,fsdp=4", batch=64, seq_len=1024,
+    kw = dict(algo="dpo", topology="v5e:2x2", mesh="data=1,fsdp=4", batch=64, seq_len=512,
               model_overrides=wide_vocab)  # fmt: skip
     (oom,) = planner.plan(_spec(**kw))
     assert oom["fits"] is False and "exceeds available HBM" in oom["error"]
-    logits_per_chip = 2 * 64 * 1024 * 65536 * 4 / 4
+    logits_per_chip = 2 * 64 * 512 * 65536 * 4 / 4
     assert oom["temp_gb"] * 1e9 > logits_per_chip
     (chunked,) = planner.plan(_spec(logits_chunk=256, **kw))
     assert chunked["fits"] is True and chunked["total_gb"] < oom["total_gb"] - logits_per_chip / 1e9
@@ -229,7 +229,7 @@ def test_the_compilers_out_of_memory_is_a_row_that_does_not_fit_and_chunking_fit
     compute = max(chunked["xla_tflop"], chunked["model_tflop"]) * 1e12 / chip.peak_flops
     memory = chunked["xla_gb_accessed"] * 1e9 / chip.hbm_bandwidth
     assert chunked["roofline_ms"] == pytest.approx(1e3 * max(compute, memory), rel=1e-6)
-    assert chunked["tokens_per_s"] == pytest.approx(2 * 64 * 1024 / (chunked["roofline_ms"] / 1e3))
+    assert chunked["tokens_per_s"] == pytest.approx(2 * 64 * 512 / (chunked["roofline_ms"] / 1e3))
 
 
 def test_plan_cli_prints_the_table_and_names_bad_flags(capsys):
