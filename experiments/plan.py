@@ -154,28 +154,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"microbatches {config.microbatches}, logits chunk {config.logits_chunk or 'off'}, "
         f"LoRA {config.lora_rank or 'off'} ({config.quantize}), ref {spec.ref}"
     )
+    run_steps = config.run_steps if config.run else 0
     rows = []
-    for program in planner.programs(spec):
-        compiled, oom = planner.compile_or_oom(program, mesh)
-        if oom:
-            row = planner.oom_row(program, mesh, chip, oom)
-            print(f"{program.name}: the compiler ran out of memory: {oom}")
-        else:
-            row = planner.analyse(program, compiled, mesh, chip)
-        if config.run and not oom:
-            sec = planner.time_program(program, compiled, mesh, cfg.vocab_size,
-                                       steps=config.run_steps)  # fmt: skip
-            peak = None if chip is None else chip.peak_flops
-            row.update(
-                measured_ms=1e3 * sec,
-                measured_tokens_per_s=program.tokens / sec,
-                measured_mfu=None
-                if peak is None
-                else program.model_flops / len(devices) / sec / peak,
-            )
-        rows.append(
-            {**dataclasses.asdict(config), "chip": chip_name, "mesh_shape": dict(mesh.shape), **row}
-        )
+    for row in planner.plan(spec, run_steps=run_steps):
+        if row.get("error"):
+            print(f"{row['program']}: the compiler ran out of memory: {row['error']}")
+        rows.append({**row, **dataclasses.asdict(config), "mesh_shape": row["mesh"]})
     print_table(rows)
     if chip is not None:
         print(

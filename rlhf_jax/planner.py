@@ -112,10 +112,6 @@ class PlanSpec:
                 f"max_new_tokens {self.max_new_tokens} leaves no prompt in seq_len {self.seq_len}"
             )
 
-    @property
-    def rl(self) -> bool:
-        return self.algo == "ppo" or self.algo in _CF
-
 
 _CF = tuple(train.critic_free.ALGORITHMS)
 
@@ -478,17 +474,30 @@ def analyse(program: Program, compiled: Any, mesh: Any, chip: Chip | None) -> di
     return row
 
 
-def plan(spec: PlanSpec, *, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Compiles the programs of `spec` for its topology and mesh; one row each (`analyse`), plus
-    the spec's fields."""
+def plan(
+    spec: PlanSpec, *, names: Sequence[str] | None = None, run_steps: int = 0
+) -> list[dict[str, Any]]:
+    """Compiles the programs of `spec` for its topology and mesh; one row each (`analyse`, or
+    `oom_row` when the compiler refuses it), plus the spec's model, algo, topology, chip and
+    mesh. With `run_steps` > 0 (the local devices) each compiled program also runs that many
+    times on random inputs: measured_ms, measured_tokens_per_s, measured_mfu."""
     devices, chip, chip_name = topology_devices(spec.topology)
     mesh = sh.make_mesh(**sh.parse_mesh_spec(spec.mesh), devices=devices)
+    vocab_size = model_config(spec).vocab_size
     rows = []
     for program in programs(spec):
         if names is not None and program.name not in names:
             continue
         compiled, oom = compile_or_oom(program, mesh)
         row = oom_row(program, mesh, chip, oom) if oom else analyse(program, compiled, mesh, chip)
+        if run_steps and not oom:
+            sec = time_program(program, compiled, mesh, vocab_size, steps=run_steps)
+            flops = program.model_flops / len(devices)
+            row.update(
+                measured_ms=1e3 * sec,
+                measured_tokens_per_s=program.tokens / sec,
+                measured_mfu=None if chip is None else flops / sec / chip.peak_flops,
+            )
         rows.append({"model": spec.model, "algo": spec.algo, "topology": spec.topology,
                      "chip": chip_name, "mesh": dict(mesh.shape), **row})  # fmt: skip
     return rows
