@@ -263,8 +263,8 @@ MUTANTS = (
     Mutant(
         "host-reward-drops-prompt",
         "rlhf_jax/stages/ppo.py",
-        "rows = train.response_token_lists(ro, include_query=include_prompt, drop_id=drop)",
-        "rows = train.response_token_lists(ro, include_query=False, drop_id=drop)",
+        "rows = train.response_token_lists(mine, include_query=include_prompt, drop_id=drop)",
+        "rows = train.response_token_lists(mine, include_query=False, drop_id=drop)",
         ("tests/test_train_ppo.py",),
         "a host reward sees the completions without their prompts",
     ),
@@ -490,6 +490,23 @@ MUTANTS = (
         "",
         ("tests/test_planner.py::test_chunked_logps_equal_numpy_and_hold_no_full_logits",),
         "chunked log-probs ignore the sampling temperature",
+    ),
+    Mutant(
+        "activations-unpinned",
+        "rlhf_jax/sharding.py",
+        '    if mesh.empty or getattr(x, "ndim", 0) < len(dims):\n',
+        "    if True:\n",
+        ("tests/test_planner.py::test_the_fused_rl_iteration_keeps_each_devices_rows",),
+        "the activations are not pinned to the batch split: an RL iteration computes every row "
+        "on every device",
+    ),
+    Mutant(
+        "to-host-skips-the-gather",
+        "rlhf_jax/sharding.py",
+        "            return np.asarray(multihost_utils.process_allgather(x, tiled=True))",
+        "            return jax.device_get(x)",
+        ("tests/test_multihost_drivers.py",),
+        "a hand-over does not gather parameters split across hosts before the primary writes",
     ),
 )
 

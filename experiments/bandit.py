@@ -24,7 +24,7 @@ over seeds) and policies.png (π_ref, π* and each learned policy for one contex
 import csv
 import dataclasses
 import functools
-import os
+import io
 import time
 from collections.abc import Sequence
 from typing import Literal
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import bandit as bd
-from rlhf_jax import cli
+from rlhf_jax import cli, paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,9 @@ def _plot(config: Config, path: str, policies: dict[str, np.ndarray], optimum: n
     axes[0, -1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"learned policies vs π* ({config.data} data, label noise {config.label_noise:g})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()  # a local file or a cloud object (gs://): `rlhf_jax.paths`
+    fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")
+    paths.write_bytes_atomic(path, buf.getvalue())
     plt.close(fig)
 
 
@@ -196,14 +198,14 @@ def main(config: Config) -> list[dict]:
     rows.sort(key=lambda r: (r["beta"], r["method"] != "π_ref"))
     elapsed = time.perf_counter() - start
 
-    os.makedirs(config.workdir, exist_ok=True)
-    csv_path = os.path.join(config.workdir, "results.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    png_path = os.path.join(config.workdir, "policies.png")
-    _plot(config, png_path, policies, optimum)
+    csv_path = paths.as_path(config.workdir) / "results.csv"
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    paths.write_text_atomic(csv_path, f.getvalue())
+    png_path = paths.as_path(config.workdir) / "policies.png"
+    _plot(config, str(png_path), policies, optimum)
 
     data = "expected pairs" if config.data == "expected" else f"{config.n_pairs} sampled pairs"
     print(

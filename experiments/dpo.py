@@ -29,13 +29,13 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, lora, losses, models, pairs, sharding, stages
+from rlhf_jax import cli, data, handover, lora, losses, models, pairs, stages
 from rlhf_jax.data import synthetic
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.DistributedFlags, cli.MemoryFlags):
     """DPO-family training on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/dpo"
@@ -58,6 +58,7 @@ class Config:
     precompute_reference: bool = False  # reference log-probs once, no reference model in training
     steps: int = 1000
     batch_size: int = 32  # global, over all devices and hosts
+    microbatches: int = 1  # gradient accumulation inside the step (divides batch_size)
     learning_rate: float = 1e-5
     warmup_steps: int = 50
     log_every: int = 20
@@ -106,14 +107,15 @@ def main(
             "DPO starts from (and regularises towards) the SFT model: pass --init-from"
         )
     handover.resolve_init_folder(config.init_from)
-    sharding.init_distributed()
+    cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.batch_size, mesh)
+    cli.check_batch(config.batch_size, mesh, microbatches=config.microbatches)
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
     tok = data.task_tokenizer(task)
     cfg = handover.init_config(config.init_from)
     length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
     handover.check_model(cfg, tok, max_length=length)
+    cfg = cli.memory_config(config, cfg)
     lora_cfg = cli.lora_config(config, cfg)
     records = None
     if config.pairs:  # read (and checked) before anything is written
@@ -121,6 +123,7 @@ def main(
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     cfg, params = handover.load_init_params(config.init_from)
+    cfg = cli.memory_config(config, cfg)
     if records is None:
         records = pairs.task_preference_pairs(
             task,

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlhf_jax import cli, sharding
+from rlhf_jax import cli
 from rlhf_jax.frontier.config import PRESETS, FrontierConfig
 from rlhf_jax.frontier.pipeline import run_frontier
 
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     if len(set(config.seeds)) != len(config.seeds):
         raise cli.ConfigError(f"--seeds {' '.join(map(str, config.seeds))}: repeated seed")
-    sharding.init_distributed()
+    cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
     for name in (*BATCH_FIELDS, "ft_batch_size"):
         cli.check_batch(getattr(config, name), mesh, name=name)

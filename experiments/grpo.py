@@ -43,13 +43,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Literal
 
 import jax
 import numpy as np
 
-from rlhf_jax import cli, handover, lora, models, runner, sharding, stages, train
+from rlhf_jax import cli, handover, lora, models, paths, runner, sharding, stages, train
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
 from rlhf_jax.data import arithmetic as ar
@@ -60,7 +59,7 @@ GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.DistributedFlags, cli.MemoryFlags):
     """Critic-free RL on the addition task or the sentiment task."""
 
     workdir: str = "runs/grpo"
@@ -134,23 +133,24 @@ def _model_config(config: Config, task: ar.ArithmeticTask) -> models.Transformer
     )
 
 
-def _demonstrations(task: ar.ArithmeticTask, config: Config) -> Iterator[dict]:
-    """SFT batches, deterministic in the step (a resumed run continues the same stream)."""
+def _demonstrations(task: ar.ArithmeticTask, config: Config, mine: np.ndarray) -> Iterator[dict]:
+    """SFT batches, deterministic in the step (a resumed run continues the same stream): rows
+    `mine` (this host's, `sharding.process_batch_rows`) of each global batch."""
     n = 64 * config.sft_batch_size
     demos = task.demonstrations(task.problems(n, config.seed), config.seed + 1)
     step = 0
     while True:
-        rows = np.arange(step * config.sft_batch_size, (step + 1) * config.sft_batch_size) % n
+        rows = (step * config.sft_batch_size + mine) % n
         yield {k: v[rows] for k, v in demos.items()}
         step += 1
 
 
-def _prompts(task: ar.ArithmeticTask, config: Config) -> Iterator[dict]:
+def _prompts(task: ar.ArithmeticTask, config: Config, mine: np.ndarray) -> Iterator[dict]:
+    """The training prompts, rows `mine` (this host's) of each global batch."""
     problems = task.problems(64 * config.prompts_per_step, config.seed + 2)
     step = 0
     while True:
-        rows = np.arange(step, step + 1) * config.prompts_per_step
-        rows = (rows[0] + np.arange(config.prompts_per_step)) % len(problems)
+        rows = (step * config.prompts_per_step + mine) % len(problems)
         tokens, mask = task.prompts(problems[rows])
         yield {"prompt_tokens": tokens, "prompt_mask": mask}
         step += 1
@@ -240,12 +240,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         handover.resolve_init_folder(config.init_from)
     task = ar.ArithmeticTask(digits=config.digits, noise=config.noise)
     _check(config, task.answer_length)
-    sharding.init_distributed()
+    cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
     cli.check_batch(config.prompts_per_step, mesh, name="prompts_per_step")
     cli.check_batch(config.sft_batch_size, mesh, name="sft_batch_size")
     cfg = handover.init_config(config.init_from) if config.init_from else None
     cfg = cfg or _model_config(config, task)
+    cfg = cli.memory_config(config, cfg)
     if cfg.vocab_size < ar.VOCAB_SIZE or cfg.max_len < task.prompt_length + task.answer_length:
         raise cli.ConfigError(
             f"--init-from {config.init_from}: its model (vocabulary {cfg.vocab_size}, context "
@@ -254,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rl = _rl_config(config, task.answer_length, ar.EOS, ar.PAD)
     lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
-    workdir = Path(config.workdir)
+    workdir = paths.as_path(config.workdir)  # local or cloud (gs://)
     model = models.Transformer(cfg)
     if lora_cfg is not None:
         model = lora.LoraTransformer(cfg, lora_cfg)  # also reads plain params
@@ -262,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     if config.init_from:
         cfg, params = handover.load_init_params(config.init_from)
+        cfg = cli.memory_config(config, cfg)
     else:
         sft = stages.Schedule(
             steps=config.sft_steps, batch_size=config.sft_batch_size,
@@ -272,17 +274,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         state, _ = runner.fit(
             train.make_sft_step(model, opt),
             train.create_train_state(models.init_params(cfg, jax.random.key(config.seed)), opt, 0),
-            _demonstrations(task, config),
+            _demonstrations(task, config, sharding.process_batch_rows(config.sft_batch_size, mesh)),
             workdir=workdir / "sft",
             mesh=mesh,
             desc="sft",
             **sft.fit_kwargs(),
         )
-        params = jax.device_get(state.params)
+        params = sharding.to_host(state.params)  # gathered when FSDP splits it over hosts
         handover.save_lm(workdir / "sft", cfg, params)
     before = pass_at_1(params)
+    prompts = _prompts(task, config, sharding.process_batch_rows(config.prompts_per_step, mesh))
     params, rows = stages.train_critic_free(
-        cfg, params, _prompts(task, config), workdir=workdir, mesh=mesh,
+        cfg, params, prompts, workdir=workdir, mesh=mesh,
         schedule=_schedule(config), rl=rl, reward_fn=ar.exact_match_reward,
         kl_coef=config.kl_coef, seed=config.seed, lora=lora_cfg, quantize=config.quantize,
         eval_fn=lambda state, step: {"pass_at_1": pass_at_1(_policy_params(state))},
@@ -290,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     after = pass_at_1(params)
     if sharding.is_primary():
         summary = {"algo": config.algo, "sft": before, "final": after, "steps": config.steps}
-        (workdir / "pass_at_1.json").write_text(json.dumps(summary, indent=2))
+        paths.write_text_atomic(workdir / "pass_at_1.json", json.dumps(summary, indent=2))
     print(f"{config.algo}: held-out pass@1 {before:.3f} -> {after:.3f}; wrote {workdir}")
     return rows
 
@@ -306,18 +309,20 @@ def _sentiment(config: Config) -> list[dict]:
     if config.reward != GROUND_TRUTH:
         handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
     _check(config, config.max_new_tokens)
-    sharding.init_distributed()
+    cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
     cli.check_batch(config.prompts_per_step, mesh, name="prompts_per_step")
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
     tok = rdata.task_tokenizer(task)
     cfg = handover.init_config(config.init_from)
     handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
+    cfg = cli.memory_config(config, cfg)
     rl = _rl_config(config, config.max_new_tokens, tok.eos_id, tok.pad_id)
     lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     cfg, params = handover.load_init_params(config.init_from)
+    cfg = cli.memory_config(config, cfg)
     if config.reward == GROUND_TRUTH:
         reward = {"host_reward": task.reward_fn, "reward_on": "text"}
     else:

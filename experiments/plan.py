@@ -56,7 +56,7 @@ import json  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Literal  # noqa: E402
 
-from rlhf_jax import cli, planner  # noqa: E402
+from rlhf_jax import cli, paths, planner  # noqa: E402
 from rlhf_jax import sharding as sh  # noqa: E402
 
 
@@ -167,8 +167,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"GB/s per chip ({chip.source}); roofline = max(FLOPs / peak, bytes / bandwidth)"
         )
     if config.out:
-        with open(config.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        paths.write_text_atomic(config.out, json.dumps(rows, indent=1))
     return rows
 
 

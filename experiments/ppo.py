@@ -29,14 +29,14 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, lora, sharding, stages, train
+from rlhf_jax import cli, data, handover, lora, stages, train
 from rlhf_jax.data import synthetic
 
 GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.DistributedFlags, cli.MemoryFlags):
     """PPO with a reward model or the ground-truth reward."""
 
     workdir: str = "runs/ppo"
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     handover.resolve_init_folder(config.init_from)
     if config.reward != GROUND_TRUTH:
         handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
-    sharding.init_distributed()
+    cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
     cli.check_batch(config.batch_size, mesh)
     if config.batch_size % config.num_minibatches:
@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     tok = data.task_tokenizer(task)
     cfg = handover.init_config(config.init_from)
     handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
+    cfg = cli.memory_config(config, cfg)
     lora_cfg = cli.lora_config(config, cfg)
     ppo = train.PPOConfig(  # checks its own ranges too
         kl_coef=config.kl_coef,
@@ -123,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     cfg, params = handover.load_init_params(config.init_from)
+    cfg = cli.memory_config(config, cfg)
     reward = {"host_reward": task.reward_fn, "reward_on": "text"}  # PPO-GT: VADER on the host
     if config.reward != GROUND_TRUTH:
         reward = {"reward_model": handover.load_reward_model(config.reward)}

@@ -28,13 +28,13 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, lora, models, pairs, sharding, stages
+from rlhf_jax import cli, data, handover, lora, models, pairs, stages
 from rlhf_jax.data import synthetic
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.DistributedFlags, cli.MemoryFlags):
     """Bradley-Terry reward model on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/reward_model"
@@ -53,6 +53,7 @@ class Config:
     max_length: int = 64  # tokens per prompt + completion row
     steps: int = 1000
     batch_size: int = 32  # global, over all devices and hosts
+    microbatches: int = 1  # gradient accumulation inside the step (divides batch_size)
     learning_rate: float = 1e-4
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -94,14 +95,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if not config.init_from:
         raise cli.ConfigError("the reward model starts from the SFT model: pass --init-from")
     handover.resolve_init_folder(config.init_from)
-    sharding.init_distributed()
+    cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.batch_size, mesh)
+    cli.check_batch(config.batch_size, mesh, microbatches=config.microbatches)
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
     tok = data.task_tokenizer(task)
     cfg = handover.init_config(config.init_from)
     length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
     handover.check_model(cfg, tok, max_length=length)
+    cfg = cli.memory_config(config, cfg)
     lora_cfg = cli.lora_config(config, cfg)
     records = test_records = None
     if config.pairs:  # read (and checked) before anything is written; the last tenth held out
@@ -117,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     cfg, lm_params = handover.load_init_params(config.init_from)
+    cfg = cli.memory_config(config, cfg)
     if records is None:
         sample = dict(
             seed=config.seed,

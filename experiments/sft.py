@@ -27,12 +27,12 @@ from typing import Literal
 
 import jax
 
-from rlhf_jax import cli, data, handover, lora, models, sharding, stages
+from rlhf_jax import cli, data, handover, lora, models, stages
 from rlhf_jax.data import synthetic
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(cli.DistributedFlags, cli.MemoryFlags):
     """Supervised fine-tuning on the synthetic reviews."""
 
     workdir: str = "runs/sft"
@@ -42,6 +42,7 @@ class Config:
     n_layers: int | None = None  # overrides the preset's depth
     steps: int = 3000
     batch_size: int = 32  # global, over all devices and hosts
+    microbatches: int = 1  # gradient accumulation inside the step (divides batch_size)
     max_length: int = 64  # tokens per row (the reviews have at most ~61 with EOS)
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -82,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cli.validate(config, {"model": (lambda m: m in models.PRESETS, "a models.PRESETS name")})
     if config.init_from:
         handover.resolve_init_folder(config.init_from)
-    sharding.init_distributed()
+    cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.batch_size, mesh)
+    cli.check_batch(config.batch_size, mesh, microbatches=config.microbatches)
     task = synthetic.load_task(synthetic.prepare(config.data_dir))
     tok = data.task_tokenizer(task)
     if config.init_from:
@@ -93,11 +94,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         depth = {} if config.n_layers is None else {"n_layers": config.n_layers}
         cfg = handover.model_config(config.model, tok, **depth)
     handover.check_model(cfg, tok, max_length=config.max_length)
+    cfg = cli.memory_config(config, cfg)
     lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     if config.init_from:
         cfg, params = handover.load_init_params(config.init_from)
+        cfg = cli.memory_config(config, cfg)
     else:
         params = models.init_params(cfg, jax.random.PRNGKey(config.seed))
     schedule = stages.Schedule.from_config(config)

@@ -5,7 +5,9 @@ One checkpoint = one orbax step directory `WORKDIR/checkpoints/<step>/` with thr
 data-iterator state, e.g. grain's `get_state()`, gathered and written once) and `extra` (a small
 JSON dict from the primary host: config, KL coefficient, ...). Orbax writes into a temporary
 directory and renames it when complete, so a run killed at any moment (SIGKILL included) leaves
-either a whole checkpoint or none that `restore_latest` would pick up.
+either a whole checkpoint or none that `restore_latest` would pick up. The workdir may be a cloud
+URL (gs://...): Orbax writes there through TensorStore, and the commit is its own (on GCS a
+marker file written last instead of a rename).
 
 Frozen parameters are not written: a `TrainState`'s `frozen` (a DPO reference, a LoRA base) and a
 `PPOState`'s `ref_params` / `reward_params`, wherever they sit in the state (also inside a sweep).
@@ -41,6 +43,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rlhf_jax import paths
 
 _ITEMS = ("state", "data", "extra")
 FROZEN_FIELDS = ("frozen", "ref_params", "reward_params")
@@ -117,10 +121,10 @@ def rewind_metrics(path: str | os.PathLike, step: int) -> int:
     Returns:
       The number of lines kept.
     """
-    if not os.path.exists(path):
+    path = paths.as_path(path)
+    if not path.exists():
         return 0
-    with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
@@ -130,10 +134,7 @@ def rewind_metrics(path: str | os.PathLike, step: int) -> int:
         if int(record.get("step", -1)) > step:
             break
         kept.append(line if line.endswith(b"\n") else line + b"\n")
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    paths.write_bytes_atomic(path, b"".join(kept))  # the old or the new file, local or cloud
     return len(kept)
 
 
@@ -194,7 +195,7 @@ class Checkpointer:
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1")
         self.save_every = save_every
-        self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+        self.directory = paths.as_str(paths.as_path(workdir) / "checkpoints")  # or a gs:// URL
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=1,  # the interval is decided in maybe_save

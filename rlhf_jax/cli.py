@@ -21,7 +21,7 @@ import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 
@@ -37,11 +37,42 @@ RESUMABLE_FIELDS = (
     "keep",
     "workdir",
     "data_dir",
+    # where the processes meet changes between launches (a preempted pod comes back elsewhere)
+    "coordinator_address",
+    "process_id",
+    "distributed",
+    "heartbeat_timeout_s",
+    "initialization_timeout_s",
 )
 
 
 class ConfigError(ValueError):
     """A bad configuration, with a message that says what to change."""
+
+
+# How long a silent peer may stay silent before every other process aborts. jax's default is 100 s;
+# a shorter one turns a dead host (preempted VM, OOM-killed process) into a clear error on every
+# other host quickly, and a longer one tolerates long pauses (a checkpoint to a slow bucket).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedFlags:
+    """The multi-host flags every training driver takes (its Config derives from this).
+
+    With none given, `--distributed auto` reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID and otherwise runs as one process. `--distributed detect` lets jax find the
+    cluster (TPU VM pods, SLURM, Open MPI: `jax.distributed.initialize()` with no arguments);
+    `--distributed off` is one process whatever the environment says. See the README's "Running
+    on several hosts".
+    """
+
+    distributed: Literal["auto", "detect", "off"] = "auto"  # how the processes find each other
+    coordinator_address: str = ""  # host:port of process 0 (every process passes the same)
+    num_processes: int = 0  # processes in the run (0: from the environment or detection)
+    process_id: int = -1  # this process's index in [0, num_processes) (-1: environment)
+    heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S  # a silent peer aborts the run after
+    initialization_timeout_s: int = 300  # how long process 0 waits for all to connect
 
 
 def parse_config(
@@ -140,6 +171,8 @@ RANGES: dict[str, Rule] = {
     "lora_rank": (_at_least(0), ">= 0 (0: full fine-tuning)"),
     "lora_alpha": (_positive, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "logits_chunk": (_at_least(-1), ">= 0 (-1: the model's setting)"),
+    "microbatches": (_at_least(1), ">= 1"),
 }
 SUFFIX_RANGES: dict[str, Rule] = {
     "steps": (_at_least(1), ">= 1"),
@@ -213,9 +246,15 @@ def validate(
     steps, warmup = getattr(config, "steps", None), getattr(config, "warmup_steps", None)
     if steps is not None and warmup is not None and warmup >= steps:
         raise ConfigError(f"--warmup-steps {warmup}: must be < --steps ({steps})")
+    from rlhf_jax import paths  # local or cloud (gs://) paths alike
+
     for name in files:
         path = getattr(config, name)
-        if path and not Path(path).exists():
+        try:
+            found = not path or paths.as_path(path).exists()
+        except (ValueError, ImportError) as e:  # an unknown URL scheme, no gcsfs for gs://
+            raise ConfigError(f"{flag(name)} {path}: {e}") from None
+        if not found:
             raise ConfigError(f"{flag(name)} {path}: no such file or folder")
 
 
@@ -250,8 +289,10 @@ def write_run_config(
     Raises:
       ConfigError: the workdir holds a run whose config differs in other fields (named).
     """
+    from rlhf_jax import paths  # local or cloud (gs://) workdirs alike
+
     new = _json_ready(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config)
-    path = Path(workdir) / RUN_CONFIG
+    path = paths.as_path(workdir) / RUN_CONFIG
     if path.exists():
         old = json.loads(path.read_text())
         diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -263,12 +304,78 @@ def write_run_config(
                 f"--workdir, or the stored settings (only {', '.join(resumable)} may change when "
                 "a run is resumed)"
             )
-    if sh.is_primary():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+    if sh.is_primary():  # atomic: a temporary file renamed into place, or one object upload
+        paths.write_text_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
     return new
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryFlags:
+    """The model-memory flags every training driver takes (what `experiments/plan.py` tries out
+    before a run): remat of the decoder blocks and log-probs over the vocabulary in chunks. They
+    change how the step computes, not what: the metrics agree to float32 round-off."""
+
+    remat: Literal["keep", "none", "full", "dots"] = "keep"  # block remat ("keep": the model's)
+    logits_chunk: int = -1  # positions per log-prob chunk (0: whole [B, T, V]; -1: the model's)
+
+
+def memory_config(config: Any, model_config: Any) -> Any:
+    """`model_config` with a driver's `MemoryFlags` applied (fields absent or "keep"/-1: as is)."""
+    changes = {}
+    if getattr(config, "remat", "keep") != "keep":
+        changes["remat"] = config.remat
+    if getattr(config, "logits_chunk", -1) >= 0:
+        changes["logits_chunk"] = config.logits_chunk
+    return dataclasses.replace(model_config, **changes) if changes else model_config
+
+
+def init_distributed(config: Any) -> bool:
+    """Joins the run's processes from a driver's `DistributedFlags` (fields absent: environment
+    only); call it after `validate` and before anything touches a device or writes.
+
+    Returns:
+      True when `jax.distributed` is initialized (several processes or detection).
+    Raises:
+      ConfigError: a bad flag or combination, naming it (checked before any connection).
+    """
+    mode = getattr(config, "distributed", "auto")
+    address = getattr(config, "coordinator_address", "") or None
+    count = getattr(config, "num_processes", 0) or None
+    index = getattr(config, "process_id", -1)
+    index = None if index is None or index < 0 else index
+    given = [
+        flag(n) for n, v in
+        (("coordinator_address", address), ("num_processes", count), ("process_id", index))
+        if v is not None
+    ]  # fmt: skip
+    if mode == "off":
+        if given:
+            raise ConfigError(f"{', '.join(given)} given with --distributed off: drop one of them")
+        return False
+    if address is not None:
+        host, sep, port = address.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                f"--coordinator-address {address!r}: must be HOST:PORT (e.g. 10.0.0.2:8476)"
+            )
+    if count is not None and count < 1:
+        raise ConfigError(f"--num-processes {count}: must be >= 1")
+    if count is not None and index is not None and index >= count:
+        raise ConfigError(f"--process-id {index}: must be < --num-processes ({count})")
+    for name in ("heartbeat_timeout_s", "initialization_timeout_s"):
+        if getattr(config, name, 1) < 1:
+            raise ConfigError(f"{flag(name)} {getattr(config, name)}: must be >= 1")
+    try:
+        return sh.init_distributed(
+            address,
+            count,
+            index,
+            heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", DEFAULT_HEARTBEAT_TIMEOUT_S),
+            initialization_timeout_s=getattr(config, "initialization_timeout_s", 300),
+            cluster_detection=mode == "detect",
+        )
+    except ValueError as e:
+        raise ConfigError(f"{e} (--coordinator-address / --num-processes / --process-id)") from None
 
 
 def resolve_mesh(spec: str) -> jax.sharding.Mesh:
@@ -286,8 +393,11 @@ def resolve_mesh(spec: str) -> jax.sharding.Mesh:
         raise ConfigError(f"impossible mesh for {n} devices: {e} (--mesh)") from None
 
 
-def check_batch(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_size") -> int:
-    """Checks that the global `batch_size` splits over the mesh's batch axes and the hosts.
+def check_batch(
+    batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_size", microbatches: int = 1
+) -> int:
+    """Checks that the global `batch_size` splits over the mesh's batch axes and the hosts (and,
+    with `microbatches` K > 1, that each of the K microbatches still splits over the mesh).
 
     Returns:
       The number of rows each host loads (`batch_size // jax.process_count()`).
@@ -303,6 +413,17 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_
             f"--{name.replace('_', '-')} {batch_size} is not divisible by the "
             f"{jax.process_count()} processes"
         )
+    if microbatches > 1:
+        try:
+            if batch_size % microbatches:
+                raise ValueError(f"batch size {batch_size} is not divisible by {microbatches}")
+            sh.check_batch_divisible(batch_size // microbatches, mesh)
+        except ValueError as e:
+            raise ConfigError(
+                f"--microbatches {microbatches}: each microbatch must split over the mesh "
+                f"({e}); choose a divisor of --{name.replace('_', '-')} {batch_size} that leaves "
+                "whole rows per device"
+            ) from None
     return batch_size // jax.process_count()
 
 

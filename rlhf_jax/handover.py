@@ -4,9 +4,11 @@ A language-model stage writes `WORKDIR/hf/`, a Hugging Face folder of its family
 (`models.save_pretrained`, plus the tokenizer), and `WORKDIR/model_config.json` (our
 `TransformerConfig`, which also keeps `dtype`/`remat`); the reward-model stage writes
 `WORKDIR/reward_model/` (the trunk as an HF folder, the head as `head.safetensors`). These are
-written when a stage finishes, into a temporary sibling renamed into place (never half a folder);
-checkpoints (`WORKDIR/checkpoints`) are only for resuming. `load_init_params` reads either back, or
-any supported HF folder (GPT-2, Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-NeoX).
+written when a stage finishes, whole (`paths.publish_dir`: locally a temporary sibling renamed
+into place; on a cloud workdir such as gs:// the files readers test for, config.json and
+head.safetensors, are uploaded last); checkpoints (`WORKDIR/checkpoints`) are only for resuming.
+Paths may be local or cloud URLs; only the primary host writes. `load_init_params` reads either
+back, or any supported HF folder (GPT-2, Llama, Mistral, Qwen 2/3, Gemma 2/3, GPT-NeoX).
 """
 
 from __future__ import annotations
@@ -14,17 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
+from etils import epath
 
 from rlhf_jax import data as rdata
-from rlhf_jax import models
+from rlhf_jax import models, paths
 from rlhf_jax import sharding as sh
 from rlhf_jax.cli import RUN_CONFIG, ConfigError
 
@@ -32,29 +31,23 @@ MODEL_CONFIG = "model_config.json"
 HF_DIR = "hf"
 REWARD_DIR = "reward_model"
 HEAD_FILE = "head.safetensors"
+# What readers test a hand-over folder for (`_is_hf_folder`), written last on a cloud workdir.
+_COMPLETE = ("config.json", HEAD_FILE)
 
 
-def _write_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Writes a folder into a temporary sibling and renames it into place (primary only)."""
-    if not sh.is_primary():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_model_config(workdir: Path, config: models.TransformerConfig) -> None:
+def _write_dir(path: epath.Path, write: Callable[[epath.Path], None]) -> None:
+    """Publishes a folder whole (`paths.publish_dir`; primary only)."""
     if sh.is_primary():
-        (workdir / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        paths.publish_dir(path, write, last=_COMPLETE)
 
 
-def _hf_folder(folder: Path, config, params, tokenizer) -> None:
+def _write_model_config(workdir: epath.Path, config: models.TransformerConfig) -> None:
+    if sh.is_primary():
+        text = json.dumps(dataclasses.asdict(config), indent=2)
+        paths.write_text_atomic(workdir / MODEL_CONFIG, text)
+
+
+def _hf_folder(folder: epath.Path, config, params, tokenizer) -> None:
     ids = {}
     if tokenizer is not None:
         tokenizer.save(folder)
@@ -68,14 +61,14 @@ def save_lm(
     params: Any,
     *,
     tokenizer: rdata.Tokenizer | None = None,
-) -> Path:
+) -> epath.Path:
     """Writes a language model for the next stage: `WORKDIR/hf/` and `WORKDIR/model_config.json`.
 
     Returns:
       The HF folder (loadable by `load_init_params(workdir)` and by transformers).
     """
-    workdir = Path(workdir)
-    params = jax.device_get(params)
+    workdir = paths.as_path(workdir)
+    params = sh.to_host(params)  # all processes: a collective when params span hosts
     _write_dir(workdir / HF_DIR, lambda d: _hf_folder(d, config, params, tokenizer))
     _write_model_config(workdir, config)
     return workdir / HF_DIR
@@ -87,21 +80,19 @@ def save_reward_model(
     params: Any,
     *,
     tokenizer: rdata.Tokenizer | None = None,
-) -> Path:
+) -> epath.Path:
     """Writes `WORKDIR/reward_model/`: the trunk as an HF folder plus the head as head.safetensors.
 
     Args:
       params: `RewardModel` params `{"transformer": ..., "head": {"kernel": [D, 1], "bias": [1]}}`.
     """
-    from safetensors.numpy import save_file
+    workdir = paths.as_path(workdir)
+    params = sh.to_host(params)  # all processes: a collective when params span hosts
 
-    workdir = Path(workdir)
-    params = jax.device_get(params)
-
-    def write(d: Path) -> None:
+    def write(d: epath.Path) -> None:
         _hf_folder(d, config, params["transformer"], tokenizer)
         head = {k: np.ascontiguousarray(v, np.float32) for k, v in params["head"].items()}
-        save_file(head, str(d / HEAD_FILE))
+        paths.save_safetensors(d / HEAD_FILE, head)
 
     _write_dir(workdir / REWARD_DIR, write)
     _write_model_config(workdir, config)
@@ -133,14 +124,14 @@ def check_model(
         )
 
 
-def _is_hf_folder(path: Path) -> bool:
+def _is_hf_folder(path: epath.Path) -> bool:
     weights = (path / "model.safetensors").is_file() or (
         path / "model.safetensors.index.json"
     ).is_file()
     return (path / "config.json").is_file() and weights
 
 
-def _config_overrides(workdir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def _config_overrides(workdir: epath.Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """dtype/remat of the stage (HF's config.json does not store them), then `overrides`."""
     out = {}
     if (workdir / MODEL_CONFIG).is_file():
@@ -151,7 +142,7 @@ def _config_overrides(workdir: Path, overrides: Mapping[str, Any]) -> dict[str, 
 
 def resolve_init_folder(
     path: str | os.PathLike, *, kind: str = "lm", flag: str = "--init-from"
-) -> Path:
+) -> epath.Path:
     """The HF folder that `load_init_params(path, kind=kind)` would read, found without reading
     any weights (a driver calls it before it writes anything).
 
@@ -161,7 +152,7 @@ def resolve_init_folder(
     """
     if kind not in ("lm", "reward"):
         raise ValueError(f"kind must be 'lm' or 'reward', got {kind!r}")
-    root = Path(path)
+    root = paths.as_path(path)
     if not root.exists():
         raise ConfigError(f"{flag} {path}: no such file or folder")
     candidates = [root]
@@ -190,7 +181,7 @@ def init_config(
 ) -> models.TransformerConfig:
     """The model config `load_init_params` would return, from config.json alone."""
     folder = resolve_init_folder(path, kind=kind, flag=flag)
-    workdir = folder.parent if folder != Path(path) else folder
+    workdir = folder.parent if folder != paths.as_path(path) else folder
     return models.config_from_pretrained(str(folder), **_config_overrides(workdir, overrides))
 
 
@@ -212,13 +203,12 @@ def load_init_params(
       ConfigError: the path is neither (or the stage has not finished), saying what is there.
     """
     folder = resolve_init_folder(path, kind=kind)
-    workdir = folder.parent if folder != Path(path) else folder
+    workdir = folder.parent if folder != paths.as_path(path) else folder
     config, lm = models.from_pretrained(str(folder), **_config_overrides(workdir, overrides))
     if kind == "lm":
         return config, lm
-    from safetensors.numpy import load_file
-
-    head = {k: np.asarray(v, np.float32) for k, v in load_file(folder / HEAD_FILE).items()}
+    head = paths.load_safetensors(folder / HEAD_FILE)
+    head = {k: np.asarray(v, np.float32) for k, v in head.items()}
     return config, {"transformer": lm, "head": head}
 
 

@@ -4,18 +4,26 @@ One JSON object per logged step (always with `step`), appended and flushed at ea
 killed run loses nothing it reported. On resume from a checkpoint at step S, the rows after S are
 dropped (they belong to the lost part of the run and will be written again), so a resumed run's file
 is identical to an uninterrupted one.
+
+The workdir may be local or a cloud URL (gs://..., `rlhf_jax.paths`). There an object cannot be
+appended: each row rewrites metrics.jsonl whole from the rows kept in memory (one atomic upload),
+and the TensorBoard event file is buffered and uploaded whole at each flush, through the same
+paths (tensorboardX's writer for that URL scheme is replaced by one on `etils.epath`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from rlhf_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -36,14 +44,24 @@ def _to_python(value: Any) -> Any:
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads every row of `WORKDIR/metrics.jsonl` (an empty list when there is none)."""
-    path = Path(workdir) / METRICS_FILE
+    path = paths.as_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _rows_up_to(path: epath.Path, step: int | None) -> list[dict[str, Any]]:
+    """The rows of `path` with "step" <= `step` (all when None), up to a line cut by a kill."""
     rows = []
-    with path.open() as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if step is None or row["step"] <= step:
+            rows.append(row)
     return rows
 
 
@@ -66,25 +84,24 @@ class MetricsWriter:
         enabled: bool = True,
         tensorboard: bool = True,
     ):
-        self.workdir = Path(workdir)
+        self.workdir = paths.as_path(workdir)
         self.path = self.workdir / METRICS_FILE
         self.enabled = enabled
         self._tb = None
+        self._file = None
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            kept = [row for row in read_metrics(workdir) if row["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            with tmp.open("w") as f:
-                for row in kept:
-                    f.write(json.dumps(row) + "\n")
-            os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new file
+        kept = _rows_up_to(self.path, resume_step)
+        self._file = paths.JsonlAppender(self.path, kept)  # atomic: the old or the new file
         if tensorboard:
             from tensorboardX import SummaryWriter
 
+            logdir = self.workdir / "tensorboard"
+            if paths.is_cloud(logdir):
+                _register_cloud_events(os.fspath(logdir))
             purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
+            self._tb = SummaryWriter(paths.as_str(logdir), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Writes one row `{"step": step, **metrics}` and returns it (as python numbers)."""
@@ -92,10 +109,7 @@ class MetricsWriter:
         row.update({k: _to_python(v) for k, v in metrics.items()})
         if not self.enabled:
             return row
-        line = json.dumps(row, allow_nan=True)
-        with self.path.open("a") as f:
-            f.write(line + "\n")
-            f.flush()
+        self._file.append(row)
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
@@ -114,3 +128,41 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _CloudEventFile:
+    """A TensorBoard event file at a cloud path: buffered, and the whole object uploaded at each
+    flush (objects cannot be appended; as tensorboardX's own gs:// writer does)."""
+
+    def __init__(self, path: str):
+        self.path = paths.as_path(path)
+        self._buffer = io.BytesIO()
+        self._dirty = False
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.write_bytes(self._buffer.getvalue())
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _CloudEventFiles:
+    """tensorboardX's writer factory for one URL scheme, on `rlhf_jax.paths`."""
+
+    def open(self, path: str) -> _CloudEventFile:
+        return _CloudEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no folders to create
+
+
+def _register_cloud_events(logdir: str) -> None:
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(logdir.split("://", 1)[0], _CloudEventFiles())

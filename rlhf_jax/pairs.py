@@ -16,13 +16,13 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from rlhf_jax import data as rdata
+from rlhf_jax import paths
 from rlhf_jax import sharding as sh
 from rlhf_jax.eval import sample_completions
 from rlhf_jax.sampling import SamplingConfig
@@ -79,7 +79,7 @@ def make_preference_pairs(
     Returns:
       The PreferenceRecords, grouped by prompt in prompt order.
     """
-    if cache_path is not None and Path(cache_path).is_file():
+    if cache_path is not None and paths.as_path(cache_path).is_file():
         return rdata.read_preference_jsonl(cache_path)
     k = completions_per_prompt
     if k < 2:
@@ -129,11 +129,7 @@ def make_preference_pairs(
         empty,
     )
     if cache_path is not None and sh.is_primary():
-        cache_path = Path(cache_path)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        rdata.write_jsonl(tmp, pairs)
-        os.replace(tmp, cache_path)
+        rdata.write_jsonl(cache_path, pairs)  # atomic, local or cloud (`paths`)
     return pairs
 
 

@@ -18,12 +18,12 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from rlhf_jax import data as rdata
+from rlhf_jax import paths
 from rlhf_jax import sharding as sh
 from rlhf_jax.cli import (
     RESUMABLE_FIELDS,
@@ -172,7 +172,7 @@ def fit(
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("need steps >= 0, log_every >= 1 and checkpoint_every >= 1")
     mesh = sh.make_mesh() if mesh is None else mesh
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)  # local or cloud (gs://)
     it = iter(batches)
     if loader is None and hasattr(it, "get_state"):
         loader = it

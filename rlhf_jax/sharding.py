@@ -160,6 +160,36 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def constrain(x: Any, *dims: str | tuple[str, ...] | None) -> Any:
+    """Inside a traced step: pins `x`'s leading dims to mesh axes (`dims[i]` for dim i: an axis,
+    a tuple of axes or None) on the mesh the step is compiled under (`jax.set_mesh`, as
+    `compile_step` does). A no-op without such a mesh; an axis that is absent, of size 1 or does
+    not divide its dim is dropped. Library code calls it where sharding propagation chooses
+    badly on its own, e.g. where rows are born in a loop (sampled completions) or where a
+    matmul's contraction is split like its rows (the vocabulary projection under FSDP).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or getattr(x, "ndim", 0) < len(dims):
+        return x
+    spec = []
+    for size, axes in zip(x.shape, dims):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        names = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+        if not names or size % math.prod(mesh.shape[a] for a in names):
+            spec.append(None)
+        else:
+            spec.append(names[0] if len(names) == 1 else names)
+    if all(s is None for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def constrain_rows(tree: Any) -> Any:
+    """`constrain(leaf, BATCH_AXES)` for every leaf with a leading (row) dim: rows split over the
+    batch axes (see `constrain`)."""
+    return jax.tree.map(lambda x: constrain(x, BATCH_AXES), tree)
+
+
 def _batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
@@ -333,6 +363,39 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(put, batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a whole numpy array on this host: `jax.device_get`, except that arrays split
+    across hosts (FSDP over several processes) are all-gathered first. With several processes it
+    is a collective: every process must call it, also when only the primary writes the result.
+    """
+    from jax.experimental import multihost_utils
+
+    def get(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(get, tree)
+
+
+def local_rows(tree: Any) -> Any:
+    """This process's rows of batch-sharded global arrays, as numpy, in `shard_batch`'s order: the
+    inverse of `shard_batch`, so a host can compute on its own rows (a host reward on its own
+    samples) and hand the result back with `shard_batch`. One process: every row. Leaves without
+    a leading batch dim, or replicated ones, come back whole.
+    """
+
+    def take(x: Any) -> np.ndarray:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.ndim == 0:
+            return np.asarray(x)
+        starts: dict[int, Any] = {}
+        for shard in x.addressable_shards:  # a row block held by several local devices: once
+            starts.setdefault(shard.index[0].start or 0, shard)
+        return np.concatenate([np.asarray(starts[k].data) for k in sorted(starts)])
+
+    return jax.tree.map(take, tree)
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,6 +135,27 @@ def test_host_shards_are_disjoint_and_complete(n, shard_count):
             assert shard == single[i::shard_count]
 
 
+@pytest.mark.parametrize("shard_count", [2, 4])
+def test_host_batches_stacked_are_the_single_host_global_batch(shard_count):
+    """Host i's batch j is rows [i*b, (i+1)*b) of the batch j one host loads with b*k rows, in
+    order (what `sharding.shard_batch` assembles): a multi-host run sees the same global batches,
+    row for row, as one host, across epoch boundaries too (6 batches of 40 > 1 epoch of 100)."""
+    b, steps = 5, 6
+    single = take(make_loader(list(range(100)), batch_size=b * shard_count, seed=4,
+                              shard_index=0, shard_count=1), steps)  # fmt: skip
+    hosts = [
+        take(
+            make_loader(
+                list(range(100)), batch_size=b, seed=4, shard_index=i, shard_count=shard_count
+            ),
+            steps,
+        )  # fmt: skip
+        for i in range(shard_count)
+    ]
+    for j in range(steps):
+        assert sum((h[j] for h in hosts), []) == single[j]
+
+
 def test_default_shard_is_this_jax_process():
     a = take(make_loader(list(range(N)), batch_size=2, seed=1), 6)
     b = take(make_loader(list(range(N)), batch_size=2, seed=1, shard_index=0, shard_count=1), 6)

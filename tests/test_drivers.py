@@ -158,6 +158,23 @@ def test_dpo_tiny_with_precomputed_reference(drivers, sft, reward_model, tmp_pat
     assert (tmp_path / "pairs.jsonl").read_bytes() == (reward_model[0] / "pairs.jsonl").read_bytes()
 
 
+def test_dpo_memory_flags_change_how_not_what_it_computes(drivers, sft, tmp_path):
+    """--microbatches 2 (gradient accumulation), --remat full and --logits-chunk 8 (the flags
+    experiments/plan.py tries out) give the same run as the plain command, to round-off."""
+    argv = ["--preset", "tiny", "--init-from", str(sft[0]), "--steps", "4", "--log-every", "1",
+            "--checkpoint-every", "4", "--warmup-steps", "1"]  # fmt: skip
+    plain = drivers["dpo"].main(argv + ["--workdir", str(tmp_path / "plain")])
+    flags = ["--microbatches", "2", "--remat", "full", "--logits-chunk", "8"]
+    lean = drivers["dpo"].main(argv + ["--workdir", str(tmp_path / "lean"), *flags])
+    assert [r["step"] for r in lean] == [r["step"] for r in plain] == [1, 2, 3, 4]
+    for key in ("loss", "rewards/margin", "logps/chosen", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in lean], [r[key] for r in plain], rtol=2e-5,
+                                   atol=1e-5, err_msg=key)  # fmt: skip
+    with pytest.raises(cli.ConfigError, match="--microbatches 3: each microbatch"):
+        drivers["dpo"].main(argv + ["--workdir", str(tmp_path / "bad"), "--microbatches", "3"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_ppo_tiny_with_the_reward_model(drivers, sft, reward_model, tmp_path):
     argv = ["--preset", "tiny", "--workdir", str(tmp_path), "--init-from", str(sft[0])]
     rows = drivers["ppo"].main(argv + ["--reward", str(reward_model[0])])
@@ -325,6 +342,17 @@ def test_bad_configuration_fails_at_start(drivers, sft, name, tmp_path):
         main(["--preset", "tiny", "--mesh", "data=3", *wd])
     with pytest.raises(runner.ConfigError, match="--batch-size: batch size 12 is not divisible"):
         main(["--preset", "tiny", "--batch-size", "12", *wd])
+    # The multi-host flags, checked before any connection is tried.
+    for bad, message in [
+        (["--coordinator-address", "10.0.0.2"], "--coordinator-address '10.0.0.2': must be HOST"),
+        (["--distributed", "off", "--process-id", "1"], "--process-id given with --distributed"),
+        (["--coordinator-address", "127.0.0.1:9", "--num-processes", "2", "--process-id", "2"],
+         r"--process-id 2: must be < --num-processes \(2\)"),
+        (["--num-processes", "4"], "num_processes=4 needs a coordinator address"),
+        (["--heartbeat-timeout-s", "0"], "--heartbeat-timeout-s 0: must be >= 1"),
+    ]:  # fmt: skip
+        with pytest.raises(runner.ConfigError, match=message):
+            main(["--preset", "tiny", *bad, *wd])
     assert not (tmp_path / "run").exists()  # nothing written
 
 

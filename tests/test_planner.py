@@ -85,7 +85,7 @@ def _temp(spec):
 def test_remat_lowers_the_temporaries_on_tpu():
     """On v5e (XLA:CPU's buffer assignment reports the same temporaries with or without remat,
     although the rematerialised program recomputes: more dots)."""
-    long = (("d_model", 128), ("d_ff", 512))  # attention [B, H, T, T] dominates at T = 1024
+    long = (("d_model", 128), ("d_ff", 2048))  # the MLP's [B, T, F] activations dominate
     kw = dict(algo="sft", topology="v5e:2x2", mesh="data=1,fsdp=4", batch=8, seq_len=1024)
     none, full = (
         _temp(_spec(remat=r, model_overrides=TINY + long, **kw)) for r in ("none", "full")
@@ -208,17 +208,33 @@ def test_rl_and_lora_programs_compile_with_the_sampler():
     assert rows[0]["tokens"] == 8 * 2 * 24 and rows[1]["tokens"] == 8 * 2 * 8  # G = 2
 
 
+def test_the_fused_rl_iteration_keeps_each_devices_rows():
+    """GRPO's one-program iteration (sample, then the forwards of the sampled rows, then the
+    update) on fsdp=8: every device computes only its own rows. Without the row constraints
+    (`sharding.constrain`) sharding propagation followed the FSDP-split width of the weights after
+    the sampler's loop and every device held every row's logits (0.59 GB here; Gemma-2-9B GRPO on
+    v6e-16 asked for 68 GB per chip for two layers' worth), more than the one chunk of logits for
+    all rows that this bound allows."""
+    vocab, chunk = 32768, 64
+    spec = _spec(algo="grpo", mesh="data=1,fsdp=8", batch=8, group_size=4, seq_len=128,
+                 max_new_tokens=64, logits_chunk=chunk, remat="full",
+                 model_overrides=TINY[:-1] + (("n_layers", 1), ("vocab_size", vocab)))  # fmt: skip
+    (row,) = planner.plan(spec, names=["step"])
+    all_rows_chunk = 8 * 4 * chunk * vocab * 4  # [P*G, chunk, V] float32 logits on one device
+    assert row["temp_gb"] * 1e9 < all_rows_chunk, row["temp_gb"]
+
+
 @_needs_libtpu
 def test_the_compilers_out_of_memory_is_a_row_that_does_not_fit_and_chunking_fits():
     """A DPO step whose [2B, T, V] logits (V = 65536) exceed a v5e chip (compiled for v5e:2x2
     through libtpu): the TPU compiler refuses it and the row says so; with chunked log-probs
     the same step fits, and its roofline is v5e's."""
     wide_vocab = TINY[:-1] + (("vocab_size", 65536), ("n_layers", 1))
-    kw = dict(algo="dpo", topology="v5e:2x2", mesh="data=1,fsdp=4", batch=64, seq_len=512,
+    kw = dict(algo="dpo", topology="v5e:2x2", mesh="data=1,fsdp=4", batch=64, seq_len=2048,
               model_overrides=wide_vocab)  # fmt: skip
     (oom,) = planner.plan(_spec(**kw))
     assert oom["fits"] is False and "exceeds available HBM" in oom["error"]
-    logits_per_chip = 2 * 64 * 512 * 65536 * 4 / 4
+    logits_per_chip = 2 * 64 * 2048 * 65536 * 4 / 4
     assert oom["temp_gb"] * 1e9 > logits_per_chip
     (chunked,) = planner.plan(_spec(logits_chunk=256, **kw))
     assert chunked["fits"] is True and chunked["total_gb"] < oom["total_gb"] - logits_per_chip / 1e9
@@ -229,7 +245,7 @@ def test_the_compilers_out_of_memory_is_a_row_that_does_not_fit_and_chunking_fit
     compute = max(chunked["xla_tflop"], chunked["model_tflop"]) * 1e12 / chip.peak_flops
     memory = chunked["xla_gb_accessed"] * 1e9 / chip.hbm_bandwidth
     assert chunked["roofline_ms"] == pytest.approx(1e3 * max(compute, memory), rel=1e-6)
-    assert chunked["tokens_per_s"] == pytest.approx(2 * 64 * 512 / (chunked["roofline_ms"] / 1e3))
+    assert chunked["tokens_per_s"] == pytest.approx(2 * 64 * 2048 / (chunked["roofline_ms"] / 1e3))
 
 
 def test_plan_cli_prints_the_table_and_names_bad_flags(capsys):

@@ -316,3 +316,42 @@ def test_init_distributed_single_process_is_a_noop(monkeypatch):
     assert sharding.is_primary()
     with pytest.raises(ValueError, match="coordinator"):
         sharding.init_distributed(num_processes=2, process_id=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Constraints inside a step, and this host's rows / whole arrays
+
+
+def test_constrain_pins_the_dims_that_split_and_is_a_noop_without_a_mesh():
+    x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
+    assert sharding.constrain(x, sharding.BATCH_AXES) is x  # no mesh set: untouched
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+
+    def f(a, b):
+        return (
+            sharding.constrain(a * 2, sharding.BATCH_AXES, None, "tensor"),
+            sharding.constrain(b * 2, sharding.BATCH_AXES, "tensor"),  # 6 rows: 4 does not divide
+            sharding.constrain_rows({"a": a + 1, "s": jnp.sum(a)}),
+        )
+
+    with jax.set_mesh(mesh):
+        out, odd, rows = jax.jit(f)(x, x[:6])
+    assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    assert odd.sharding.spec == P(None, "tensor")  # the rows stay whole, the 6 columns split
+    assert rows["a"].sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(odd), 2 * np.asarray(x[:6]))
+    np.testing.assert_array_equal(np.asarray(rows["a"]), np.asarray(x) + 1)
+
+
+def test_local_rows_and_to_host_on_one_process_are_the_whole_arrays():
+    """One process holds every row (the several-host case runs in tests/test_multihost_drivers.py:
+    each host scores its own rollout rows, and hand-overs gather FSDP-split parameters)."""
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    host = {"tokens": np.arange(16 * 3).reshape(16, 3), "w": np.ones((4, 8), np.float32)}
+    batch = sharding.shard_batch({"tokens": host["tokens"]}, mesh)
+    np.testing.assert_array_equal(sharding.local_rows(batch)["tokens"], host["tokens"])
+    params = sharding.shard_state({"w": host["w"]}, mesh)
+    got = sharding.to_host(params)
+    assert isinstance(got["w"], np.ndarray)
+    np.testing.assert_array_equal(got["w"], host["w"])

@@ -3,19 +3,22 @@
 One pipeline over any random-access source (a `tfds.data_source`, a list of records read from
 JSONL, a `PrefixPromptSource`), built with grain's dataset API:
 
-    source -> shuffle(seed) per epoch -> [drop n % shard_count] -> take every shard_count-th
-    -> repeat(num_epochs) -> map_fn per element -> batch(batch_size, drop_remainder=True, batch_fn)
+    source -> shuffle(seed) per epoch -> repeat(num_epochs) -> map_fn per element
+    -> batch(batch_size, drop_remainder=True, batch_fn) -> take every shard_count-th batch
 
 - Shuffling is global and reseeded per epoch (grain's `shuffle` folds the epoch into the seed); the
   same seed gives the same order on every machine. (grain's index shuffle costs about 90/n ms per
   element: microseconds for real datasets, milliseconds for a toy list of a dozen records.)
-- Host sharding happens after the shuffle: in each epoch, host i of k takes positions i, i+k, ...
-  of that epoch's permutation, so the hosts' shards are disjoint, together cover the epoch, and
-  host 0's batch j, host 1's batch j, ... make the global batch j a single host would see with
-  `batch_size * k`. With `drop_remainder_shards=True` (default) the permutation is first cut to a
-  multiple of k, so every host has the same number of elements per epoch (and so the same number of
-  steps; the up to k-1 elements cut differ from epoch to epoch); with False, no element is left out
-  but hosts may differ by one element per epoch.
+- Host sharding happens after the shuffle, by blocks of the global batch: the stream of shuffled
+  epochs is cut into batches of `batch_size` and host i of k takes batches i, i+k, ..., so host
+  0's batch j, host 1's batch j, ... stacked are, row for row and in order, the global batch j a
+  single host sees with `batch_size * k` (what `sharding.shard_batch` assembles when host i's
+  devices hold the i-th block of the batch axes, as on a mesh of `jax.devices()` in order): a
+  multi-host run samples and trains on the same rows in the same places as one host. The shards
+  are disjoint and together cover every epoch. With finite epochs and
+  `drop_remainder_shards=True` (default) the batches are cut to a multiple of k, so every host
+  takes the same number of steps; with False, no element is left out but hosts may differ by one
+  batch.
 - Batches always have exactly `batch_size` elements (an incomplete last batch is dropped) so that
   shapes stay static; batches may span an epoch boundary when `num_epochs` is None or > 1.
 - `loader_state(it)` / `restore_loader(it, state)` save and restore the position: a fresh loader
@@ -76,7 +79,8 @@ def make_dataset(
       num_epochs: passes over the data; None repeats forever.
       shard_index, shard_count: this host's shard; default `jax.process_index()` and
         `jax.process_count()`.
-      drop_remainder_shards: cut each epoch to a multiple of `shard_count` (equal shards).
+      drop_remainder_shards: with finite epochs, cut the batches to a multiple of `shard_count`
+        (the same number of steps on every host).
       map_fn: applied to each element before batching (e.g. decoding, filtering of fields).
       batch_fn: turns a list of `batch_size` elements into a batch, e.g.
         `functools.partial(collate_preferences, tokenizer=tok, max_length=..., ...)`; default:
@@ -89,21 +93,23 @@ def make_dataset(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     shard_index, shard_count = host_shard(shard_index, shard_count)
     n = len(source)
+    if n < batch_size * shard_count:
+        raise ValueError(
+            f"{n} elements per epoch cannot fill one batch of {batch_size} on each of "
+            f"{shard_count} hosts"
+        )
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    if drop_remainder_shards and n % shard_count:
-        ds = ds[: n - n % shard_count]
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    if len(ds) < batch_size:
-        raise ValueError(
-            f"{len(ds)} elements per epoch on this host cannot fill one batch of {batch_size}"
-        )
     ds = ds.repeat(num_epochs)
     if map_fn is not None:
-        ds = ds.map(map_fn)
-    return ds.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+        ds = ds.map(map_fn)  # lazy: only the elements of this host's batches are mapped
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+    if shard_count > 1:  # host i: batches i, i+k, ...: its block of every global batch
+        if num_epochs is not None and drop_remainder_shards:
+            ds = ds[: len(ds) - len(ds) % shard_count]
+        ds = ds[shard_index::shard_count]
+    return ds
 
 
 def make_loader(

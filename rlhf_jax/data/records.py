@@ -10,7 +10,8 @@ A line is bad when it is not valid UTF-8, not valid JSON, not a JSON object, lac
 has a required field that is not a string, has an empty (or whitespace-only) required field, or,
 for preferences, has `chosen` identical to `rejected`. Blank (whitespace-only) lines are ignored on
 purpose, so a trailing newline or a spacer line is not an error. Fields other than the required
-ones are kept in `metadata`. Files ending in `.gz` are read through gzip.
+ones are kept in `metadata`. Files ending in `.gz` are read through gzip. Paths may be local or
+cloud URLs (`gs://...`, see `rlhf_jax.paths`); `write_jsonl` writes atomically.
 
 The Anthropic HH-RLHF layout (`chosen`/`rejected` full dialogues) is converted to single-turn
 preference records as the DPO paper's code does: the prompt is the text up to and including the
@@ -19,6 +20,7 @@ last "\\n\\nAssistant:" of `chosen`, and the two responses are what follows it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -26,6 +28,8 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
+
+from rlhf_jax import paths
 
 __all__ = [
     "BadRecordError",
@@ -216,9 +220,14 @@ def record_to_dict(record: Record) -> dict[str, Any]:
     return {**fields, **metadata}
 
 
-def _open_binary(path: str | os.PathLike):
-    path = os.fspath(path)
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+@contextlib.contextmanager
+def _open_binary(path: str | os.PathLike) -> Iterator[Any]:
+    with paths.as_path(path).open("rb") as f:  # a local file or a cloud object (gs://), streamed
+        if not os.fspath(path).endswith(".gz"):
+            yield f
+            return
+        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+            yield g
 
 
 def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -332,10 +341,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Record | Mapping[str,
 
     Metadata is written back at the top level, so `read_*_jsonl(write_jsonl(...))` round-trips.
     """
-    count = 0
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            obj = dict(record) if isinstance(record, Mapping) else record_to_dict(record)
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+    lines = []
+    for record in records:
+        obj = dict(record) if isinstance(record, Mapping) else record_to_dict(record)
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    paths.write_text_atomic(path, "".join(lines))
+    return len(lines)

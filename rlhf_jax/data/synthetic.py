@@ -10,7 +10,8 @@ Prepare once (cached under ``DIR/synthetic_reviews/``, re-used when present)::
     python -m rlhf_jax.data.synthetic --data-dir DIR
 
 Layout: ``raw/{train,test}.jsonl`` (one ``{"text", "prompt", "response", "reward"}`` per line, so
-they double as demonstration records), ``tokenizer.json`` and ``meta.json``.
+they double as demonstration records), ``tokenizer.json`` and ``meta.json``. The folder is local
+(a cloud URL is refused): each host of a pod prepares its own copy.
 """
 
 from __future__ import annotations
@@ -323,6 +324,7 @@ def prepare(
     Returns:
         the prepared directory `{data_dir}/synthetic_reviews`.
     """
+    _check_local(data_dir)
     config = _config(seed, n_train, n_test, vocab_size, min_prompt_tokens, max_prompt_tokens)
     root = Path(data_dir) / DIRNAME
     if not force and _matches(_read_meta(root), config):
@@ -336,6 +338,14 @@ def prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _check_local(data_dir: str | os.PathLike) -> None:
+    if "://" in os.fspath(data_dir):
+        raise ValueError(
+            f"--data-dir {data_dir}: the synthetic task is a per-host cache in a local folder "
+            "(each host prepares its own copy in seconds); pass a local path"
+        )
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -359,6 +369,7 @@ class SyntheticTask:
 
 def load_task(data_dir: str | os.PathLike) -> SyntheticTask:
     """Load a prepared task from `data_dir` (the parent given to `prepare`, or the folder)."""
+    _check_local(data_dir)
     root = Path(data_dir)
     if not (root / "meta.json").is_file():
         root = root / DIRNAME

@@ -18,19 +18,23 @@ below, never above `max_length`), so a run compiles a handful of shapes at most;
 `buckets=None` to always pad to `max_length` (one shape). All arrays are numpy int32.
 
 Each text is tokenized on its own without the tokenizer's post-processor (no BOS/EOS added by the
-tokenizer); the EOS above is appended here.
+tokenizer); the EOS above is appended here. `load_tokenizer` and `Tokenizer.save` take local
+paths or cloud URLs such as gs:// (`rlhf_jax.paths`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
+
+from rlhf_jax import paths
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -111,11 +115,11 @@ class Tokenizer:
         )
 
     def save(self, path: str | os.PathLike) -> str:
-        """Writes `tokenizer.json` into the folder `path` (created); returns the file path."""
-        os.makedirs(path, exist_ok=True)
-        file = os.path.join(path, "tokenizer.json")
-        self.backend.save(file)
-        return file
+        """Writes `tokenizer.json` into the folder `path` (created; local or cloud, atomically);
+        returns the file path."""
+        file = paths.as_path(path) / "tokenizer.json"
+        paths.write_text_atomic(file, self.backend.to_str(pretty=True))
+        return os.fspath(file)
 
     def __repr__(self) -> str:
         return (
@@ -160,6 +164,8 @@ def load_tokenizer(
     Returns:
       A `Tokenizer`.
     """
+    if paths.is_cloud(path):  # the tokenizers library reads local files: temporary copies
+        return _load_cloud_tokenizer(path, eos_token=eos_token, pad_token=pad_token)
     path = os.fspath(path)
     if os.path.isfile(path):
         name, folder = os.path.basename(path), os.path.dirname(path)
@@ -189,6 +195,23 @@ def load_tokenizer(
     else:
         raise FileNotFoundError(f"no tokenizer file or folder at {path}")
     return Tokenizer(backend, eos_token=eos_token, pad_token=pad_token)
+
+
+def _load_cloud_tokenizer(path: str | os.PathLike, **tokens: Any) -> Tokenizer:
+    """`load_tokenizer` of a cloud file or folder: only its tokenizer files, copied locally."""
+    src = paths.as_path(path)
+    if src.is_file():
+        folder, local_name = src.parent, src.name
+        names = next((p for p in _BPE_FILE_PAIRS if src.name == p[0]), (src.name,))
+    else:
+        folder, local_name = src, ""
+        names = ("tokenizer.json", *(name for pair in _BPE_FILE_PAIRS for name in pair))
+    with tempfile.TemporaryDirectory(prefix="rlhf_jax_tokenizer_") as tmp:
+        for name in names:
+            if (folder / name).is_file():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write((folder / name).read_bytes())
+        return load_tokenizer(os.path.join(tmp, local_name), **tokens)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,14 +7,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from rlhf_jax.cli import default_data_dir
+from rlhf_jax.cli import DistributedFlags, default_data_dir
 
 # `default_data_dir` takes a file two levels below the repository (as experiments/x.py is).
 _REPO_ANCHOR = Path(__file__).resolve().parent
 
 
 @dataclasses.dataclass(frozen=True)
-class FrontierConfig:
+class FrontierConfig(DistributedFlags):
     """The frontier experiment (all sizes chosen for a 2-core CPU by default)."""
 
     workdir: str = "runs/frontier"

@@ -16,7 +16,8 @@ same held-out prompts with the same sampling key within a seed (`eval.evaluate_r
 Seeds (`config.seeds`): one SFT model (`WORKDIR/sft/`, the reference every KL is measured
 against, trained with the first seed), then per seed `WORKDIR/seed_<s>/` with its own preference
 pairs, reward model, runs of every method and evaluation key. The bands over seeds therefore
-measure what varies between replications of everything after the SFT model.
+measure what varies between replications of everything after the SFT model. WORKDIR may be a
+cloud URL (gs://..., `rlhf_jax.paths`); the synthetic task's --data-dir stays local.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
-from rlhf_jax import handover, models, pairs, runner, stages, sweeps, train
+from rlhf_jax import handover, models, pairs, paths, runner, stages, sweeps, train
 from rlhf_jax.data import synthetic
 from rlhf_jax.frontier import results as fr
 from rlhf_jax.frontier.config import FrontierConfig
@@ -44,7 +45,7 @@ class Context:
     """What every stage reads: the task, the models and the fixed evaluation prompts."""
 
     config: FrontierConfig
-    root: Path  # this seed's folder
+    root: epath.Path  # this seed's folder (local or cloud)
     mesh: Any
     task: Any
     tok: rdata.Tokenizer
@@ -62,7 +63,7 @@ class Context:
         """This context for one seed: its folder, its evaluation key, no seed-specific models."""
         return dataclasses.replace(
             self,
-            root=Path(self.config.workdir) / f"seed_{seed}",
+            root=paths.as_path(self.config.workdir) / f"seed_{seed}",
             seed=seed,
             eval_rng=jax.random.PRNGKey(seed + 12345),
             rm_params=None,
@@ -117,7 +118,7 @@ class Context:
         return stages.Schedule(steps=steps, batch_size=batch_size, learning_rate=lr, **kwargs)
 
 
-def _points_path(ctx: Context, stage: str) -> Path:
+def _points_path(ctx: Context, stage: str) -> epath.Path:
     return ctx.root / stage / "points.csv"
 
 
@@ -152,7 +153,7 @@ def _rows_from_metrics(rows: list[dict], members: list[tuple[str, str]], seed: i
 
 def stage_sft_model(ctx: Context) -> None:
     """Trains (or reloads) the SFT model of every seed into WORKDIR/sft/ (the first seed's)."""
-    c, wd = ctx.config, Path(ctx.config.workdir) / "sft"
+    c, wd = ctx.config, paths.as_path(ctx.config.workdir) / "sft"
     if not (wd / handover.HF_DIR).is_dir():
         params = models.init_params(ctx.cfg, jax.random.PRNGKey(c.seeds[0]))
         stages.train_sft(
@@ -177,8 +178,7 @@ def stage_sft(ctx: Context) -> list[dict]:
     if (points := _done(ctx, "sft")) is not None:
         return points
     kl, reward, stderr, texts = ctx.evaluate(ctx.sft_params, texts=True)
-    _points_path(ctx, "sft").parent.mkdir(parents=True, exist_ok=True)
-    (ctx.root / "sft" / "samples.txt").write_text("\n".join(texts) + "\n")
+    paths.write_text_atomic(ctx.root / "sft" / "samples.txt", "\n".join(texts) + "\n")
     print("sft samples:\n  " + "\n  ".join(texts[:3]))
     points = [fr.make_row("sft", "", ctx.seed, 0, kl, reward, stderr)]
     fr.write_csv(_points_path(ctx, "sft"), points)
@@ -442,7 +442,7 @@ def make_context(config: FrontierConfig, mesh: Any) -> Context:
     )
     ctx = Context(
         config,
-        Path(config.workdir),
+        paths.as_path(config.workdir),
         mesh,
         task,
         tok,
@@ -493,7 +493,8 @@ def run_frontier(config: FrontierConfig, mesh: Any = None) -> dict:
     start = time.perf_counter()
     if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
         # Every seed builds the same programs: from the second on they load compiled.
-        jax.config.update("jax_compilation_cache_dir", str(Path(config.workdir) / "jax_cache"))
+        cache = paths.as_str(paths.as_path(config.workdir) / "jax_cache")  # gs:// works too
+        jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     mesh = runner.resolve_mesh(config.mesh) if mesh is None else mesh
     base = make_context(config, mesh)
@@ -518,7 +519,7 @@ def run_frontier(config: FrontierConfig, mesh: Any = None) -> dict:
         points += seed_points
         timing = timing or seed_timing
 
-    root = Path(config.workdir)
+    root = paths.as_path(config.workdir)
     csv_path = fr.write_csv(root / "frontier.csv", points)
     max_kl = max([float(p["kl"]) for p in points] + [1e-3])
     bands = fr.frontier_bands(points, np.linspace(0.0, max_kl, 200), level=config.confidence)
@@ -549,7 +550,7 @@ def run_frontier(config: FrontierConfig, mesh: Any = None) -> dict:
         "stage_seconds": timings,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    paths.write_text_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     print()
     print(f"frontier figure: {png_path}")
     print(f"frontier points: {csv_path} ({len(points)} rows); bands: {bands_path}")

@@ -28,14 +28,17 @@ gets the same treatment.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, SupportsFloat, SupportsInt
 
 import jax
 import numpy as np
+from etils import epath
+
+from rlhf_jax import paths
 
 COLUMNS = ("method", "hyperparameter", "seed", "step", "kl", "reward", "stderr")
 BAND_COLUMNS = ("method", "kl", "seeds", "mean", "lo", "hi")
@@ -86,28 +89,25 @@ def make_row(
     }
 
 
-def _write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns) -> Path:
-    """Writes `rows` (keys `columns`) to `path` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in columns})
-    os.replace(tmp, path)
-    return path
+def _write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns) -> epath.Path:
+    """Writes `rows` (keys `columns`) to `path` atomically (`paths.write_text_atomic`)."""
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in columns})
+    paths.write_text_atomic(path, f.getvalue())
+    return paths.as_path(path)
 
 
-def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> epath.Path:
     """Writes `rows` (keys `COLUMNS`) to `path` atomically (temporary file, then rename)."""
     return _write_rows(path, rows, COLUMNS)
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads a frontier CSV into typed rows (seed/step int, kl/reward/stderr float)."""
-    with open(path, newline="") as f:
+    with io.StringIO(paths.as_path(path).read_bytes().decode("utf-8"), newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != COLUMNS:
             raise ValueError(f"{path}: columns {reader.fieldnames}, expected {list(COLUMNS)}")
@@ -237,7 +237,7 @@ def frontier_bands(
     return bands
 
 
-def write_bands_csv(path: str | os.PathLike, bands: Iterable[Mapping[str, Any]]) -> Path:
+def write_bands_csv(path: str | os.PathLike, bands: Iterable[Mapping[str, Any]]) -> epath.Path:
     """Writes `frontier_bands` rows (keys `BAND_COLUMNS`) atomically."""
     return _write_rows(path, bands, BAND_COLUMNS)
 
@@ -309,7 +309,7 @@ def plot_frontier(
     reward_label: str = "reward (VADER, held-out prompts)",
     envelope: bool = True,
     level: float = 0.95,
-) -> Path:
+) -> epath.Path:
     """Scatter of reward against KL(π ‖ π_ref), one colour and marker per method (paper Fig. 2
     left): every evaluation of every run (every seed) is a point; SFT is a star.
 
@@ -358,7 +358,7 @@ def plot_frontier(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=130, format=os.fspath(path).rsplit(".", 1)[-1])
+    paths.write_bytes_atomic(path, buf.getvalue())
+    return paths.as_path(path)

@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints in and out, for every family: a local folder with config.json and
-model.safetensors (or a sharded model.safetensors.index.json).
+"""Hugging Face checkpoints in and out, for every family: a folder (local, or a cloud URL such
+as gs://, through `rlhf_jax.paths`) with config.json and model.safetensors (or a sharded
+model.safetensors.index.json).
 
 No network and no torch: `safetensors` (NumPy) and `json` only. `from_pretrained` dispatches on
 config.json's `model_type` (gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gpt_neox),
@@ -18,14 +19,13 @@ architecture (checked: the written config is parsed again and must give the same
 
 import json
 import math
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
+from rlhf_jax import paths
 from rlhf_jax.models.config import FAMILIES, TransformerConfig
 from rlhf_jax.models.transformer import init_params
 
@@ -216,10 +216,10 @@ def _config_from_hf(hf: dict, overrides: dict) -> TransformerConfig:
 
 
 def config_from_pretrained(path: str, **config_overrides) -> TransformerConfig:
-    """The `TransformerConfig` of a local HF folder, from its config.json alone (no weights
-    read): what a driver checks before it writes or loads anything."""
-    with open(os.path.join(path, "config.json")) as f:
-        return _config_from_hf(json.load(f), config_overrides)
+    """The `TransformerConfig` of an HF folder (local or cloud), from its config.json alone (no
+    weights read): what a driver checks before it writes or loads anything."""
+    text = (paths.as_path(path) / "config.json").read_text()
+    return _config_from_hf(json.loads(text), config_overrides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,17 +393,17 @@ def _ignored(name: str) -> bool:
 
 
 def _load_tensors(path: str) -> dict[str, np.ndarray]:
-    single, index = os.path.join(path, _WEIGHTS), os.path.join(path, _INDEX)
-    if os.path.exists(single):
-        return load_file(single)
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+    folder = paths.as_path(path)
+    single, index = folder / _WEIGHTS, folder / _INDEX
+    if single.exists():
+        return paths.load_safetensors(single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(os.path.join(path, shard)))
+            tensors.update(paths.load_safetensors(folder / shard))
         return tensors
-    found = sorted(os.listdir(path)) if os.path.isdir(path) else "not a folder"
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "not a folder"
     raise FileNotFoundError(
         f"{path}: no {_WEIGHTS} (or sharded {_INDEX}); only safetensors checkpoints are "
         f"supported (convert pytorch_model.bin with transformers first). Found: {found}"
@@ -604,7 +604,7 @@ def save_pretrained(
     tensors = {}
     for entry in _entries(config):
         tensors[entry.hf] = np.ascontiguousarray(entry.join([_get(p, o) for o in entry.ours]))
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, _WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
+    folder = paths.as_path(path)  # weights first, config.json (what readers test) last
+    paths.save_safetensors(folder / _WEIGHTS, tensors, metadata={"format": "pt"})
+    text = json.dumps(hf_config, indent=2, sort_keys=True)
+    paths.write_text_atomic(folder / "config.json", text)

@@ -4,6 +4,8 @@
     save_peft(path, config, adapters, lora_cfg)      # our adapters -> a PEFT folder
     adapters, lora_cfg = load_peft(path, config)     # a PEFT folder (ours or PEFT's) -> ours
 
+The folder may be local or a cloud URL such as gs:// (`rlhf_jax.paths`).
+
 PEFT stores, per adapted `torch.nn.Linear` (or GPT-2 `Conv1D`) named M,
 `base_model.model.M.lora_A.weight` [r, in_features] and `...lora_B.weight` [out_features, r],
 scaled by `lora_alpha / r` (`alpha / sqrt(r)` with `use_rslora`). Module names and the layout of
@@ -17,14 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from typing import Any
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
+from rlhf_jax import paths
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.hf import _entries
 
@@ -135,10 +136,11 @@ def save_peft(
         "modules_to_save": None,
         "layers_to_transform": None,
     }
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(adapter_config, f, indent=2, sort_keys=True)
+    folder = paths.as_path(path)  # local or cloud; the config (what PEFT looks for) last
+    paths.save_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    paths.write_text_atomic(
+        folder / CONFIG_FILE, json.dumps(adapter_config, indent=2, sort_keys=True)
+    )
 
 
 def _scale(peft_cfg: dict, name: str, rank: int) -> float:
@@ -157,14 +159,14 @@ def load_peft(path: str, config: TransformerConfig) -> tuple[dict, Any]:
     """
     from rlhf_jax.lora import LoraConfig  # the adapters' config lives with LoRA
 
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        peft_cfg = json.load(f)
+    folder = paths.as_path(path)
+    peft_cfg = json.loads((folder / CONFIG_FILE).read_text())
     if peft_cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {peft_cfg.get('peft_type')!r}; only LORA is read")
     for key, ok in (("use_dora", False), ("bias", "none"), ("modules_to_save", None)):
         if peft_cfg.get(key, ok) not in (ok, [], False):
             raise ValueError(f"{path}: {key}={peft_cfg[key]!r} is not supported (expected {ok!r})")
-    tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+    tensors = paths.load_safetensors(folder / WEIGHTS_FILE)
     rank, alpha = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"])
     lora_cfg = LoraConfig(rank=rank, alpha=alpha, dropout=float(peft_cfg.get("lora_dropout", 0.0)))
     conv1d = config.family == "gpt2"

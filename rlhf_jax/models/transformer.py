@@ -55,6 +55,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
 from rlhf_jax import losses
+from rlhf_jax import sharding as sh
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.projection import Projection
 
@@ -493,6 +494,7 @@ class Transformer(nn.Module):
             cfg = self.config
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv = block(x, masks[cfg.window(i)], rope.get(cfg.rope_key(i)), kv, index)
+            x = sh.constrain(x, sh.BATCH_AXES)  # the residual stream: rows split like the batch
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -530,7 +532,10 @@ class Transformer(nn.Module):
             if cfg.attention == "cudnn" and None in masks:
                 masks[None] = _padding(attention_mask, masks[None])
         positions = jnp.asarray(positions)
-        x = self._embed(tokens, positions)
+        # Rows split like the batch from the first activation on. Without it, an input whose
+        # row split XLA cannot see (the sampler's output inside one RL program) takes the
+        # FSDP-split width of the embedding instead, and every chip computes every row.
+        x = sh.constrain(self._embed(tokens, positions), sh.BATCH_AXES)
         x, _, _ = self._blocks(x, masks, _rope_tables(cfg, positions))
         return self.final_norm(_barrier(cfg, x)).astype(jnp.float32)
 

@@ -4,7 +4,6 @@ loaders of the offline task's preference and prompt batches."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ import jax
 import optax
 
 from rlhf_jax import data as rdata
-from rlhf_jax import handover, train
+from rlhf_jax import handover, paths, train
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
 from rlhf_jax.models import peft as peft_io
@@ -33,6 +32,8 @@ class Schedule:
       weight_decay: decoupled weight decay (>= 0).
       log_every, checkpoint_every: intervals in steps (>= 1).
       eval_every: evaluation interval (None: at the last step only, when there is an evaluation).
+      microbatches: gradient accumulation inside the one compiled step (`train.make_step`): the
+        batch is split into that many consecutive microbatches (it must divide `batch_size`).
     """
 
     steps: int
@@ -44,6 +45,7 @@ class Schedule:
     log_every: int = 10
     checkpoint_every: int = 100
     eval_every: int | None = None
+    microbatches: int = 1
 
     def __post_init__(self):
         checks = [
@@ -55,7 +57,10 @@ class Schedule:
             ("log_every", self.log_every >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("eval_every", self.eval_every is None or self.eval_every >= 1, ">= 1 (or None)"),
-        ]
+            ("microbatches", self.microbatches >= 1, ">= 1"),
+            ("microbatches", self.batch_size % max(self.microbatches, 1) == 0,
+             f"a divisor of batch_size {self.batch_size}"),
+        ]  # fmt: skip
         if self.decay:
             checks.append(("warmup_steps", self.warmup_steps < self.steps, "< steps"))
         for name, ok, accepted in checks:
@@ -135,7 +140,8 @@ def save_adapted(
     """A LoRA run's hand-over: the adapters in PEFT's format (`WORKDIR/adapter/`) and the merged
     model (`WORKDIR/hf/`, a quantized base dequantized first); returns the merged params."""
     merged = lora_lib.merge(base, adapters, lora)
+    adapters = sh.to_host(adapters)  # every process: a collective when they span hosts
     if sh.is_primary():
-        peft_io.save_peft(str(os.path.join(str(workdir), ADAPTER_DIR)), cfg, adapters, lora)
+        peft_io.save_peft(str(paths.as_path(workdir) / ADAPTER_DIR), cfg, adapters, lora)
     handover.save_lm(workdir, cfg, merged, tokenizer=tokenizer)
     return merged

@@ -7,13 +7,12 @@ import functools
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from rlhf_jax import data as rdata
-from rlhf_jax import handover, losses, models, runner, sweeps, train
+from rlhf_jax import handover, losses, models, paths, runner, sweeps, train
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
 from rlhf_jax.stages.common import Schedule, preference_loader, save_adapted
@@ -71,7 +70,7 @@ def train_dpo(
     sweep = not isinstance(betas, int | float)
     beta_list = [float(b) for b in betas] if sweep else [float(betas)]
     model = models.Transformer(cfg)
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)  # local or cloud (gs://)
     lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
     needs_reference = callable(loss_type) or loss_type not in ("simpo", "orpo")
     frozen = params if needs_reference else None
@@ -96,11 +95,11 @@ def train_dpo(
         loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob
     )
     if lora is None:
-        step = train.make_dpo_step(model, opt, **dpo_kwargs)
+        step = train.make_dpo_step(model, opt, microbatches=schedule.microbatches, **dpo_kwargs)
         trained, frozen_state = params, frozen
     else:  # adapters train; the base is frozen and (unless precomputed) the reference
         loss = train.make_dpo_loss(lora_lib.LoraTransformer(cfg, lora), **dpo_kwargs)
-        step = train.make_step(lora_lib.lora_loss(loss), opt)
+        step = train.make_step(lora_lib.lora_loss(loss), opt, microbatches=schedule.microbatches)
         trained, base = lora_lib.prepare(params, lora, jax.random.PRNGKey(seed), quantize=quantize)
         frozen_state = {"base": base} if frozen is not None else {"base": base, "ref": None}
     states = [
@@ -149,7 +148,7 @@ def train_dpo(
         )
         if sh.is_primary():
             workdir.mkdir(parents=True, exist_ok=True)
-            timing_path.write_text(json.dumps(timing, indent=2) + "\n")
+            paths.write_text_atomic(timing_path, json.dumps(timing, indent=2) + "\n")
     if timing_path.is_file():
         info["timing"] = json.loads(timing_path.read_text())
     state, rows = runner.fit(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,21 +62,26 @@ def make_host_reward_step(
         return fns.update(*fns.score(state, ro))
 
     compiled: dict[str, Any] = {}
-    rollout_sharding = sh.batch_sharding(mesh)
 
     def step(state: Any, batch: Any) -> tuple[Any, Any]:
         if "rollout" not in compiled:
-            compiled["rollout"] = sh.compile_step(fns.rollout, mesh, state, batch)
+            compiled["rollout"] = sh.compile_step(
+                fns.rollout, mesh, state, batch, batch_output=True
+            )
         state, ro = compiled["rollout"](state, batch)
         drop = tokenizer.eos_id if on == "text" else None
-        rows = train.response_token_lists(ro, include_query=include_prompt, drop_id=drop)  # syncs
+        # Each host scores the rows its devices hold (all of them on one host); the scores are
+        # assembled into one global array like a batch.
+        fields = ("query_tokens", "query_mask", "response_tokens", "response_mask")
+        mine = types.SimpleNamespace(**sh.local_rows({k: getattr(ro, k) for k in fields}))
+        rows = train.response_token_lists(mine, include_query=include_prompt, drop_id=drop)
         samples = tokenizer.decode_batch(rows) if on == "text" else rows
-        scores = np.asarray(reward(samples), np.float32).reshape(-1)  # [B]
+        scores = np.asarray(reward(samples), np.float32).reshape(-1)  # [B_local]
         if scores.shape[0] != len(rows):
             raise ValueError(
                 f"the host reward returned {scores.shape[0]} scores for {len(rows)} rows"
             )
-        ro = jax.device_put(ro.replace(scores=scores), rollout_sharding)
+        ro = ro.replace(scores=sh.shard_batch(scores, mesh))
         if "update" not in compiled:
             compiled["update"] = sh.compile_step(score_update, mesh, state, ro)
         return compiled["update"](state, ro)

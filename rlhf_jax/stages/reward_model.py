@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ import numpy as np
 
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
-from rlhf_jax import handover, models, runner, train
+from rlhf_jax import handover, models, paths, runner, train
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
 from rlhf_jax.models import peft as peft_io
@@ -62,7 +61,8 @@ def train_reward_model(
     params = models.init_reward_params(cfg, jax.random.PRNGKey(seed), lm_params)
     opt = schedule.optimizer()
     if lora is None:
-        step, state0 = train.make_reward_step(rm, opt), train.create_train_state(params, opt, seed)
+        step = train.make_reward_step(rm, opt, microbatches=schedule.microbatches)
+        state0 = train.create_train_state(params, opt, seed)
 
         def scored(state):
             return state.params
@@ -71,7 +71,8 @@ def train_reward_model(
         adapters, base = lora_lib.prepare(params, lora, rng, quantize=quantize)
         trunk = {"transformer": base["transformer"]}
         rm = lora_lib.LoraRewardModel(cfg, lora)
-        step = train.make_step(lora_lib.lora_loss(train.make_reward_loss(rm)), opt)
+        loss = lora_lib.lora_loss(train.make_reward_loss(rm))
+        step = train.make_step(loss, opt, microbatches=schedule.microbatches)
         trained = lora_lib.trained(adapters, {"head": params["head"]})
         state0 = train.create_train_state(trained, opt, seed, frozen={"base": trunk})
 
@@ -98,13 +99,15 @@ def train_reward_model(
         **schedule.fit_kwargs(),
     )
     if lora is None:
-        params = jax.device_get(state.params)
+        params = sh.to_host(state.params)
     else:  # the merged reward model from here on (scores, normalisation, hand-over)
-        adapters, modules = lora_lib.split_trained(state.params)
-        params = jax.device_get(lora_lib.merge({**state.frozen["base"], **modules}, adapters, lora))
+        adapters, modules = sh.to_host(lora_lib.split_trained(state.params))
+        params = sh.to_host(lora_lib.merge({**state.frozen["base"], **modules}, adapters, lora))
         rm = models.RewardModel(cfg)
         if sh.is_primary():
-            _save_adapter(Path(workdir) / ADAPTER_DIR, cfg, adapters, modules["head"], lora)
+            _save_adapter(
+                paths.as_path(workdir) / ADAPTER_DIR, cfg, adapters, modules["head"], lora
+            )
     info: dict[str, Any] = {
         "train_pairs": len(train_pairs),
         "train_accuracy_last_log": float(rows[-1]["accuracy"]) if rows else float("nan"),
@@ -125,14 +128,14 @@ def train_reward_model(
             info.update(score_mean_removed=mean, score_std_removed=std)
     handover.save_reward_model(workdir, cfg, params, tokenizer=tokenizer)
     if sh.is_primary():
-        (Path(workdir) / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        paths.write_text_atomic(
+            paths.as_path(workdir) / INFO_FILE, json.dumps(info, indent=2) + "\n"
+        )
     return params, rows, info
 
 
-def _save_adapter(path: Path, cfg: Any, adapters: Any, head: Any, lora: Any) -> None:
+def _save_adapter(path: Any, cfg: Any, adapters: Any, head: Any, lora: Any) -> None:
     """The trunk's adapters in PEFT's format plus the head trained beside them."""
-    from safetensors.numpy import save_file
-
     peft_io.save_peft(str(path), cfg, adapters["transformer"], lora)
     head = {k: np.ascontiguousarray(jax.device_get(v), np.float32) for k, v in head.items()}
-    save_file(head, str(path / handover.HEAD_FILE))
+    paths.save_safetensors(path / handover.HEAD_FILE, head)

@@ -47,14 +47,16 @@ def train_sft(
     model = models.Transformer(cfg)
     opt = schedule.optimizer()
     if lora is None:
-        step, state0 = train.make_sft_step(model, opt), train.create_train_state(params, opt, seed)
+        step = train.make_sft_step(model, opt, microbatches=schedule.microbatches)
+        state0 = train.create_train_state(params, opt, seed)
 
         def policy_of(state):
             return state.params
     else:
         adapters, base = lora_lib.prepare(params, lora, jax.random.PRNGKey(seed), quantize=quantize)
         model = lora_lib.LoraTransformer(cfg, lora)
-        step = train.make_step(lora_lib.lora_loss(train.make_sft_loss(model)), opt)
+        loss = lora_lib.lora_loss(train.make_sft_loss(model))
+        step = train.make_step(loss, opt, microbatches=schedule.microbatches)
         state0 = train.create_train_state(adapters, opt, seed, frozen={"base": base})
 
         def policy_of(state):

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
+from rlhf_jax import sharding as sh
 from rlhf_jax.lora import LoraTransformer, check_no_dropout, lora_loss
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.ppo import _policy_logps_entropy, _sequence
@@ -315,6 +316,8 @@ def _sample(model: nn.Module, cfg: CriticFreeConfig, reward_fn: Reward):
         r_tok = gen.tokens.reshape(-1, cfg.max_new_tokens)  # [P*G, N], prompt-major
         r_mask = gen.mask.reshape(-1, cfg.max_new_tokens).astype(jnp.int32)
         q_tok, q_mask = jnp.repeat(q_tok, g, axis=0), jnp.repeat(q_mask, g, axis=0)
+        # The P*G rows stay split over the batch axes through the forwards below.
+        r_tok, r_mask, q_tok, q_mask = sh.constrain_rows((r_tok, r_mask, q_tok, q_mask))
         tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)
         live = r_mask > 0
         logps, _ = _policy_logps_entropy(model, policy, tokens, mask, r_tok, p, cfg.temperature)

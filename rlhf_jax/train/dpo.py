@@ -168,6 +168,7 @@ def make_dpo_step(
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
     gamma: float = 0.5,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure DPO-family step `step(state, batch) -> (state, metrics)` (un-jitted):
     `train.make_step(make_dpo_loss(...), optimizer)`.
@@ -182,6 +183,7 @@ def make_dpo_step(
       average_log_prob: use mean instead of sum of token log-probs (forced for simpo/orpo).
         Precomputed reference log-probs must have been computed with the same setting.
       gamma: SimPO's target margin when `state.hparams` has no "gamma".
+      microbatches: gradient accumulation over that many microbatches (`train.make_step`).
     Returns:
       The step; beta is `state.hparams["beta"]`. Metrics: loss, grad_norm, update_norm,
       rewards/{chosen,rejected,accuracy,margin}, logps/{chosen,rejected}.
@@ -193,7 +195,7 @@ def make_dpo_step(
         average_log_prob=average_log_prob,
         gamma=gamma,
     )
-    return make_step(loss_fn, optimizer)
+    return make_step(loss_fn, optimizer, microbatches=microbatches)
 
 
 def make_dpo_eval(model: nn.Module, **kwargs) -> Callable[[TrainState, Batch], Metrics]:

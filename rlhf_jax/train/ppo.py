@@ -47,6 +47,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses
+from rlhf_jax import sharding as sh
 from rlhf_jax.models.transformer import logits_chunked
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.state import _unalias, as_key
@@ -326,7 +327,7 @@ def make_ppo_rollout(
             eos_id=cfg.eos_id,
             pad_id=cfg.pad_id,
         )
-        r_tok, r_mask = gen.tokens, gen.mask.astype(jnp.int32)  # [B, N]
+        r_tok, r_mask = sh.constrain_rows((gen.tokens, gen.mask.astype(jnp.int32)))  # [B, N]
         tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)  # [B, P+N]
         logits, logps = _policy_forward(
             policy_model, policy, tokens, mask, r_tok, p, cfg.temperature

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from rlhf_jax import paths
 from rlhf_jax.chunking import chunk_rows
 from rlhf_jax.train.dpo import REFERENCE_KEYS, pair_logps
 
@@ -132,22 +132,22 @@ def attach_reference_to_records(
     ]
 
 
-def save_reference_logps(path: str, chosen: np.ndarray, rejected: np.ndarray) -> None:
-    """Writes `{path}` as an .npz with arrays reference_chosen_logps, reference_rejected_logps."""
-    with open(path, "wb") as f:
-        np.savez(
-            f,
-            **{
-                REFERENCE_KEYS[0]: np.asarray(chosen, np.float32),
-                REFERENCE_KEYS[1]: np.asarray(rejected, np.float32),
-            },
-        )
+def save_reference_logps(path: str | os.PathLike, chosen: np.ndarray, rejected: np.ndarray) -> None:
+    """Writes `{path}` (local or cloud, atomically) as an .npz with arrays
+    reference_chosen_logps, reference_rejected_logps."""
+    paths.save_npz(
+        path,
+        **{
+            REFERENCE_KEYS[0]: np.asarray(chosen, np.float32),
+            REFERENCE_KEYS[1]: np.asarray(rejected, np.float32),
+        },
+    )
 
 
-def load_reference_logps(path: str) -> tuple[np.ndarray, np.ndarray]:
+def load_reference_logps(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reads what `save_reference_logps` wrote: (chosen [N], rejected [N]) float32."""
-    with np.load(path) as z:
-        return z[REFERENCE_KEYS[0]], z[REFERENCE_KEYS[1]]
+    z = paths.load_npz(path)
+    return z[REFERENCE_KEYS[0]], z[REFERENCE_KEYS[1]]
 
 
 def attach_reference(
@@ -181,8 +181,8 @@ def attach_reference(
       The records as dicts carrying `reference_chosen_logps` / `reference_rejected_logps`, so that
       batches of them make the DPO step run no reference model.
     """
-    if cache_path is not None and Path(cache_path).is_file():
-        chosen, rejected = load_reference_logps(str(cache_path))
+    if cache_path is not None and paths.as_path(cache_path).is_file():
+        chosen, rejected = load_reference_logps(cache_path)
     else:
         records = list(records)
         batches = (
@@ -193,5 +193,5 @@ def attach_reference(
             model, params, batches, average_log_prob=average_log_prob
         )
         if cache_path is not None and is_primary:
-            save_reference_logps(str(cache_path), chosen, rejected)
+            save_reference_logps(cache_path, chosen, rejected)
     return attach_reference_to_records([dict(r) for r in records], chosen, rejected)

@@ -67,7 +67,11 @@ def make_reward_loss(reward_model: nn.Module, *, margin: float = 0.0) -> LossFn:
 
 
 def make_reward_step(
-    reward_model: nn.Module, optimizer: optax.GradientTransformation, *, margin: float = 0.0
+    reward_model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    margin: float = 0.0,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure reward-model step `step(state, batch) -> (state, metrics)` (un-jitted).
 
@@ -75,11 +79,13 @@ def make_reward_step(
       reward_model: a `RewardModel` (`apply(params, tokens, mask) -> scores[B]`).
       optimizer: the optax transformation `state.opt_state` belongs to.
       margin: constant margin subtracted from r_c - r_r inside the sigmoid.
+      microbatches: gradient accumulation over that many microbatches (`train.make_step`).
     Returns:
       The step (`train.make_step` of `make_reward_loss`); metrics: loss, grad_norm, update_norm,
       accuracy, margin, rewards/chosen, rewards/rejected.
     """
-    return make_step(make_reward_loss(reward_model, margin=margin), optimizer)
+    loss = make_reward_loss(reward_model, margin=margin)
+    return make_step(loss, optimizer, microbatches=microbatches)
 
 
 def make_reward_eval(reward_model: nn.Module, *, margin: float = 0.0) -> Callable:

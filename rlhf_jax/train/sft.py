@@ -74,7 +74,11 @@ def make_sft_loss(model: nn.Module, *, reduction: str = "token") -> LossFn:
 
 
 def make_sft_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, *, reduction: str = "token"
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    reduction: str = "token",
+    microbatches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure SFT step `step(state, batch) -> (state, metrics)` (un-jitted).
 
@@ -83,11 +87,16 @@ def make_sft_step(
       optimizer: the optax transformation `state.opt_state` belongs to.
       reduction: "token" (token-weighted mean NLL, default) or "example" (mean over examples of
         the per-example mean NLL, `losses.sft_loss`).
+      microbatches: gradient accumulation over that many microbatches (`train.make_step`): the
+        mean of the microbatches' losses, so with "token" each microbatch's tokens are weighted
+        within it (equal to the whole batch's token mean when they hold as many tokens).
     Returns:
       The step (`train.make_step` of `make_sft_loss`); metrics: loss, grad_norm, update_norm,
       nll_token, accuracy, num_tokens.
     """
-    return make_step(make_sft_loss(model, reduction=reduction), optimizer)
+    return make_step(
+        make_sft_loss(model, reduction=reduction), optimizer, microbatches=microbatches
+    )
 
 
 def make_sft_eval(model: nn.Module, *, reduction: str = "token") -> Callable[[Any, Batch], Metrics]:
