@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
+import numpy as np
 
 from rlhf_jax import sharding as sh
 
@@ -412,6 +413,16 @@ def check_batch(
         raise ConfigError(
             f"--{name.replace('_', '-')} {batch_size} is not divisible by the "
             f"{jax.process_count()} processes"
+        )
+    rows = sh.process_batch_rows(batch_size, mesh)
+    mine = batch_size // jax.process_count()
+    start = jax.process_index() * mine
+    if not np.array_equal(rows, np.arange(start, start + mine)):
+        # The loaders give host i the i-th block of each global batch (`data.make_dataset`).
+        raise ConfigError(
+            f"--mesh: this host's devices hold rows other than block {jax.process_index()} of "
+            "the batch (the mesh does not list the hosts' devices in order); build the mesh "
+            "over jax.devices() in their order"
         )
     if microbatches > 1:
         try:
