@@ -501,6 +501,27 @@ MUTANTS = (
         "on every device",
     ),
     Mutant(
+        "output-layer-not-vocab-parallel",
+        "rlhf_jax/sharding.py",
+        "        raise ValueError(f\"kind must be 'hidden', 'weight' or 'logits', got {kind!r}\")\n"
+        "    return jax.lax.with_sharding_constraint(x, P(*_pinned(x, dims, mesh)))\n",
+        "        raise ValueError(f\"kind must be 'hidden', 'weight' or 'logits', got {kind!r}\")\n"
+        "    return x\n",
+        (
+            "tests/test_planner.py::test_chunked_log_probs_never_put_the_whole_output_layer_on_one_device",
+        ),
+        "the output layer is not split over the vocabulary in a log-prob chunk: every device "
+        "gathers it whole and builds a whole gradient of it",
+    ),
+    Mutant(
+        "picked-log-prob-off-by-one",
+        "rlhf_jax/losses/logprobs.py",
+        "        onehot = jnp.arange(logits.shape[-1]) == y_i[..., None]\n",
+        "        onehot = jnp.arange(logits.shape[-1]) == y_i[..., None] + 1\n",
+        ("tests/test_planner.py::test_chunked_logps_equal_numpy_and_hold_no_full_logits",),
+        "chunked log-probs pick the wrong vocabulary entry",
+    ),
+    Mutant(
         "to-host-skips-the-gather",
         "rlhf_jax/sharding.py",
         "            return np.asarray(multihost_utils.process_allgather(x, tiled=True))",

@@ -224,6 +224,34 @@ def test_the_fused_rl_iteration_keeps_each_devices_rows():
     assert row["temp_gb"] * 1e9 < all_rows_chunk, row["temp_gb"]
 
 
+@pytest.mark.parametrize("model", ["llama-3.2-1b", "llama-3.1-8b"], ids=["tied", "lm_head"])
+def test_chunked_log_probs_never_put_the_whole_output_layer_on_one_device(model, monkeypatch):
+    """A DPO step with chunked log-probs on fsdp=8: the output layer stays split over the
+    vocabulary inside the chunk loop (`sharding.vocab_parallel`), so no device holds the whole
+    [D, V] weight or a whole gradient of it. Without it (checked here by switching it off) each
+    device gathers the weight and builds a whole float32 gradient per use: 8 GB against 3 GB of
+    temporaries on 4 layers of the Llama-3.1-8B DPO step on v5e-16."""
+    d, v = 256, 32768
+    wide = (("d_model", d), ("n_heads", 4), ("n_kv_heads", 2), ("d_ff", 512), ("n_layers", 1),
+            ("vocab_size", v))  # fmt: skip
+    spec = _spec(model=model, algo="dpo", mesh="data=1,fsdp=8", batch=8, seq_len=256,
+                 logits_chunk=64, remat="full", model_overrides=wide)  # fmt: skip
+    mesh = sh.make_mesh(data=1, fsdp=8, devices=jax.devices()[:8])
+    whole = [f"{dt}[{a},{b}]" for dt in ("f32", "bf16") for a, b in ((d, v), (v, d))]
+
+    def compile_step():
+        (prog,) = [p for p in planner.programs(spec) if p.name == "step"]
+        compiled = planner.compile_program(prog, mesh)
+        return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
+
+    temp, text = compile_step()
+    assert not [w for w in whole if w in text]
+    monkeypatch.setattr(sh, "vocab_parallel", lambda kind, x, **kw: x)
+    temp_off, text_off = compile_step()
+    assert [w for w in whole if w in text_off]
+    assert temp < temp_off - 2 * d * v * 4, (temp, temp_off)  # at least two float32 gradients
+
+
 @_needs_libtpu
 def test_the_compilers_out_of_memory_is_a_row_that_does_not_fit_and_chunking_fits():
     """A DPO step whose [2B, T, V] logits (V = 65536) exceed a v5e chip (compiled for v5e:2x2

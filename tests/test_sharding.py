@@ -330,14 +330,14 @@ def test_constrain_pins_the_dims_that_split_and_is_a_noop_without_a_mesh():
     def f(a, b):
         return (
             sharding.constrain(a * 2, sharding.BATCH_AXES, None, "tensor"),
-            sharding.constrain(b * 2, sharding.BATCH_AXES, "tensor"),  # 6 rows: 4 does not divide
+            sharding.constrain(b * 2, sharding.BATCH_AXES, "tensor"),  # 6 rows: data x fsdp = 4
             sharding.constrain_rows({"a": a + 1, "s": jnp.sum(a)}),
         )
 
     with jax.set_mesh(mesh):
         out, odd, rows = jax.jit(f)(x, x[:6])
     assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
-    assert odd.sharding.spec == P(None, "tensor")  # the rows stay whole, the 6 columns split
+    assert odd.sharding.spec == P("data", "tensor")  # fsdp, which would not divide 6, dropped
     assert rows["a"].sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(x))
     np.testing.assert_array_equal(np.asarray(odd), 2 * np.asarray(x[:6]))
@@ -355,3 +355,63 @@ def test_local_rows_and_to_host_on_one_process_are_the_whole_arrays():
     got = sharding.to_host(params)
     assert isinstance(got["w"], np.ndarray)
     np.testing.assert_array_equal(got["w"], host["w"])
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "lm_head"])
+def test_vocab_parallel_chunks_equal_the_unsharded_log_probs_and_gradients(tie):
+    """`Transformer.target_logps` in chunks on data=2, fsdp=2, tensor=2 (the output layer split over
+    the vocabulary inside each chunk, `sharding.vocab_parallel`) against the same function without
+    a mesh: log-probs, argmax hits, entropies and the gradient of a loss through them."""
+    cfg = models.TransformerConfig(vocab_size=96, max_len=16, d_model=16, n_layers=1, n_heads=2,
+                                   tie_embeddings=tie, logits_chunk=4)  # fmt: skip
+    model = models.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (8, 11), 0, cfg.vocab_size)
+    mask = jnp.ones_like(tokens).at[:4, 8:].set(0)
+    params = model.init(jax.random.key(0), tokens[:, :4])
+
+    def f(p):
+        logps, hit, ent = model.apply(p, tokens, mask, method=model.target_logps)
+        return jnp.sum(logps * jnp.cos(ent)), (logps, hit, ent)
+
+    want = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.value_and_grad(f, has_aux=True))(sharding.shard_state(params, mesh))
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_vocab_parallel_splits_rows_over_what_the_vocabulary_does_not_use():
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+
+    def specs(vocab):
+        xs = {"hidden": jnp.ones((8, 4, 16)), "weight": jnp.ones((16, vocab)),
+              "logits": jnp.ones((8, 4, vocab))}  # fmt: skip
+        with jax.set_mesh(mesh):
+            out = jax.jit(
+                lambda xs: {
+                    k: sharding.vocab_parallel(k, x, vocab_size=vocab) for k, x in xs.items()
+                }
+            )(xs)
+        return {k: x.sharding.spec for k, x in out.items()}
+
+    both = ("fsdp", "tensor")
+    assert specs(96) == {
+        "hidden": P("data"),
+        "weight": P(None, both),
+        "logits": P("data", None, both),
+    }
+    # 98 = 2 x 49: fsdp splits the vocabulary, tensor cannot; the rows are gathered over fsdp.
+    assert specs(98) == {
+        "hidden": P("data"),
+        "weight": P(None, "fsdp"),
+        "logits": P("data", None, "fsdp"),
+    }
+    # 99: no axis splits the vocabulary; the rows stay split as the batch is.
+    assert specs(99) == {
+        "hidden": P(("data", "fsdp")),
+        "weight": P(),
+        "logits": P(("data", "fsdp")),
+    }
+    with pytest.raises(ValueError, match="kind must be"), jax.set_mesh(mesh):
+        sharding.vocab_parallel("bias", jnp.ones(4), vocab_size=96)

@@ -10,6 +10,7 @@ them as forward references; jaxtyping ignores the space.
 """
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -101,6 +102,7 @@ def chunked_target_logps(
     softcap: float | None = None,
     vocab_major: bool = False,
     temperature: float = 1.0,
+    pin: Callable[[str, Array], Array] | None = None,
 ) -> tuple[Float[Array, "B T"], Shaped[Array, "B T"], Float[Array, "B T"]]:
     """`token_logps(logits, targets)`, `argmax(logits) == targets` and
     `entropy_from_logits(logits)` for `logits = hidden @ weight` (float32 accumulation in
@@ -114,6 +116,10 @@ def chunked_target_logps(
         embedding).
       targets: [B, T] token ids in [0, V).
       chunk: positions per chunk (>= 1; T is padded up to a multiple of it).
+      pin: optional `pin(kind, x) -> x` applied inside each chunk to the chunk's hidden rows
+        (kind "hidden", [B, c, D]), the weight ("weight") and the chunk's logits ("logits",
+        [B, c, V]): where a sharded caller places them (the models pass
+        `sharding.vocab_parallel`); the values are unchanged.
     Returns:
       ([B, T] float32 log-probabilities, [B, T] bool: the target is the argmax, [B, T] float32
       entropies).
@@ -128,16 +134,21 @@ def chunked_target_logps(
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
     y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
     spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+    pin = pin or (lambda kind, x: x)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(h_i, y_i):
+        h_i, w = pin("hidden", h_i), pin("weight", weight)
         logits = jnp.einsum(
-            spec, h_i.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32
-        )  # [B, c, V]
+            spec, h_i.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+        )
+        logits = pin("logits", logits)  # [B, c, V]
         if softcap is not None:
             logits = softcap * jnp.tanh(logits / softcap)
         logits = logits / temperature
-        picked = jnp.take_along_axis(logits, y_i[..., None], axis=-1)[..., 0]
+        # A masked sum, not a gather: the vocabulary may be split across chips (`pin`).
+        onehot = jnp.arange(logits.shape[-1]) == y_i[..., None]
+        picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
         hit = jnp.argmax(logits, axis=-1) == y_i
         return picked - jax.nn.logsumexp(logits, axis=-1), hit, entropy_from_logits(logits)
 

@@ -578,6 +578,9 @@ class Transformer(nn.Module):
         return losses.chunked_target_logps(
             hidden, weight, targets, chunk=cfg.logits_chunk, dtype=cfg.compute_dtype,
             softcap=cfg.final_softcap, vocab_major=vocab_major, temperature=temperature,
+            pin=functools.partial(
+                sh.vocab_parallel, vocab_size=cfg.vocab_size, vocab_major=vocab_major
+            ),
         )  # fmt: skip
 
     def __call__(
