@@ -503,9 +503,9 @@ MUTANTS = (
     Mutant(
         "output-layer-not-vocab-parallel",
         "rlhf_jax/sharding.py",
-        "        raise ValueError(f\"kind must be 'hidden', 'weight' or 'logits', got {kind!r}\")\n"
+        "        raise ValueError(f\"kind must be 'weight' or 'logits', got {kind!r}\")\n"
         "    return jax.lax.with_sharding_constraint(x, P(*_pinned(x, dims, mesh)))\n",
-        "        raise ValueError(f\"kind must be 'hidden', 'weight' or 'logits', got {kind!r}\")\n"
+        "        raise ValueError(f\"kind must be 'weight' or 'logits', got {kind!r}\")\n"
         "    return x\n",
         (
             "tests/test_planner.py::test_chunked_log_probs_never_put_the_whole_output_layer_on_one_device",

@@ -381,12 +381,11 @@ def test_vocab_parallel_chunks_equal_the_unsharded_log_probs_and_gradients(tie):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
-def test_vocab_parallel_splits_rows_over_what_the_vocabulary_does_not_use():
+def test_vocab_parallel_splits_logit_rows_over_what_the_vocabulary_does_not_use():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
 
     def specs(vocab):
-        xs = {"hidden": jnp.ones((8, 4, 16)), "weight": jnp.ones((16, vocab)),
-              "logits": jnp.ones((8, 4, vocab))}  # fmt: skip
+        xs = {"weight": jnp.ones((16, vocab)), "logits": jnp.ones((8, 4, vocab))}
         with jax.set_mesh(mesh):
             out = jax.jit(
                 lambda xs: {
@@ -397,21 +396,18 @@ def test_vocab_parallel_splits_rows_over_what_the_vocabulary_does_not_use():
 
     both = ("fsdp", "tensor")
     assert specs(96) == {
-        "hidden": P("data"),
         "weight": P(None, both),
         "logits": P("data", None, both),
     }
     # 98 = 2 x 49: fsdp splits the vocabulary, tensor cannot; the rows are gathered over fsdp.
     assert specs(98) == {
-        "hidden": P("data"),
         "weight": P(None, "fsdp"),
         "logits": P("data", None, "fsdp"),
     }
     # 99: no axis splits the vocabulary; the rows stay split as the batch is.
     assert specs(99) == {
-        "hidden": P(("data", "fsdp")),
         "weight": P(),
         "logits": P(("data", "fsdp")),
     }
     with pytest.raises(ValueError, match="kind must be"), jax.set_mesh(mesh):
-        sharding.vocab_parallel("bias", jnp.ones(4), vocab_size=96)
+        sharding.vocab_parallel("hidden", jnp.ones(4), vocab_size=96)

@@ -116,10 +116,9 @@ def chunked_target_logps(
         embedding).
       targets: [B, T] token ids in [0, V).
       chunk: positions per chunk (>= 1; T is padded up to a multiple of it).
-      pin: optional `pin(kind, x) -> x` applied inside each chunk to the chunk's hidden rows
-        (kind "hidden", [B, c, D]), the weight ("weight") and the chunk's logits ("logits",
-        [B, c, V]): where a sharded caller places them (the models pass
-        `sharding.vocab_parallel`); the values are unchanged.
+      pin: optional `pin(kind, x) -> x` applied inside each chunk to the weight (kind
+        "weight") and the chunk's logits ("logits", [B, c, V]): where a sharded caller places
+        them (the models pass `sharding.vocab_parallel`); the values are unchanged.
     Returns:
       ([B, T] float32 log-probabilities, [B, T] bool: the target is the argmax, [B, T] float32
       entropies).
@@ -138,7 +137,7 @@ def chunked_target_logps(
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(h_i, y_i):
-        h_i, w = pin("hidden", h_i), pin("weight", weight)
+        w = pin("weight", weight)
         logits = jnp.einsum(
             spec, h_i.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
         )
