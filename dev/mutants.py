@@ -486,8 +486,8 @@ MUTANTS = (
     Mutant(
         "chunked-logps-without-temperature",
         "rlhf_jax/losses/logprobs.py",
-        "        logits = logits / temperature\n",
-        "",
+        "    return logits / temperature\n",
+        "    return logits\n",
         ("tests/test_planner.py::test_chunked_logps_equal_numpy_and_hold_no_full_logits",),
         "chunked log-probs ignore the sampling temperature",
     ),
@@ -516,10 +516,21 @@ MUTANTS = (
     Mutant(
         "picked-log-prob-off-by-one",
         "rlhf_jax/losses/logprobs.py",
-        "        onehot = jnp.arange(logits.shape[-1]) == y_i[..., None]\n",
-        "        onehot = jnp.arange(logits.shape[-1]) == y_i[..., None] + 1\n",
+        "    onehot = jnp.arange(logits.shape[-1]) == jnp.asarray(y)[..., None]\n",
+        "    onehot = jnp.arange(logits.shape[-1]) == jnp.asarray(y)[..., None] + 1\n",
         ("tests/test_planner.py::test_chunked_logps_equal_numpy_and_hold_no_full_logits",),
         "chunked log-probs pick the wrong vocabulary entry",
+    ),
+    Mutant(
+        "chunked-kl-reversed",
+        "rlhf_jax/losses/kl.py",
+        "        kl = exact_kl(logits, ref_logits)\n",
+        "        kl = exact_kl(ref_logits, logits)\n",
+        (
+            "tests/test_losses_kl.py::test_chunked_logps_and_exact_kl_equal_numpy",
+            "tests/test_ppo_update.py::test_chunked_rollout_equals_the_full_logits_rollout",
+        ),
+        "the chunked rollout KL is KL(pi_ref || pi) instead of KL(pi || pi_ref)",
     ),
     Mutant(
         "to-host-skips-the-gather",

@@ -192,3 +192,30 @@ def test_adaptive_kl_coef_invalid():
         losses.adaptive_kl_coef(0.1, 1.0, 1, target=0.0, horizon=10.0)
     with pytest.raises(ValueError, match="horizon"):
         losses.adaptive_kl_coef(0.1, 1.0, 1, target=1.0, horizon=-1.0)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["head", "tied"])
+def test_chunked_logps_and_exact_kl_equal_numpy(vocab_major):
+    """Policy and reference log-probs and the exact KL, 3 positions at a time (7 positions: the
+    last chunk padded), with a soft-cap and a temperature, against NumPy on whole logits."""
+    rng = np.random.default_rng(0)
+    b, t, d, v, cap, temp = 2, 7, 5, 11, 2.5, 0.7
+    h, rh = rng.normal(size=(2, b, t, d)).astype(np.float32)
+    w, rw = rng.normal(size=(2, d, v)).astype(np.float32)
+    y = rng.integers(0, v, (b, t))
+    lay = (lambda x: x.T) if vocab_major else (lambda x: x)
+    got = losses.chunked_logps_and_exact_kl(
+        h, lay(w), rh, lay(rw), y, chunk=3, softcap=cap, vocab_major=vocab_major, temperature=temp
+    )
+
+    def log_softmax(hidden, weight):
+        z = hidden.astype(np.float64) @ weight.astype(np.float64)
+        z = cap * np.tanh(z / cap) / temp
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(h, w), log_softmax(rh, rw)
+    pick = lambda x: np.take_along_axis(x, y[..., None], -1)[..., 0]  # noqa: E731
+    want = (pick(lp), pick(lq), (np.exp(lp) * (lp - lq)).sum(-1))
+    for g, w_ in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w_, rtol=1e-5, atol=1e-6)

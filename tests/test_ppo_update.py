@@ -152,6 +152,17 @@ def test_rollout_log_probs_are_those_at_the_sampling_temperature(setup):
     np.testing.assert_allclose(ro.kl_exact, kl, rtol=1e-4, atol=1e-6)
 
 
+def test_chunked_rollout_equals_the_full_logits_rollout(setup):
+    """With `logits_chunk` the rollout's log-probs, reference log-probs and exact KL come from
+    `chunked_logps_and_exact_kl` (no [B, N, V] logits held): the same numbers."""
+    state, ro, *_ = setup
+    chunked = Transformer(dataclasses.replace(CFG, logits_chunk=4))  # 4 does not divide N + P - 1
+    _, got = jax.jit(make_ppo_rollout(chunked, VALUE, PPO))(state, PROMPTS)
+    np.testing.assert_array_equal(got.response_tokens, ro.response_tokens)
+    for name in ("logps", "ref_logps", "kl_exact", "values"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ro, name), rtol=1e-5, atol=2e-6)
+
+
 def test_update_gradient_and_clip_fractions(setup):
     state, ro, opt_p, opt_v = setup
     p1 = perturbed(state.policy_params, 5, 0.5)  # pi_theta != pi_old

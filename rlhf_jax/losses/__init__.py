@@ -29,6 +29,7 @@ from rlhf_jax.losses.dpo import (
 from rlhf_jax.losses.kl import (
     KL_ESTIMATORS,
     adaptive_kl_coef,
+    chunked_logps_and_exact_kl,
     exact_kl,
     kl_estimate,
     kl_penalized_rewards,
@@ -74,6 +75,7 @@ __all__ = [
     "sft_loss",
     "simpo_loss",
     "token_logps",
+    "chunked_logps_and_exact_kl",
     "chunked_target_logps",
     "unlikelihood_loss",
     "whiten",

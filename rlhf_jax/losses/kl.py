@@ -1,13 +1,24 @@
 """KL divergence estimators, exact KL, the KL-penalized per-token reward and the adaptive KL
 controller (the KL term of seed Eq. 3)."""
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Shaped
+from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
-from rlhf_jax.losses.logprobs import Scalar, _bool_mask, _check_choice, _check_positive, _f32
+from rlhf_jax.losses.logprobs import (
+    Scalar,
+    _bool_mask,
+    _check_choice,
+    _check_positive,
+    _f32,
+    chunk_logits,
+    picked_logps,
+    scan_chunks,
+)
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -63,6 +74,48 @@ def exact_kl(
     p = jnp.exp(logp)  # [B, T, V]
     # 0 * (log 0 - log q) := 0; the where keeps -inf logits from making NaN values or gradients.
     return jnp.sum(p * jnp.where(p > 0, logp - logq, 0.0), axis=-1)
+
+
+def chunked_logps_and_exact_kl(
+    hidden: Float[ArrayLike, "B T D"],
+    weight: Float[ArrayLike, "_ _"],
+    ref_hidden: Float[ArrayLike, "B T D"],
+    ref_weight: Float[ArrayLike, "_ _"],
+    targets: Int[ArrayLike, "B T"],
+    *,
+    chunk: int,
+    dtype: Any = jnp.float32,
+    softcap: float | None = None,
+    vocab_major: bool = False,
+    temperature: float = 1.0,
+    pin: Callable[[str, Array], Array] | None = None,
+) -> tuple[Float[Array, "B T"], Float[Array, "B T"], Float[Array, "B T"]]:
+    """`(token_logps(logits, targets), token_logps(ref_logits, targets), exact_kl(logits,
+    ref_logits))` for `logits = hidden @ weight` and `ref_logits = ref_hidden @ ref_weight`
+    (each as `logprobs.chunked_target_logps` computes them), `chunk` positions at a time: the
+    policy's and the reference's [B, T, V] logits are never held (the PPO rollout's exact KL).
+
+    Args:
+      hidden, ref_hidden: [B, T, D] final hidden states of the policy and of the reference.
+      weight, ref_weight: their output layers ([D, V], or [V, D] with `vocab_major`).
+      targets: [B, T] token ids.
+      chunk, dtype, softcap, vocab_major, temperature, pin: as `chunked_target_logps`.
+    Returns:
+      ([B, T] policy log-probs, [B, T] reference log-probs, [B, T] KL >= 0), float32.
+    """
+    logits_of = functools.partial(
+        chunk_logits, dtype=dtype, softcap=softcap, vocab_major=vocab_major,
+        temperature=temperature, pin=pin or (lambda kind, x: x),
+    )  # fmt: skip
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(h_i, r_i, y_i):
+        logits, ref_logits = logits_of(h_i, weight), logits_of(r_i, ref_weight)
+        kl = exact_kl(logits, ref_logits)
+        return picked_logps(logits, y_i), picked_logps(ref_logits, y_i), kl
+
+    xs = (jnp.asarray(hidden), jnp.asarray(ref_hidden), jnp.asarray(targets, jnp.int32))
+    return scan_chunks(one, xs, chunk)
 
 
 def _last_token_onehot(mask: Shaped[ArrayLike, "B T"]) -> Shaped[Array, "B T"]:

@@ -123,37 +123,68 @@ def chunked_target_logps(
       ([B, T] float32 log-probabilities, [B, T] bool: the target is the argmax, [B, T] float32
       entropies).
     """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    hidden = jnp.asarray(hidden)
-    targets = jnp.asarray(targets, jnp.int32)
-    b, t, d = hidden.shape
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
     pin = pin or (lambda kind, x: x)
+    logits_of = functools.partial(
+        chunk_logits, dtype=dtype, softcap=softcap, vocab_major=vocab_major,
+        temperature=temperature, pin=pin,
+    )  # fmt: skip
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(h_i, y_i):
-        w = pin("weight", weight)
-        logits = jnp.einsum(
-            spec, h_i.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
-        )
-        logits = pin("logits", logits)  # [B, c, V]
-        if softcap is not None:
-            logits = softcap * jnp.tanh(logits / softcap)
-        logits = logits / temperature
-        # A masked sum, not a gather: the vocabulary may be split across chips (`pin`).
-        onehot = jnp.arange(logits.shape[-1]) == y_i[..., None]
-        picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+        logits = logits_of(h_i, weight)  # [B, c, V]
         hit = jnp.argmax(logits, axis=-1) == y_i
-        return picked - jax.nn.logsumexp(logits, axis=-1), hit, entropy_from_logits(logits)
+        return picked_logps(logits, y_i), hit, entropy_from_logits(logits)
 
-    _, outs = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (h, y))  # each [n, B, c]
-    logps, hits, ent = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in outs)
-    return logps, hits, ent
+    return scan_chunks(one, (jnp.asarray(hidden), jnp.asarray(targets, jnp.int32)), chunk)
+
+
+def chunk_logits(
+    h: Float[ArrayLike, "B c D"],
+    weight: Float[ArrayLike, "_ _"],
+    *,
+    dtype: Any,
+    softcap: float | None,
+    vocab_major: bool,
+    temperature: float,
+    pin: Callable[[str, Array], Array],
+) -> Float[Array, "B c V"]:
+    """One chunk's logits for the chunked functions: `h @ weight` accumulated in float32 from
+    `dtype` operands (`pin`ned as `chunked_target_logps` says), soft-capped, / temperature."""
+    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+    w = pin("weight", weight)
+    logits = jnp.einsum(
+        spec, jnp.asarray(h).astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+    )
+    logits = pin("logits", logits)  # [B, c, V]
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits / temperature
+
+
+def picked_logps(
+    logits: Float[ArrayLike, "B c V"], y: Int[ArrayLike, "B c"]
+) -> Float[Array, "B c"]:
+    """`token_logps` as a masked sum, not a gather: the vocabulary may be split across chips."""
+    onehot = jnp.arange(logits.shape[-1]) == jnp.asarray(y)[..., None]
+    picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def scan_chunks(one: Callable[..., Any], xs: tuple[Array, ...], chunk: int) -> Any:
+    """`one(*[x[:, chunk i] for x in xs])` for each chunk of `chunk` positions (dim 1 of every
+    [B, T, ...] array in `xs`, padded up to a multiple of `chunk`) in a `lax.scan`; its [B, c]
+    outputs concatenated back to [B, T]."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    b, t = xs[0].shape[:2]
+    n = -(-t // chunk)
+
+    def split(x):
+        x = jnp.pad(x, ((0, 0), (0, n * chunk - t)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # [n, B, c, ...]
+
+    _, outs = jax.lax.scan(lambda c, x: (c, one(*x)), None, tuple(split(x) for x in xs))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], outs)
 
 
 def sequence_logps(

@@ -46,7 +46,7 @@ it without transposes); sliding-window layers mask the slots older than their wi
 """
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -428,6 +428,43 @@ class _Head(nn.Module):
         )
 
 
+def chunk_options(cfg: TransformerConfig, temperature: float = 1.0) -> dict:
+    """The keyword arguments of the chunked log-prob functions for a model (`losses.
+    chunked_target_logps`): its chunk, compute dtype, soft-cap, output-layer layout, and the
+    output layer split over the vocabulary on a mesh (`sharding.vocab_parallel`)."""
+    pin = functools.partial(
+        sh.vocab_parallel, vocab_size=cfg.vocab_size, vocab_major=cfg.tie_embeddings
+    )
+    return dict(chunk=cfg.logits_chunk, dtype=cfg.compute_dtype, softcap=cfg.final_softcap,
+                vocab_major=cfg.tie_embeddings, temperature=temperature, pin=pin)  # fmt: skip
+
+
+def chunked_logps_and_exact_kl(
+    model: nn.Module,
+    params: Any,
+    ref_params: Any,
+    tokens: Int[ArrayLike, "B T"],
+    attention_mask: Shaped[ArrayLike, "B T"],
+    start: int,
+    n: int,
+    temperature: float = 1.0,
+) -> tuple[Float[Array, "B n"], Float[Array, "B n"], Float[Array, "B n"]]:
+    """The policy's (`params`) and the reference's (`ref_params`) log-probs of tokens
+    start+1 .. start+n and the exact full-vocabulary KL(pi || pi_ref) at the positions that
+    predict them, `model.config.logits_chunk` positions at a time (`losses.
+    chunked_logps_and_exact_kl`): neither [B, n, V] logits tensor is held."""
+    tokens = jnp.asarray(tokens)
+    h, w = model.apply({"params": params}, tokens, attention_mask,
+                       method="hidden_and_output_weight")  # fmt: skip
+    rh, rw = model.apply({"params": ref_params}, tokens, attention_mask,
+                         method="hidden_and_output_weight")  # fmt: skip
+    window = slice(start, start + n)
+    return losses.chunked_logps_and_exact_kl(
+        h[:, window], w, rh[:, window], rw, tokens[:, start + 1 : start + 1 + n],
+        **chunk_options(model.config, temperature),
+    )  # fmt: skip
+
+
 def _positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
@@ -571,17 +608,24 @@ class Transformer(nn.Module):
             logits = self.logits(hidden) / temperature  # [B, T-1, V]
             hit = jnp.argmax(logits, axis=-1) == targets
             return losses.token_logps(logits, targets), hit, losses.entropy_from_logits(logits)
-        if cfg.tie_embeddings:
-            weight, vocab_major = self.embed.embedding, True  # [V, D]
-        else:
-            weight, vocab_major = self.lm_head.variables["params"]["kernel"], False  # [D, V]
         return losses.chunked_target_logps(
-            hidden, weight, targets, chunk=cfg.logits_chunk, dtype=cfg.compute_dtype,
-            softcap=cfg.final_softcap, vocab_major=vocab_major, temperature=temperature,
-            pin=functools.partial(
-                sh.vocab_parallel, vocab_size=cfg.vocab_size, vocab_major=vocab_major
-            ),
-        )  # fmt: skip
+            hidden, self.output_weight(), targets, **chunk_options(cfg, temperature)
+        )
+
+    def output_weight(self) -> Float[Array, "_ _"]:
+        """The output layer: the LM head's kernel [D, V], or the tied embedding [V, D]."""
+        if self.config.tie_embeddings:
+            return self.embed.embedding
+        return self.lm_head.variables["params"]["kernel"]
+
+    def hidden_and_output_weight(
+        self,
+        tokens: Int[ArrayLike, "B T"],
+        attention_mask: Shaped[ArrayLike, "B T"] | None = None,
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "_ _"]]:
+        """(`hidden(tokens, attention_mask)`, `output_weight()`): the inputs of the chunked
+        functions (`chunked_logps_and_exact_kl`)."""
+        return self.hidden(tokens, attention_mask), self.output_weight()
 
     def __call__(
         self,

@@ -48,7 +48,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses
 from rlhf_jax import sharding as sh
-from rlhf_jax.models.transformer import logits_chunked
+from rlhf_jax.models.transformer import chunked_logps_and_exact_kl, logits_chunked
 from rlhf_jax.sampling import SamplingConfig, generate
 from rlhf_jax.train.state import _unalias, as_key
 
@@ -308,7 +308,8 @@ def make_ppo_rollout(
     trained params are adapters, read through `policy_view` / `value_view`.
 
     Samples N = cfg.max_new_tokens tokens with key fold_in(fold_in(rng, step), 0), then one
-    teacher-forced forward each of the policy, the reference and the critic on the full sequence.
+    teacher-forced forward each of the policy, the reference and the critic on the full sequence
+    (with the model's `logits_chunk`, the log-probs and the exact KL in chunks of positions).
     """
 
     def rollout(state: PPOState, batch: Batch) -> tuple[PPOState, Rollout]:
@@ -329,13 +330,19 @@ def make_ppo_rollout(
         )
         r_tok, r_mask = sh.constrain_rows((gen.tokens, gen.mask.astype(jnp.int32)))  # [B, N]
         tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)  # [B, P+N]
-        logits, logps = _policy_forward(
-            policy_model, policy, tokens, mask, r_tok, p, cfg.temperature
-        )
         ref = reference_view(policy_model, state.ref_params)
-        ref_logits, ref_logps = _policy_forward(
-            policy_model, ref, tokens, mask, r_tok, p, cfg.temperature
-        )
+        if logits_chunked(policy_model):  # neither [B, N, V] logits tensor held
+            logps, ref_logps, kl_exact = chunked_logps_and_exact_kl(
+                policy_model, policy, ref, tokens, mask, p - 1, r_tok.shape[1], cfg.temperature
+            )
+        else:
+            logits, logps = _policy_forward(
+                policy_model, policy, tokens, mask, r_tok, p, cfg.temperature
+            )
+            ref_logits, ref_logps = _policy_forward(
+                policy_model, ref, tokens, mask, r_tok, p, cfg.temperature
+            )
+            kl_exact = losses.exact_kl(logits, ref_logits)
         value = value_view(value_model, state.value_params, state.ref_params, state.reward_params)
         values = value_model.apply({"params": value}, tokens, mask)  # [B, P+N]
         values = _response_slice(values, p, cfg.max_new_tokens)  # [B, N]
@@ -354,7 +361,7 @@ def make_ppo_rollout(
             logps=jnp.where(live, logps, 0.0),
             ref_logps=jnp.where(live, ref_logps, 0.0),
             values=jnp.where(live, values, 0.0),
-            kl_exact=jnp.where(live, losses.exact_kl(logits, ref_logits), 0.0),
+            kl_exact=jnp.where(live, kl_exact, 0.0),
             has_eos=has_eos,
             scores=jnp.zeros((b,), jnp.float32),
             rewards=zeros,
