@@ -533,6 +533,22 @@ MUTANTS = (
         "the chunked rollout KL is KL(pi_ref || pi) instead of KL(pi || pi_ref)",
     ),
     Mutant(
+        "scanned-layers-one-window",
+        "rlhf_jax/models/transformer.py",
+        "x, masks[cfg.window(j)], rope.get(cfg.rope_key(j)),",
+        "x, masks[cfg.window(0)], rope.get(cfg.rope_key(j)),",
+        ("tests/test_scan_layers.py::test_scanned_layers_equal_the_unrolled_decoder",),
+        "scanned Gemma layers all attend with the first layer's sliding window",
+    ),
+    Mutant(
+        "scanned-layers-reversed",
+        "rlhf_jax/models/transformer.py",
+        "_stack_layers(self.variables, range(j, cfg.n_layers, period), cfg.compute_dtype)",
+        "_stack_layers(self.variables, range(j, cfg.n_layers, period)[::-1], cfg.compute_dtype)",
+        ("tests/test_scan_layers.py::test_scanned_layers_equal_the_unrolled_decoder",),
+        "the scanned decoder runs its layers' weights in reverse order",
+    ),
+    Mutant(
         "to-host-skips-the-gather",
         "rlhf_jax/sharding.py",
         "            return np.asarray(multihost_utils.process_allgather(x, tiled=True))",

@@ -23,7 +23,9 @@ loss (simpo and orpo hold no reference).
 
 Memory features: --remat {none,full,dots} on the decoder blocks, --microbatches K (gradient
 accumulation inside the step; RL: K minibatches), --logits-chunk C (log-probs over the
-vocabulary C positions at a time: no [B, T, V] logits), --lora-rank R with --quantize
+vocabulary C positions at a time: no [B, T, V] logits), --scan-layers (the blocks as one
+lax.scan over the layers: one layer's gathered weights live at a time, and compiling takes the
+same time at any depth), --lora-rank R with --quantize
 {none,int8,nf4}, and --ref {model,precomputed,base} (a frozen copy, DPO's precomputed
 log-probs, or the LoRA base).
 
@@ -77,6 +79,7 @@ class Config:
     ref: Literal["model", "precomputed", "base"] = "model"  # the reference policy's form
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"  # DPO
     logits_chunk: int = 0  # positions per log-prob chunk (0: the whole [B, T, V] at once)
+    scan_layers: bool = False  # the decoder blocks as one lax.scan over the layers
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype (params stay float32)
     max_new_tokens: int = 256  # RL: tokens sampled per prompt
     group_size: int = 8  # critic-free: completions per prompt
@@ -152,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"{config.topology} ({chip_name}, {len(devices)} devices), mesh {dict(mesh.shape)}, "
         f"batch {config.batch} x {config.seq_len} tokens, remat {config.remat}, "
         f"microbatches {config.microbatches}, logits chunk {config.logits_chunk or 'off'}, "
+        f"scan layers {'on' if config.scan_layers else 'off'}, "
         f"LoRA {config.lora_rank or 'off'} ({config.quantize}), ref {spec.ref}"
     )
     run_steps = config.run_steps if config.run else 0

@@ -313,11 +313,13 @@ def write_run_config(
 @dataclasses.dataclass(frozen=True)
 class MemoryFlags:
     """The model-memory flags every training driver takes (what `experiments/plan.py` tries out
-    before a run): remat of the decoder blocks and log-probs over the vocabulary in chunks. They
-    change how the step computes, not what: the metrics agree to float32 round-off."""
+    before a run): remat of the decoder blocks, log-probs over the vocabulary in chunks and the
+    blocks as one scan over the layers. They change how the step computes, not what: the
+    metrics agree to float32 round-off."""
 
     remat: Literal["keep", "none", "full", "dots"] = "keep"  # block remat ("keep": the model's)
     logits_chunk: int = -1  # positions per log-prob chunk (0: whole [B, T, V]; -1: the model's)
+    scan_layers: Literal["keep", "on", "off"] = "keep"  # blocks as one lax.scan over the layers
 
 
 def memory_config(config: Any, model_config: Any) -> Any:
@@ -327,6 +329,8 @@ def memory_config(config: Any, model_config: Any) -> Any:
         changes["remat"] = config.remat
     if getattr(config, "logits_chunk", -1) >= 0:
         changes["logits_chunk"] = config.logits_chunk
+    if getattr(config, "scan_layers", "keep") != "keep":
+        changes["scan_layers"] = config.scan_layers == "on"
     return dataclasses.replace(model_config, **changes) if changes else model_config
 
 

@@ -83,6 +83,7 @@ class PlanSpec:
     ref: str = "model"  # DPO / PPO / critic-free: "model", "precomputed" (DPO), "base" (LoRA)
     loss_type: str = "sigmoid"  # the DPO family's loss (simpo and orpo hold no reference)
     logits_chunk: int = 0
+    scan_layers: bool = False  # the decoder blocks as one lax.scan over the layers
     dtype: str = "bfloat16"
     max_new_tokens: int = 256  # PPO, critic-free
     group_size: int = 8  # critic-free
@@ -190,13 +191,15 @@ def _spec_batch(shape: tuple[int, ...], dtype=jnp.int32) -> jax.ShapeDtypeStruct
 
 
 def model_config(spec: PlanSpec) -> models.TransformerConfig:
-    """The preset of `spec.model` with the plan's numerics (dtype, remat, logits_chunk)."""
+    """The preset of `spec.model` with the plan's numerics (dtype, remat, logits_chunk,
+    scan_layers)."""
     probe = models.get_config(spec.model, **dict(spec.model_overrides))
     return models.get_config(
         spec.model,
         dtype=spec.dtype,
         remat=spec.remat,
         logits_chunk=spec.logits_chunk,
+        scan_layers=spec.scan_layers,
         max_len=max(probe.max_len, spec.seq_len),
         **dict(spec.model_overrides),
     )

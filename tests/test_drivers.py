@@ -159,12 +159,13 @@ def test_dpo_tiny_with_precomputed_reference(drivers, sft, reward_model, tmp_pat
 
 
 def test_dpo_memory_flags_change_how_not_what_it_computes(drivers, sft, tmp_path):
-    """--microbatches 2 (gradient accumulation), --remat full and --logits-chunk 8 (the flags
-    experiments/plan.py tries out) give the same run as the plain command, to round-off."""
+    """--microbatches 2 (gradient accumulation), --remat full, --logits-chunk 8 and
+    --scan-layers on (the flags experiments/plan.py tries out) give the same run as the plain
+    command, to round-off."""
     argv = ["--preset", "tiny", "--init-from", str(sft[0]), "--steps", "4", "--log-every", "1",
             "--checkpoint-every", "4", "--warmup-steps", "1"]  # fmt: skip
     plain = drivers["dpo"].main(argv + ["--workdir", str(tmp_path / "plain")])
-    flags = ["--microbatches", "2", "--remat", "full", "--logits-chunk", "8"]
+    flags = ["--microbatches", "2", "--remat", "full", "--logits-chunk", "8", "--scan-layers", "on"]
     lean = drivers["dpo"].main(argv + ["--workdir", str(tmp_path / "lean"), *flags])
     assert [r["step"] for r in lean] == [r["step"] for r in plain] == [1, 2, 3, 4]
     for key in ("loss", "rewards/margin", "logps/chosen", "grad_norm"):

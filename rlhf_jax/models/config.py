@@ -32,8 +32,9 @@ class TransformerConfig:
     Numerics: `dtype` is the compute dtype ("float32" or "bfloat16"); parameters are always
     float32, the residual stream, norm statistics, attention softmax and logits float32. `remat`
     rematerialises each block in the backward pass (a policy: "none", "full", "dots");
-    `logits_chunk` computes target log-probs in chunks of positions; `grad_barrier` is a
-    backward-pass scheduling hint with no effect on any number.
+    `logits_chunk` computes target log-probs in chunks of positions; `scan_layers` runs the
+    blocks as one `lax.scan` over the layers; `grad_barrier` is a backward-pass scheduling hint.
+    None of them changes a number beyond float32 round-off.
 
     Architecture (set by the family; every field is read from the HF config.json):
       family: the Hugging Face `model_type` written by `save_pretrained`.
@@ -76,6 +77,13 @@ class TransformerConfig:
     # once), each chunk's logits recomputed in the backward pass: no [B, T, V] float32 logits
     # tensor is held by the losses that use `Transformer.target_logps` (SFT, the DPO family).
     logits_chunk: int = 0
+    # Run the decoder blocks of full forward passes (training, scoring) as one `lax.scan` over
+    # the layers, grouped by their repeating pattern (Gemma 2's sliding/global pairs): XLA then
+    # sees one block, so each step gathers, holds and frees one layer's FSDP-split weights at a
+    # time and compiles in a time independent of depth. The per-layer parameters are stacked in
+    # the step (one extra copy of the blocks' weights, split like them); the parameter tree and
+    # every checkpoint are unchanged. Decoding against a KV cache stays unrolled.
+    scan_layers: bool = False
     # Backward-pass scheduling hint at each norm input (see `transformer._grad_barrier`): an
     # identity whose cotangent goes through `lax.optimization_barrier`. It speeds up reverse-mode
     # training steps on XLA:CPU; turn it off for forward-mode AD (jax.jvp, jacfwd, hessian), which

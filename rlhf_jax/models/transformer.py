@@ -57,7 +57,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 from rlhf_jax import losses
 from rlhf_jax import sharding as sh
 from rlhf_jax.models.config import TransformerConfig
-from rlhf_jax.models.projection import Projection
+from rlhf_jax.models.projection import LORA_DROPOUT_RNG, Projection
 
 _INIT_STD = 0.02  # GPT-2 / HF initializer_range
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # masked scores (as jax.nn.dot_product_attention)
@@ -486,6 +486,70 @@ def logits_chunked(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "logits_chunk", 0))
 
 
+def layer_period(cfg: TransformerConfig) -> int:
+    """The smallest p dividing n_layers such that layer i attends like layer i mod p (its sliding
+    window and RoPE table): `scan_layers` scans over n_layers / p groups of p blocks (1 for most
+    models, 2 for Gemma 2's sliding/global pairs, 6 for Gemma 3's 5:1 pattern)."""
+    kinds = [(cfg.window(i), cfg.rope_key(i)) for i in range(cfg.n_layers)]
+    return next(
+        p
+        for p in range(1, cfg.n_layers + 1)
+        if cfg.n_layers % p == 0 and all(k == kinds[i % p] for i, k in enumerate(kinds))
+    )
+
+
+# The leaves each projection casts to the compute dtype before use (`Projection`: kernel and
+# bias; its LoRA adapter's a and b), by collection.
+_CAST_LEAVES = {"params": ("kernel", "bias"), "lora": ("a", "b")}
+_PROJECTIONS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+
+
+def _as_computed(collection: str, layer: Any, dtype: Any) -> Any:
+    """One layer's variables of `collection` with the projections' float32 leaves that the
+    block casts to `dtype` anyway cast here: stacking then copies, and the scan's backward pass
+    accumulates, the compute-dtype arrays (numbers unchanged: the cast's gradient is the same
+    cast back, applied to the same compute-dtype gradient)."""
+    names = _CAST_LEAVES.get(collection, ())
+    if not names or jnp.dtype(dtype) == jnp.float32:
+        return layer
+    out = dict(layer)
+    for part, projections in _PROJECTIONS.items():
+        if part not in out:
+            continue
+        out[part] = dict(out[part])
+        for proj in projections:
+            module = out[part].get(proj)
+            if module is None:
+                continue
+            out[part][proj] = {
+                k: v.astype(dtype) if k in names and v.dtype == jnp.float32 else v
+                for k, v in module.items()
+            }
+    return out
+
+
+def _stack_layers(variables: Any, layers: range, dtype: Any = jnp.float32) -> dict:
+    """Every collection's `layers_{i}` subtrees for i in `layers`, stacked leaf by leaf on a new
+    leading axis, the projections' weights in the compute `dtype` (`_as_computed`). The layers
+    must hold the same variables (shapes and names)."""
+    out = {}
+    for collection, tree in variables.items():
+        trees = [tree.get(f"layers_{i}") for i in layers]
+        trees = [t if t is None else _as_computed(collection, t, dtype) for t in trees]
+        if all(t is None for t in trees):
+            continue
+        first = jax.tree.structure(trees[0])
+        for i, t in zip(layers, trees):
+            if t is None or jax.tree.structure(t) != first:
+                raise ValueError(
+                    f"scan_layers: the {collection!r} variables of layers_{i} differ from those "
+                    f"of layers_{layers[0]} (e.g. adapters on some layers only); set "
+                    "scan_layers=False"
+                )
+        out[collection] = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    return out
+
+
 # Remat policies by name (`TransformerConfig.remat`): what each block keeps for the backward pass.
 _REMAT_POLICIES = {
     "full": lambda: None,  # nothing but the block's input: everything recomputed
@@ -526,6 +590,8 @@ class Transformer(nn.Module):
         return x
 
     def _blocks(self, x, masks, rope, cache=None, index=None):
+        if self.config.scan_layers and cache is None and not self.is_initializing():
+            return self._scanned_blocks(x, masks, rope), (), ()
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             cfg = self.config
@@ -536,6 +602,44 @@ class Transformer(nn.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         return x, tuple(new_k), tuple(new_v)
+
+    def _scanned_blocks(self, x, masks, rope):
+        """`_blocks` as one `lax.scan` over groups of `layer_period(cfg)` layers, each group's
+        variables (every collection: params, LoRA adapters, quantized kernels) stacked here."""
+        cfg = self.config
+        period = layer_period(cfg)
+        groups = cfg.n_layers // period
+        stacked = [
+            _stack_layers(self.variables, range(j, cfg.n_layers, period), cfg.compute_dtype)
+            for j in range(period)
+        ]
+        keys = None
+        if self.has_rng(LORA_DROPOUT_RNG):  # LoRA dropout: one key per layer
+            base = self.make_rng(LORA_DROPOUT_RNG)
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(cfg.n_layers))
+            keys = keys.reshape(groups, period, *keys.shape[1:])
+        policy = _REMAT_POLICIES[cfg.remat]() if cfg.remat != "none" else None
+
+        def run_block(j, variables, key, x):
+            rngs = {} if key is None else {LORA_DROPOUT_RNG: key}
+            block = _Block(cfg, j, parent=None)
+            y, _ = block.apply(variables, x, masks[cfg.window(j)], rope.get(cfg.rope_key(j)),
+                               rngs=rngs)  # fmt: skip
+            return y
+
+        def body(x, group):
+            variables, keys = group
+            for j in range(period):
+                key = None if keys is None else keys[j]
+                fn = functools.partial(run_block, j)
+                if cfg.remat != "none":
+                    fn = jax.checkpoint(fn, policy=policy, prevent_cse=False)
+                x = fn(variables[j], key, x)
+                x = sh.constrain(x, sh.BATCH_AXES)  # the residual stream: rows split like the batch
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, (stacked, keys), length=groups)
+        return x
 
     def hidden(
         self,
