@@ -7,6 +7,7 @@ against the unrolled decoder (the independent reference: one Python call per lay
 - the layer period is the smallest repeating pattern of windows and RoPE tables;
 - LoRA adapters (and a QLoRA int8 base) scan with the layers; adapters on some layers only are
   refused with the fix named; LoRA dropout draws masks from the step's key;
+- the reward and value models scan their trunk;
 - a DPO step on an 8-device mesh with scanned layers equals the unrolled step on one device;
 - the compiled program holds one block: its size does not grow with depth.
 """
@@ -222,3 +223,33 @@ def test_the_scanned_program_does_not_grow_with_depth():
     scanned = size(8, True) - size(2, True)
     # Unrolled: six more blocks, forward and backward. Scanned: six more stacked leaves only.
     assert scanned < 0.25 * unrolled, (scanned, unrolled)
+
+
+@pytest.mark.parametrize("kind", ["reward", "value"])
+def test_reward_and_value_models_scan_their_trunk(kind):
+    cfg = CONFIGS["llama"]
+    model_cls, init = {
+        "reward": (models.RewardModel, models.init_reward_params),
+        "value": (models.ValueModel, models.init_value_params),
+    }[kind]
+    params = init(cfg, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(params)  # the value head starts at zero: move it
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+    tokens, mask = _batch(cfg)
+    runs = []
+    for scan in (False, True):
+        model = model_cls(dataclasses.replace(cfg, scan_layers=scan))
+
+        def loss(p, model=model):
+            out = model.apply({"params": p}, tokens, mask)
+            return jnp.sum(jnp.tanh(out)), out
+
+        runs.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(params))
+    ((la, out_a), ga), ((lb, out_b), gb) = runs
+    np.testing.assert_allclose(out_b, out_a, atol=1e-5, rtol=1e-5)
+    _assert_close(gb, ga)
+    trunk = gb["transformer"]["layers_1"]["mlp"]["down"]["kernel"]
+    assert float(jnp.abs(trunk).max()) > 0
