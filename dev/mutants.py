@@ -147,7 +147,7 @@ MUTANTS = (
     ),
     Mutant(
         "validate-skips-ranges",
-        "rlhf_jax/cli.py",
+        "rlhf_jax/run/cli.py",
         "        if rule is None or not (numeric or name in (rules or {})):\n",
         "        if True:\n",
         ("tests/test_drivers.py", "-k", "bad_input"),
@@ -436,7 +436,7 @@ MUTANTS = (
     ),
     Mutant(
         "lora-reference-with-adapters",
-        "rlhf_jax/lora.py",
+        "rlhf_jax/lora/adapters.py",
         'ref = frozen.get("ref", {"base": base})',
         'ref = frozen.get("ref", {"base": base, "lora": params})',
         ("tests/test_lora.py",),
@@ -452,7 +452,7 @@ MUTANTS = (
     ),
     Mutant(
         "peft-b-untransposed",
-        "rlhf_jax/models/peft.py",
+        "rlhf_jax/lora/peft.py",
         'b = parts[0]["b"].reshape(r, -1).T  # [out, r]',
         'b = parts[0]["b"].reshape(-1, r)  # [out, r]',
         ("tests/test_lora_peft.py",),
@@ -468,7 +468,7 @@ MUTANTS = (
     ),
     Mutant(
         "lora-dropout-key-dropped",
-        "rlhf_jax/lora.py",
+        "rlhf_jax/lora/adapters.py",
         "return loss_fn(view(params, base, rng), batch, frozen=ref, hparams=hparams)",
         "return loss_fn(view(params, base), batch, frozen=ref, hparams=hparams)",
         ("tests/test_lora_rl.py",),

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import bandit as bd
-from rlhf_jax import cli, paths
+from rlhf_jax import paths
+from rlhf_jax.run import cli
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,8 +29,10 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, lora, losses, models, pairs, stages
+from rlhf_jax import data, lora, losses, models, pairs, stages
 from rlhf_jax.data import synthetic
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli, handover
 from rlhf_jax.sampling import SamplingConfig
 
 
@@ -103,7 +105,7 @@ def main(
         config = dataclasses.replace(config, custom_loss=_describe(loss_fn))
     cli.validate(config, files=("pairs",))
     if not config.init_from:
-        raise cli.ConfigError(
+        raise ConfigError(
             "DPO starts from (and regularises towards) the SFT model: pass --init-from"
         )
     handover.resolve_init_folder(config.init_from)
@@ -137,7 +139,7 @@ def main(
             cache_path=os.path.join(config.workdir, "pairs.jsonl"),
         )
         if len(records) < config.batch_size:
-            raise cli.ConfigError(
+            raise ConfigError(
                 f"{len(records)} sampled pairs, fewer than one batch of --batch-size "
                 f"{config.batch_size}; raise --num-prompts"
             )

@@ -44,9 +44,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlhf_jax import cli
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.frontier.config import PRESETS, FrontierConfig
 from rlhf_jax.frontier.pipeline import run_frontier
+from rlhf_jax.run import cli
 
 BATCH_FIELDS = (
     "sft_batch_size", "rm_batch_size", "dpo_batch_size", "ppo_batch_size", "cf_prompts"
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
     )
     if len(set(config.seeds)) != len(config.seeds):
-        raise cli.ConfigError(f"--seeds {' '.join(map(str, config.seeds))}: repeated seed")
+        raise ConfigError(f"--seeds {' '.join(map(str, config.seeds))}: repeated seed")
     cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
     for name in (*BATCH_FIELDS, "ft_batch_size"):

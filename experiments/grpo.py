@@ -48,11 +48,13 @@ from typing import Literal
 import jax
 import numpy as np
 
-from rlhf_jax import cli, handover, lora, models, paths, runner, sharding, stages, train
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
+from rlhf_jax import lora, models, paths, sharding, stages, train
 from rlhf_jax.data import arithmetic as ar
 from rlhf_jax.data import synthetic
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli, handover, runner
 from rlhf_jax.sampling import SamplingConfig, generate
 
 GROUND_TRUTH = "ground-truth"
@@ -201,16 +203,16 @@ def _check(config: Config, max_new_tokens: int) -> None:
     dynamic = config.dynamic_sampling or (config.dynamic_sampling is None and config.algo == "dapo")
     if config.num_groups is not None:
         if not dynamic:
-            raise cli.ConfigError(
+            raise ConfigError(
                 "--num-groups applies with dynamic sampling (--algo dapo or --dynamic-sampling)"
             )
         if not 1 <= config.num_groups <= config.prompts_per_step:
-            raise cli.ConfigError(
+            raise ConfigError(
                 f"--num-groups {config.num_groups} must be in [1, --prompts-per-step "
                 f"{config.prompts_per_step}]: the kept groups come from the sampled ones"
             )
     if config.overlong_cache is not None and not 1 <= config.overlong_cache <= max_new_tokens:
-        raise cli.ConfigError(
+        raise ConfigError(
             f"--overlong-cache {config.overlong_cache} must be in [1, {max_new_tokens}] (the "
             "completion length cap)"
         )
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if config.task == "sentiment":
         return _sentiment(config)
     if config.reward != GROUND_TRUTH:
-        raise cli.ConfigError(
+        raise ConfigError(
             "--reward applies to --task sentiment; the addition task's reward is the exact match"
         )
     if config.init_from:
@@ -248,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cfg = cfg or _model_config(config, task)
     cfg = cli.memory_config(config, cfg)
     if cfg.vocab_size < ar.VOCAB_SIZE or cfg.max_len < task.prompt_length + task.answer_length:
-        raise cli.ConfigError(
+        raise ConfigError(
             f"--init-from {config.init_from}: its model (vocabulary {cfg.vocab_size}, context "
             f"{cfg.max_len}) cannot read {config.digits}-digit problems; train it with this task"
         )
@@ -301,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 def _sentiment(config: Config) -> list[dict]:
     """--task sentiment: from an SFT model, on a reward model or the ground truth."""
     if not config.init_from:
-        raise cli.ConfigError(
+        raise ConfigError(
             "--task sentiment starts from (and regularises towards) the SFT model: pass "
             "--init-from (an experiments/sft.py workdir or an HF folder)"
         )

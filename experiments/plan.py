@@ -58,8 +58,10 @@ import json  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Literal  # noqa: E402
 
-from rlhf_jax import cli, paths, planner  # noqa: E402
+from rlhf_jax import paths, planner
 from rlhf_jax import sharding as sh  # noqa: E402
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +98,7 @@ def _spec(config: Config) -> planner.PlanSpec:
             **{k: v for k, v in dataclasses.asdict(config).items() if k in names}
         )
     except ValueError as e:
-        raise cli.ConfigError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+        raise ConfigError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
 
 
 def _fmt(x, spec=".2f") -> str:
@@ -141,14 +143,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cli.validate(config)
     spec = _spec(config)
     if config.run and config.topology != "local":
-        raise cli.ConfigError(
-            f"--run times real steps: use --topology local, not {config.topology}"
-        )
+        raise ConfigError(f"--run times real steps: use --topology local, not {config.topology}")
     try:
         devices, chip, chip_name = planner.topology_devices(config.topology)
         mesh = sh.make_mesh(**sh.parse_mesh_spec(config.mesh), devices=devices)
     except ValueError as e:
-        raise cli.ConfigError(f"--topology/--mesh: {e}") from None
+        raise ConfigError(f"--topology/--mesh: {e}") from None
     cfg = planner.model_config(spec)
     print(
         f"{config.model} ({cfg.num_params() / 1e9:.2f}B params) {config.algo} on "

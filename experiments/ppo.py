@@ -29,8 +29,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, lora, stages, train
+from rlhf_jax import data, lora, stages, train
 from rlhf_jax.data import synthetic
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli, handover
 
 GROUND_TRUTH = "ground-truth"
 
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
     cli.validate(config, {"temperature": (lambda t: t > 0, "> 0 (PPO samples)")})
     if not config.init_from:
-        raise cli.ConfigError(
+        raise ConfigError(
             "PPO starts from (and regularises towards) the SFT model: pass --init-from"
         )
     handover.resolve_init_folder(config.init_from)
@@ -99,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     mesh = cli.resolve_mesh(config.mesh)
     cli.check_batch(config.batch_size, mesh)
     if config.batch_size % config.num_minibatches:
-        raise cli.ConfigError(
+        raise ConfigError(
             f"--batch-size {config.batch_size} is not divisible by --num-minibatches "
             f"{config.num_minibatches}"
         )

@@ -28,8 +28,10 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import cli, data, handover, lora, models, pairs, stages
+from rlhf_jax import data, lora, models, pairs, stages
 from rlhf_jax.data import synthetic
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli, handover
 from rlhf_jax.sampling import SamplingConfig
 
 
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
     cli.validate(config, files=("pairs",))
     if not config.init_from:
-        raise cli.ConfigError("the reward model starts from the SFT model: pass --init-from")
+        raise ConfigError("the reward model starts from the SFT model: pass --init-from")
     handover.resolve_init_folder(config.init_from)
     cli.init_distributed(config)
     mesh = cli.resolve_mesh(config.mesh)
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size + 1)
         n_test = max(1, len(records) // 10)
         if len(records) - n_test < config.batch_size:
-            raise cli.ConfigError(
+            raise ConfigError(
                 f"--pairs {config.pairs}: {len(records)} valid pairs leave "
                 f"{len(records) - n_test} for training after {n_test} held out, fewer than one "
                 f"batch of --batch-size {config.batch_size}"
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             **sample,
         )
         if len(records) < config.batch_size:
-            raise cli.ConfigError(
+            raise ConfigError(
                 f"{len(records)} sampled pairs, fewer than one batch of --batch-size "
                 f"{config.batch_size}; raise --num-prompts"
             )

@@ -27,8 +27,9 @@ from typing import Literal
 
 import jax
 
-from rlhf_jax import cli, data, handover, lora, models, stages
+from rlhf_jax import data, lora, models, stages
 from rlhf_jax.data import synthetic
+from rlhf_jax.run import cli, handover
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from rlhf_jax.errors import ConfigError
+
 _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bandit.py"
 
 
@@ -32,7 +34,7 @@ def test_cli_presets_and_overrides(script):
         (["--methods", "dpo", "sft"], r"--methods \('dpo', 'sft'\): must be one of dpo, "),
         (["--preset", "huge"], "unknown preset 'huge'; choose one of: default, tiny"),
     ]:
-        with pytest.raises(script.cli.ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):
             script._cli(argv)
 
 

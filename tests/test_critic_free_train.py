@@ -19,6 +19,7 @@ from helpers import drivers
 
 from rlhf_jax import losses, models, train
 from rlhf_jax.data import arithmetic as ar
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.sampling import generate
 
 TASK = ar.ArithmeticTask(digits=2, noise=0.5)
@@ -315,7 +316,6 @@ def test_grpo_raises_heldout_pass_at_1_on_addition():
 
 @pytest.mark.slow
 def test_grpo_driver_tiny_runs_resumes_and_refuses_bad_flags(tmp_path):
-    from rlhf_jax import cli
 
     driver = drivers.load("grpo")
     wd = tmp_path / "run"
@@ -332,7 +332,7 @@ def test_grpo_driver_tiny_runs_resumes_and_refuses_bad_flags(tmp_path):
     for bad, flag in [(["--digits", "0"], "--digits"), (["--group-size", "1"], "--group-size"),
                       (["--algo", "ppo"], "--algo")]:  # fmt: skip
         out = tmp_path / f"bad{flag}"
-        with pytest.raises((cli.ConfigError, SystemExit)):
+        with pytest.raises((ConfigError, SystemExit)):
             driver.main(["--preset", "tiny", "--workdir", str(out), *bad])
         assert not out.exists()
 

@@ -24,9 +24,11 @@ import pytest
 from helpers import drivers as driver_scripts
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf_jax import cli, data, models, runner, sharding, train
-from rlhf_jax.data import synthetic
-from rlhf_jax.metrics_writer import read_metrics
+from rlhf_jax import data, models, sharding, train
+from rlhf_jax.data import synthetic, tasks
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli, handover
+from rlhf_jax.run.metrics_writer import read_metrics
 from rlhf_jax.stages import ppo as stages_ppo
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +74,7 @@ def test_sft_tiny(sft):
     assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (workdir / "hf" / "model.safetensors").is_file()
-    cfg, _ = runner.load_init_params(workdir)
+    cfg, _ = handover.load_init_params(workdir)
     assert (cfg.d_model, cfg.n_layers) == (64, 1) and cfg.vocab_size % 128 == 0
 
 
@@ -124,12 +126,12 @@ def test_reward_model_tiny(drivers, reward_model):
     workdir, rows = reward_model
     _check_outputs(workdir, rows, 30)
     assert (workdir / "pairs.jsonl").is_file() and (workdir / "pairs_test.jsonl").is_file()
-    cfg, params = runner.load_reward_model(workdir)
+    cfg, params = handover.load_reward_model(workdir)
     assert params["head"]["kernel"].shape == (cfg.d_model, 1)
     # The held-out accuracy logged at the last step, recomputed: the saved reward model on all
     # held-out pairs as one batch, r(chosen) > r(rejected) counted in NumPy.
     config = drivers["reward_model"].PRESETS["tiny"]
-    tok = runner.task_tokenizer(synthetic.load_task(synthetic.prepare(config.data_dir)))
+    tok = tasks.task_tokenizer(synthetic.load_task(synthetic.prepare(config.data_dir)))
     pairs = data.read_preference_jsonl(workdir / "pairs_test.jsonl")
     batch = data.collate_preferences(
         pairs,
@@ -217,7 +219,7 @@ def test_dpo_tiny_with_lora_adapters(drivers, sft, tmp_path):
     """--lora-rank: the adapters train against the SFT model as base and reference; the run
     writes them in PEFT's format (read back here) and the merged model as hf/."""
     from rlhf_jax import lora
-    from rlhf_jax.models import peft as peft_io
+    from rlhf_jax.lora import peft as peft_io
 
     argv = ["--preset", "tiny", "--workdir", str(tmp_path / "run"), "--init-from", str(sft[0])]
     rows = drivers["dpo"].main(argv + ["--lora-rank", "4", "--lora-alpha", "8"])
@@ -244,7 +246,7 @@ def test_sft_with_qlora(drivers, sft, tmp_path):
     """--lora-rank with --quantize: SFT continues the tiny SFT model with adapters on an int8
     base and hands over a merged hf/ and PEFT adapters (PPO with an int8 base: below; NF4 steps
     in test_qlora.py); --quantize without adapters is refused before any side effect."""
-    from rlhf_jax.models import peft as peft_io
+    from rlhf_jax.lora import peft as peft_io
 
     wd = tmp_path / "sft_qlora"
     argv = ["--preset", "tiny", "--workdir", str(wd), "--init-from", str(sft[0]), "--steps", "12"]
@@ -264,7 +266,7 @@ def test_reward_model_and_ppo_with_lora(drivers, sft, reward_model, tmp_path):
     from the reward-model run) and on PPO against it (QLoRA: an int8 policy base; the critic's
     adapters on the reward model's trunk): each hands over the merged model and the adapters."""
     from rlhf_jax import lora
-    from rlhf_jax.models import peft as peft_io
+    from rlhf_jax.lora import peft as peft_io
 
     rm_dir, ppo_dir = tmp_path / "rm", tmp_path / "ppo"
     argv = ["--preset", "tiny", "--init-from", str(sft[0]), "--steps", "10"]
@@ -274,7 +276,7 @@ def test_reward_model_and_ppo_with_lora(drivers, sft, reward_model, tmp_path):
                 "--lora-dropout", "0.1"]
     )  # fmt: skip
     _check_outputs(rm_dir, rows, 10)
-    cfg, merged = runner.load_reward_model(rm_dir)
+    cfg, merged = handover.load_reward_model(rm_dir)
     adapters, lora_cfg = peft_io.load_peft(str(rm_dir / "adapter"), cfg)
     assert lora_cfg.dropout == pytest.approx(0.1)
     from safetensors.numpy import load_file
@@ -335,13 +337,11 @@ def test_bad_configuration_fails_at_start(drivers, sft, name, tmp_path):
     main, wd = drivers[name].main, ["--workdir", str(tmp_path / "run")]
     if name != "sft":
         wd += ["--init-from", str(sft[0])]
-    with pytest.raises(
-        runner.ConfigError, match="unknown preset 'huge'; choose one of: default, tiny"
-    ):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of: default, tiny"):
         main(["--preset", "huge", *wd])
-    with pytest.raises(runner.ConfigError, match="impossible mesh for 8 devices: .*product is 8"):
+    with pytest.raises(ConfigError, match="impossible mesh for 8 devices: .*product is 8"):
         main(["--preset", "tiny", "--mesh", "data=3", *wd])
-    with pytest.raises(runner.ConfigError, match="--batch-size: batch size 12 is not divisible"):
+    with pytest.raises(ConfigError, match="--batch-size: batch size 12 is not divisible"):
         main(["--preset", "tiny", "--batch-size", "12", *wd])
     # The multi-host flags, checked before any connection is tried.
     for bad, message in [
@@ -352,18 +352,18 @@ def test_bad_configuration_fails_at_start(drivers, sft, name, tmp_path):
         (["--num-processes", "4"], "num_processes=4 needs a coordinator address"),
         (["--heartbeat-timeout-s", "0"], "--heartbeat-timeout-s 0: must be >= 1"),
     ]:  # fmt: skip
-        with pytest.raises(runner.ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):
             main(["--preset", "tiny", *bad, *wd])
     assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_resume_with_other_settings_and_cli_errors(drivers, sft, monkeypatch, capsys):
     workdir, argv, _ = sft
-    with pytest.raises(runner.ConfigError, match="learning_rate: 0.003 -> 0.5"):
+    with pytest.raises(ConfigError, match="learning_rate: 0.003 -> 0.5"):
         drivers["sft"].main(argv + ["--learning-rate", "0.5"])
     monkeypatch.setattr(sys, "argv", ["dpo.py", "--preset", "tiny", "--workdir", str(workdir)])
     with pytest.raises(SystemExit) as exit_info:
-        runner.run_cli(drivers["dpo"].main)
+        cli.run_cli(drivers["dpo"].main)
     assert exit_info.value.code == 2
     assert "error: DPO starts from" in capsys.readouterr().err
 
@@ -400,7 +400,7 @@ def _run_cli(drivers, name, argv, monkeypatch, capsys):
     """The driver as its command line (`run_cli`): (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
     try:
-        runner.run_cli(drivers[name].main)
+        cli.run_cli(drivers[name].main)
         code = 0
     except SystemExit as e:
         code = e.code

@@ -266,7 +266,7 @@ def test_lora_step_on_a_mesh_equals_one_device():
 
 
 def test_lora_run_checkpoints_only_the_adapters_and_resumes_bit_exactly(tmp_path):
-    from rlhf_jax import runner
+    from rlhf_jax.run import runner
 
     cfg = CONFIGS["llama"]
     batches = [_preference_batch(cfg, b=8, seed=s) for s in range(6)]

@@ -17,7 +17,7 @@ import pytest
 from helpers import families as fam
 
 from rlhf_jax import lora, models
-from rlhf_jax.models import peft as peft_io
+from rlhf_jax.lora import peft as peft_io
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")

@@ -41,7 +41,7 @@ import pytest
 from helpers import drivers as driver_scripts
 from safetensors.numpy import load_file
 
-from rlhf_jax.metrics_writer import read_metrics
+from rlhf_jax.run.metrics_writer import read_metrics
 
 pytestmark = pytest.mark.slow  # four jax.distributed processes per run
 

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from helpers import drivers as driver_scripts
 
-from rlhf_jax import checkpoint, data, handover, metrics_writer, paths
+from rlhf_jax import checkpoint, data, paths
 from rlhf_jax.data import synthetic
+from rlhf_jax.run import handover, metrics_writer
 
 BUCKET = "rlhf-jax-test"
 _ROOT = driver_scripts.ROOT

@@ -21,8 +21,9 @@ import optax
 import pytest
 from helpers import drivers as driver_scripts
 
-from rlhf_jax import cli, losses, models, planner, train
+from rlhf_jax import losses, models, planner, train
 from rlhf_jax import sharding as sh
+from rlhf_jax.errors import ConfigError
 
 TINY = (("n_layers", 2), ("d_model", 64), ("n_heads", 4), ("n_kv_heads", 2), ("d_ff", 128),
         ("vocab_size", 512))  # fmt: skip
@@ -293,5 +294,5 @@ def test_plan_cli_prints_the_table_and_names_bad_flags(capsys):
         (["--mesh", "data=3"], "--topology/--mesh: mesh"),
         (["--run"], "--run times real steps: use --topology local"),
     ):
-        with pytest.raises(cli.ConfigError, match=match):
+        with pytest.raises(ConfigError, match=match):
             plan.main(argv + bad)

@@ -17,10 +17,13 @@ import optax
 import pytest
 import tokenizers
 
-from rlhf_jax import data, models, runner, train
+from rlhf_jax import data, models, train
 from rlhf_jax import eval as ev
 from rlhf_jax import pairs as pairs_lib
-from rlhf_jax.metrics_writer import read_metrics
+from rlhf_jax.data import tasks
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli, handover, runner
+from rlhf_jax.run.metrics_writer import read_metrics
 from rlhf_jax.sampling import SamplingConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -164,37 +167,37 @@ class _Config:
 
 def test_parse_config_presets_and_overrides():
     presets = {"default": _Config(), "tiny": _Config(steps=2)}
-    assert runner.parse_config(_Config, presets, []) == _Config()
-    cfg = runner.parse_config(_Config, presets, ["--preset", "tiny", "--learning-rate", "0.5"])
+    assert cli.parse_config(_Config, presets, []) == _Config()
+    cfg = cli.parse_config(_Config, presets, ["--preset", "tiny", "--learning-rate", "0.5"])
     assert cfg == _Config(steps=2, learning_rate=0.5)
-    cfg = runner.parse_config(_Config, presets, ["--steps", "3", "--preset=tiny"])
+    cfg = cli.parse_config(_Config, presets, ["--steps", "3", "--preset=tiny"])
     assert cfg == _Config(steps=3)
-    with pytest.raises(runner.ConfigError, match="unknown preset 'huge'.*default, tiny"):
-        runner.parse_config(_Config, presets, ["--preset", "huge"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*default, tiny"):
+        cli.parse_config(_Config, presets, ["--preset", "huge"])
 
 
 def test_write_run_config_allows_steps_and_names_other_differences(tmp_path):
-    runner.write_run_config(tmp_path, _Config())
-    stored = json.loads((tmp_path / runner.RUN_CONFIG).read_text())
+    cli.write_run_config(tmp_path, _Config())
+    stored = json.loads((tmp_path / handover.RUN_CONFIG).read_text())
     assert stored == {**dataclasses.asdict(_Config()), "betas": [0.1, 1.0]}
-    runner.write_run_config(tmp_path, _Config())
-    runner.write_run_config(tmp_path, _Config(steps=20, workdir="elsewhere"))
-    with pytest.raises(runner.ConfigError, match=r"betas: \[0.1, 1.0\] -> \[0.2\].*learning_rate"):
-        runner.write_run_config(tmp_path, _Config(learning_rate=1.0, betas=(0.2,)))
+    cli.write_run_config(tmp_path, _Config())
+    cli.write_run_config(tmp_path, _Config(steps=20, workdir="elsewhere"))
+    with pytest.raises(ConfigError, match=r"betas: \[0.1, 1.0\] -> \[0.2\].*learning_rate"):
+        cli.write_run_config(tmp_path, _Config(learning_rate=1.0, betas=(0.2,)))
 
 
 def test_resolve_mesh_and_check_batch():
     assert jax.device_count() == 8
-    mesh = runner.resolve_mesh("data=2,fsdp=4")
+    mesh = cli.resolve_mesh("data=2,fsdp=4")
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert dict(runner.resolve_mesh("tensor=2").shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-    with pytest.raises(runner.ConfigError, match="impossible mesh for 8 devices: .*product is 8"):
-        runner.resolve_mesh("data=3")
-    with pytest.raises(runner.ConfigError, match="impossible mesh for 8 devices: bad mesh spec"):
-        runner.resolve_mesh("model=8")
-    assert runner.check_batch(16, mesh) == 16
-    with pytest.raises(runner.ConfigError, match="--batch-size: batch size 12 .* multiple of 8"):
-        runner.check_batch(12, mesh)
+    assert dict(cli.resolve_mesh("tensor=2").shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    with pytest.raises(ConfigError, match="impossible mesh for 8 devices: .*product is 8"):
+        cli.resolve_mesh("data=3")
+    with pytest.raises(ConfigError, match="impossible mesh for 8 devices: bad mesh spec"):
+        cli.resolve_mesh("model=8")
+    assert cli.check_batch(16, mesh) == 16
+    with pytest.raises(ConfigError, match="--batch-size: batch size 12 .* multiple of 8"):
+        cli.check_batch(12, mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,32 +236,32 @@ def _assert_tree_equal(a, b):
 
 def test_models_round_trip_through_workdirs_and_hf_folders(tmp_path, lm, tok):
     cfg, params = lm
-    runner.write_run_config(tmp_path / "sft", _Config())
-    with pytest.raises(runner.ConfigError, match="workdir without hf/: run its stage"):
-        runner.load_init_params(tmp_path / "sft")
+    cli.write_run_config(tmp_path / "sft", _Config())
+    with pytest.raises(ConfigError, match="workdir without hf/: run its stage"):
+        handover.load_init_params(tmp_path / "sft")
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
-    folder = runner.save_lm(tmp_path / "sft", bf16, params, tokenizer=tok)
+    folder = handover.save_lm(tmp_path / "sft", bf16, params, tokenizer=tok)
     assert folder == tmp_path / "sft" / "hf" and (folder / "tokenizer.json").is_file()
-    got_cfg, got = runner.load_init_params(tmp_path / "sft")
+    got_cfg, got = handover.load_init_params(tmp_path / "sft")
     assert got_cfg == bf16  # dtype kept through model_config.json
     _assert_tree_equal(got, params)
-    got_cfg, got = runner.load_init_params(folder, dtype="float32")  # the HF folder itself
+    got_cfg, got = handover.load_init_params(folder, dtype="float32")  # the HF folder itself
     assert got_cfg == cfg
     _assert_tree_equal(got, params)
 
     rm_params = jax.device_get(models.init_reward_params(cfg, jax.random.PRNGKey(1), params))
-    runner.save_reward_model(tmp_path / "rm", cfg, rm_params)
-    _assert_tree_equal(runner.load_reward_model(tmp_path / "rm")[1], rm_params)
-    _assert_tree_equal(runner.load_init_params(tmp_path / "rm")[1], params)  # its trunk
-    with pytest.raises(runner.ConfigError, match="Hugging Face model folder .*head.safetensors"):
-        runner.load_reward_model(tmp_path / "sft" / "hf")
-    with pytest.raises(runner.ConfigError, match="no such file or folder"):
-        runner.load_init_params(tmp_path / "missing")
-    runner.check_model(cfg, tok, max_length=32)
-    with pytest.raises(runner.ConfigError, match="model's vocabulary \\(8\\) is smaller"):
-        runner.check_model(dataclasses.replace(cfg, vocab_size=8), tok, max_length=32)
-    with pytest.raises(runner.ConfigError, match="rows of 33 tokens exceed the model's context"):
-        runner.check_model(cfg, tok, max_length=33)
+    handover.save_reward_model(tmp_path / "rm", cfg, rm_params)
+    _assert_tree_equal(handover.load_reward_model(tmp_path / "rm")[1], rm_params)
+    _assert_tree_equal(handover.load_init_params(tmp_path / "rm")[1], params)  # its trunk
+    with pytest.raises(ConfigError, match="Hugging Face model folder .*head.safetensors"):
+        handover.load_reward_model(tmp_path / "sft" / "hf")
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        handover.load_init_params(tmp_path / "missing")
+    handover.check_model(cfg, tok, max_length=32)
+    with pytest.raises(ConfigError, match="model's vocabulary \\(8\\) is smaller"):
+        handover.check_model(dataclasses.replace(cfg, vocab_size=8), tok, max_length=32)
+    with pytest.raises(ConfigError, match="rows of 33 tokens exceed the model's context"):
+        handover.check_model(cfg, tok, max_length=33)
 
 
 def test_make_preference_pairs_labels_every_pair_and_caches(tmp_path, lm, tok):
@@ -379,13 +382,13 @@ def test_task_loaders_give_fixed_shapes(lm, tok):
         test_prompts = train_prompts
 
     kw = dict(tokenizer=tok, batch_size=4, max_length=10, max_prompt_length=3, seed=0)
-    demo = next(runner.task_loaders(Task, "demonstration", **kw))
+    demo = next(tasks.task_loaders(Task, "demonstration", **kw))
     assert demo["tokens"].shape == (4, 10)
     rows = {tuple(t[m > 0]) for t, m in zip(demo["tokens"], demo["loss_mask"])}
     assert rows <= {tuple(tok.encode(r["text"]) + [tok.eos_id]) for r in Task.train}
-    prompts = next(runner.task_loaders(Task, "prompt", split="test", **kw))
+    prompts = next(tasks.task_loaders(Task, "prompt", split="test", **kw))
     assert prompts["prompt_tokens"].shape == (4, 3)
-    prefs = next(runner.task_loaders(Task, "preference", records=_PAIRS * 2, **kw))
+    prefs = next(tasks.task_loaders(Task, "preference", records=_PAIRS * 2, **kw))
     assert prefs["chosen_tokens"].shape == prefs["rejected_tokens"].shape == (4, 10)
     with pytest.raises(ValueError, match="make_preference_pairs"):
-        runner.task_loaders(Task, "preference", **kw)
+        tasks.task_loaders(Task, "preference", **kw)

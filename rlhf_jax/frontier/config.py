@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from rlhf_jax.cli import DistributedFlags, default_data_dir
+from rlhf_jax.run.cli import DistributedFlags, default_data_dir
 
 # `default_data_dir` takes a file two levels below the repository (as experiments/x.py is).
 _REPO_ANCHOR = Path(__file__).resolve().parent

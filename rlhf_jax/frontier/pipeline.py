@@ -33,10 +33,12 @@ from etils import epath
 
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
-from rlhf_jax import handover, models, pairs, paths, runner, stages, sweeps, train
+from rlhf_jax import models, pairs, paths, stages, sweeps, train
+from rlhf_jax import sharding as sh
 from rlhf_jax.data import synthetic
 from rlhf_jax.frontier import results as fr
 from rlhf_jax.frontier.config import FrontierConfig
+from rlhf_jax.run import handover, runner
 from rlhf_jax.sampling import SamplingConfig
 
 
@@ -496,7 +498,7 @@ def run_frontier(config: FrontierConfig, mesh: Any = None) -> dict:
         cache = paths.as_str(paths.as_path(config.workdir) / "jax_cache")  # gs:// works too
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    mesh = runner.resolve_mesh(config.mesh) if mesh is None else mesh
+    mesh = sh.make_mesh(**sh.parse_mesh_spec(config.mesh)) if mesh is None else mesh
     base = make_context(config, mesh)
     timings = {}
 

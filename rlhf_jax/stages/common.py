@@ -11,10 +11,11 @@ import jax
 import optax
 
 from rlhf_jax import data as rdata
-from rlhf_jax import handover, paths, train
 from rlhf_jax import lora as lora_lib
+from rlhf_jax import paths, train
 from rlhf_jax import sharding as sh
-from rlhf_jax.models import peft as peft_io
+from rlhf_jax.lora import peft as peft_io
+from rlhf_jax.run import handover
 
 ADAPTER_DIR = "adapter"  # a LoRA run's adapters in PEFT's format
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import jax
 
-from rlhf_jax import handover, models, runner, sweeps, train
 from rlhf_jax import lora as lora_lib
+from rlhf_jax import models, sweeps, train
+from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import Schedule, save_adapted
 from rlhf_jax.stages.ppo import HostReward, make_host_reward_step
 

@@ -12,9 +12,10 @@ from typing import Any
 import jax
 
 from rlhf_jax import data as rdata
-from rlhf_jax import handover, losses, models, paths, runner, sweeps, train
 from rlhf_jax import lora as lora_lib
+from rlhf_jax import losses, models, paths, sweeps, train
 from rlhf_jax import sharding as sh
+from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import Schedule, preference_loader, save_adapted
 
 REFERENCE_CACHE = "reference_logps.npz"

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 
 from rlhf_jax import data as rdata
-from rlhf_jax import handover, models, runner, sweeps, train
 from rlhf_jax import lora as lora_lib
+from rlhf_jax import models, sweeps, train
 from rlhf_jax import sharding as sh
+from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import Schedule, prompt_loader, save_adapted
 
 # A host reward: one sample per row -> [B] scores. A sample is the decoded prompt + completion

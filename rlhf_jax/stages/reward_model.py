@@ -13,10 +13,11 @@ import numpy as np
 
 from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
-from rlhf_jax import handover, models, paths, runner, train
 from rlhf_jax import lora as lora_lib
+from rlhf_jax import models, paths, train
 from rlhf_jax import sharding as sh
-from rlhf_jax.models import peft as peft_io
+from rlhf_jax.lora import peft as peft_io
+from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import ADAPTER_DIR, Schedule, preference_loader
 
 INFO_FILE = "reward_model_eval.json"

@@ -8,8 +8,9 @@ from typing import Any
 import jax
 
 from rlhf_jax import data as rdata
-from rlhf_jax import handover, models, runner, train
 from rlhf_jax import lora as lora_lib
+from rlhf_jax import models, train
+from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import Schedule, save_adapted
 
 

@@ -25,8 +25,10 @@ from etils import epath
 from rlhf_jax import data as rdata
 from rlhf_jax import models, paths
 from rlhf_jax import sharding as sh
-from rlhf_jax.cli import RUN_CONFIG, ConfigError
+from rlhf_jax.errors import ConfigError
 
+# The files and folders of a workdir that the stages hand over, and its run configuration.
+RUN_CONFIG = "run_config.json"
 MODEL_CONFIG = "model_config.json"
 HF_DIR = "hf"
 REWARD_DIR = "reward_model"

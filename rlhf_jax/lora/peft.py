@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import paths
+from rlhf_jax.lora.adapters import LoraConfig
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.hf import _entries
 
@@ -157,8 +158,6 @@ def load_peft(path: str, config: TransformerConfig) -> tuple[dict, Any]:
       ValueError: not a LoRA adapter, DoRA, a bias or `modules_to_save` we cannot represent, or
         a tensor of an unknown module (named).
     """
-    from rlhf_jax.lora import LoraConfig  # the adapters' config lives with LoRA
-
     folder = paths.as_path(path)
     peft_cfg = json.loads((folder / CONFIG_FILE).read_text())
     if peft_cfg.get("peft_type") != "LORA":

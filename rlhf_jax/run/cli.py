@@ -27,8 +27,9 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding as sh
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run.handover import RUN_CONFIG
 
-RUN_CONFIG = "run_config.json"
 # Config fields that may change when a run is resumed (everything else must match).
 RESUMABLE_FIELDS = (
     "steps",
@@ -45,10 +46,6 @@ RESUMABLE_FIELDS = (
     "heartbeat_timeout_s",
     "initialization_timeout_s",
 )
-
-
-class ConfigError(ValueError):
-    """A bad configuration, with a message that says what to change."""
 
 
 # How long a silent peer may stay silent before every other process aborts. jax's default is 100 s;

@@ -1,15 +1,6 @@
-"""The training loop every driver shares (`fit`: resume, metrics, checkpoints, NaN stop), and the
-names of the driver library, re-exported from their modules for scripts written against one
-`runner` module:
+"""The training loop every driver and stage shares: `fit` (resume, metrics, checkpoints, NaN stop).
 
-    rlhf_jax.cli        command line, run configuration, input checks, ConfigError, run_cli
-    rlhf_jax.handover   models between stages: save_lm / save_reward_model / load_init_params
-    rlhf_jax.data       task_tokenizer / task_loaders (the offline task's batches)
-    rlhf_jax.pairs      preference pairs sampled from a policy, labelled by a reward
-    rlhf_jax.eval       preference_accuracy (and the rest of evaluation)
-    rlhf_jax.train      attach_reference (the reference precompute)
-
-    state, rows = fit(step, state, loader, workdir=..., steps=..., mesh=mesh)
+state, rows = fit(step, state, loader, workdir=..., steps=..., mesh=mesh)
 """
 
 from __future__ import annotations
@@ -25,67 +16,10 @@ import jax
 from rlhf_jax import data as rdata
 from rlhf_jax import paths
 from rlhf_jax import sharding as sh
-from rlhf_jax.cli import (
-    RESUMABLE_FIELDS,
-    RUN_CONFIG,
-    ConfigError,
-    check_batch,
-    default_data_dir,
-    parse_config,
-    resolve_mesh,
-    run_cli,
-    write_run_config,
-)
-from rlhf_jax.data.tasks import KINDS, task_loaders, task_tokenizer
-from rlhf_jax.eval.accuracy import preference_accuracy
-from rlhf_jax.handover import (
-    HEAD_FILE,
-    HF_DIR,
-    MODEL_CONFIG,
-    REWARD_DIR,
-    check_model,
-    load_init_params,
-    load_reward_model,
-    model_config,
-    save_lm,
-    save_reward_model,
-)
-from rlhf_jax.metrics_writer import MetricsWriter, read_metrics
-from rlhf_jax.pairs import make_preference_pairs, pair_rng, task_preference_pairs
+from rlhf_jax.checkpoint import Checkpointer, NonFiniteLossError
+from rlhf_jax.run.metrics_writer import MetricsWriter, read_metrics
 
-__all__ = [
-    "HEAD_FILE",
-    "HEALTH_METRICS",
-    "HF_DIR",
-    "KINDS",
-    "MODEL_CONFIG",
-    "RESUMABLE_FIELDS",
-    "REWARD_DIR",
-    "RUN_CONFIG",
-    "ConfigError",
-    "check_batch",
-    "check_model",
-    "default_data_dir",
-    "fit",
-    "load_init_params",
-    "load_reward_model",
-    "make_preference_pairs",
-    "make_text_reward_ppo_step",
-    "model_config",
-    "pair_rng",
-    "parse_config",
-    "preference_accuracy",
-    "resolve_mesh",
-    "run_cli",
-    "save_lm",
-    "save_reward_model",
-    "task_loaders",
-    "task_preference_pairs",
-    "task_tokenizer",
-    "write_run_config",
-]
-
-logger = logging.getLogger("rlhf_jax.runner")
+logger = logging.getLogger("rlhf_jax.run.runner")
 
 HEALTH_METRICS = ("loss", "grad_norm", "update_norm")  # checked for NaN/Inf at every step
 
@@ -135,7 +69,7 @@ def fit(
       uninterrupted one. A complete run returns at once.
     - Compilation: `sharding.compile_step` compiles `step_fn` once for `mesh` (state donated);
       `mesh=None` means all devices on the `data` axis. `jit=False` calls `step_fn` as given (a
-      host composite of compiled pieces, e.g. `make_text_reward_ppo_step`).
+      host composite of compiled pieces, e.g. `stages.make_host_reward_step`).
     - Host syncs: none inside the loop except every `log_every` steps, at checkpoints and at eval
       steps. The health metrics (loss, grad_norm, update_norm when present) of EVERY step are kept
       on device and checked at each of these syncs, before any row or checkpoint is written: a
@@ -166,8 +100,6 @@ def fit(
       (final state on `mesh`, every metrics row of the run so far).
     """
     from tqdm.auto import tqdm
-
-    from rlhf_jax.checkpoint import Checkpointer, NonFiniteLossError
 
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("need steps >= 0, log_every >= 1 and checkpoint_every >= 1")
@@ -243,11 +175,3 @@ def _restore(ckpt: Any, state: Any, loader: Any) -> tuple[Any, int] | None:
     if loader is not None and data_state is not None:
         rdata.restore_loader(loader, data_state)
     return new_state, step
-
-
-def make_text_reward_ppo_step(fns: Any, text_reward: Any, tokenizer: Any, mesh: Any) -> Any:
-    """`stages.make_host_reward_step(fns, text_reward, mesh=mesh, on="text",
-    tokenizer=tokenizer)`: a PPO iteration whose reward is a host function of decoded texts."""
-    from rlhf_jax.stages.ppo import make_host_reward_ppo_step
-
-    return make_host_reward_ppo_step(fns, text_reward, mesh=mesh, on="text", tokenizer=tokenizer)
