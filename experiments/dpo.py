@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from rlhf_jax import data, lora, losses, models, pairs, stages
-from rlhf_jax.data import synthetic
+from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.run import cli, handover
 from rlhf_jax.sampling import SamplingConfig
@@ -41,7 +41,7 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     """DPO-family training on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/dpo"
-    data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
+    data_dir: str = tasks.default_data_dir(__file__)  # prepared synthetic task (cached)
     init_from: str | None = (
         None  # the SFT workdir (or an HF folder of any family): policy and reference
     )

@@ -42,13 +42,24 @@ frontier.csv is rebuilt from the stages' points (no row twice).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.frontier.config import PRESETS, FrontierConfig
+from rlhf_jax.frontier import config as frontier_config
 from rlhf_jax.frontier.pipeline import run_frontier
 from rlhf_jax.run import cli
 
+
+@dataclasses.dataclass(frozen=True)
+class Config(frontier_config.FrontierConfig, cli.DistributedFlags):
+    """The frontier experiment and the multi-host flags of every driver."""
+
+
+PRESETS = {
+    name: Config(**{f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)})
+    for name, preset in frontier_config.PRESETS.items()
+}
 BATCH_FIELDS = (
     "sft_batch_size", "rm_batch_size", "dpo_batch_size", "ppo_batch_size", "cf_prompts"
 )  # fmt: skip
@@ -56,7 +67,7 @@ BATCH_FIELDS = (
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the command line `argv`; returns the summary (also written to summary.json)."""
-    config = cli.parse_config(FrontierConfig, PRESETS, argv, description=__doc__)
+    config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
     cli.validate(
         config,
         {

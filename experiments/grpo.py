@@ -52,7 +52,7 @@ from rlhf_jax import data as rdata
 from rlhf_jax import eval as ev
 from rlhf_jax import lora, models, paths, sharding, stages, train
 from rlhf_jax.data import arithmetic as ar
-from rlhf_jax.data import synthetic
+from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.run import cli, handover, runner
 from rlhf_jax.sampling import SamplingConfig, generate
@@ -67,7 +67,7 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     workdir: str = "runs/grpo"
     algo: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] = "grpo"
     task: Literal["arithmetic", "sentiment"] = "arithmetic"
-    data_dir: str = cli.default_data_dir(__file__)  # sentiment: the prepared synthetic task
+    data_dir: str = tasks.default_data_dir(__file__)  # sentiment: the prepared synthetic task
     reward: str = GROUND_TRUTH  # sentiment: a reward-model workdir, or "ground-truth" (VADER)
     max_new_tokens: int = 24  # sentiment (arithmetic: the answer length)
     max_prompt_length: int = 8  # sentiment

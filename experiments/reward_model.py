@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from rlhf_jax import data, lora, models, pairs, stages
-from rlhf_jax.data import synthetic
+from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.run import cli, handover
 from rlhf_jax.sampling import SamplingConfig
@@ -40,7 +40,7 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     """Bradley-Terry reward model on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/reward_model"
-    data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
+    data_dir: str = tasks.default_data_dir(__file__)  # prepared synthetic task (cached)
     init_from: str | None = (
         None  # the SFT workdir (or an HF folder of any family): sampler and trunk
     )

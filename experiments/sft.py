@@ -28,7 +28,7 @@ from typing import Literal
 import jax
 
 from rlhf_jax import data, lora, models, stages
-from rlhf_jax.data import synthetic
+from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.run import cli, handover
 
 
@@ -37,7 +37,7 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     """Supervised fine-tuning on the synthetic reviews."""
 
     workdir: str = "runs/sft"
-    data_dir: str = cli.default_data_dir(__file__)  # prepared synthetic task (cached)
+    data_dir: str = tasks.default_data_dir(__file__)  # prepared synthetic task (cached)
     init_from: str | None = None  # HF folder (any family) or a workdir; None: random `model`
     model: str = "small"  # models.PRESETS name for a random init
     n_layers: int | None = None  # overrides the preset's depth

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from rlhf_jax import frontier as fr
-from rlhf_jax import train
+from rlhf_jax import sweeps, train
 from rlhf_jax.models import Transformer, TransformerConfig, init_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,15 +191,15 @@ def test_vmapped_sweep_equals_one_by_one(kind):
         step = train.make_dpo_step(MODEL, opt)
         hparams = [{"beta": b} for b in (0.05, 0.2, 1.0)]
     else:
-        step = fr.make_unlikelihood_step(MODEL, opt)
+        step = train.make_unlikelihood_step(MODEL, opt)
         hparams = [{"alpha": a} for a in (0.0, 0.5, 1.0)]
     # The DPO reference differs from the policy, so the first step already has a signal.
     ref = jax.tree.map(lambda x: 0.9 * x, params)
     states = [train.create_train_state(params, opt, 0, frozen=ref, hparams=h) for h in hparams]
     batches = [_preference_batch(s) for s in range(3)]
 
-    sweep = fr.stack_sweep(states)
-    vstep = jax.jit(fr.sweep_step(step))
+    sweep = sweeps.stack_sweep(states)
+    vstep = jax.jit(sweeps.sweep_step(step))
     swept_losses = []
     for batch in batches:
         sweep, metrics = vstep(sweep, batch)
@@ -211,7 +211,7 @@ def test_vmapped_sweep_equals_one_by_one(kind):
 
     for i, (state, losses) in enumerate(_run_one_by_one(jax.jit(step), states, batches)):
         np.testing.assert_allclose([row[i] for row in swept_losses], losses, rtol=1e-5, atol=1e-5)
-        member = fr.sweep_member(sweep, i)
+        member = sweeps.sweep_member(sweep, i)
         assert int(member.step) == len(batches)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), member.params, state.params
@@ -224,7 +224,8 @@ def test_unlikelihood_loss_matches_numpy():
     params = init_params(CFG, jax.random.key(2))
     batch = jax.tree.map(jnp.asarray, _preference_batch(7))
     alpha = 0.7
-    loss, _ = fr.make_unlikelihood_loss(MODEL)(params, batch, hparams={"alpha": jnp.float32(alpha)})
+    loss_fn = train.make_unlikelihood_loss(MODEL)
+    loss, _ = loss_fn(params, batch, hparams={"alpha": jnp.float32(alpha)})
 
     def token_probs(side):
         logits = np.asarray(

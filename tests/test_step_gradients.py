@@ -18,7 +18,6 @@ import pytest
 from helpers.batches import preference_batch
 from helpers.step_reference import assert_sgd_step, lm_logps, log_sigmoid, side_logps
 
-from rlhf_jax.frontier import make_unlikelihood_step
 from rlhf_jax.models import RewardModel, Transformer, get_config, init_params, init_reward_params
 from rlhf_jax.train import (
     attach_reference_logps,
@@ -26,6 +25,7 @@ from rlhf_jax.train import (
     make_dpo_step,
     make_reward_step,
     make_sft_step,
+    make_unlikelihood_step,
 )
 
 CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=2, n_heads=2)

@@ -58,7 +58,7 @@ _LAZY = {
         "make_loader",
         "restore_loader",
     ),
-    "rlhf_jax.data.tasks": ("task_loaders", "task_tokenizer"),
+    "rlhf_jax.data.tasks": ("default_data_dir", "task_loaders", "task_tokenizer"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 

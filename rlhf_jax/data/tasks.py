@@ -9,7 +9,9 @@ batch = next(loader)        # fixed shapes: a compiled step sees one shape
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rlhf_jax.data import loaders as _loaders
@@ -97,3 +99,8 @@ def task_loaders(
         num_epochs=num_epochs,
         batch_fn=batch_fn,
     )
+
+
+def default_data_dir(anchor: str | os.PathLike) -> str:
+    """`$RLHF_JAX_DATA`, else `data/` in the repository holding `anchor` (a driver's __file__)."""
+    return os.environ.get("RLHF_JAX_DATA") or str(Path(anchor).resolve().parents[1] / "data")

@@ -7,15 +7,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from rlhf_jax.run.cli import DistributedFlags, default_data_dir
+from rlhf_jax.data.tasks import default_data_dir
 
 # `default_data_dir` takes a file two levels below the repository (as experiments/x.py is).
 _REPO_ANCHOR = Path(__file__).resolve().parent
 
 
 @dataclasses.dataclass(frozen=True)
-class FrontierConfig(DistributedFlags):
-    """The frontier experiment (all sizes chosen for a 2-core CPU by default)."""
+class FrontierConfig:
+    """The frontier experiment (all sizes chosen for a 2-core CPU by default); the command line
+    (experiments/frontier.py) adds the multi-host flags."""
 
     workdir: str = "runs/frontier"
     data_dir: str = default_data_dir(_REPO_ANCHOR)  # prepared synthetic task

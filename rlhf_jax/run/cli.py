@@ -20,7 +20,6 @@ import os
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -478,11 +477,6 @@ def lora_config(config: Any, model_config: Any) -> Any:
         except ValueError as e:
             raise ConfigError(f"--quantize {quantize}: {e}") from None
     return cfg
-
-
-def default_data_dir(anchor: str | os.PathLike) -> str:
-    """`$RLHF_JAX_DATA`, else `data/` in the repository holding `anchor` (a driver's __file__)."""
-    return os.environ.get("RLHF_JAX_DATA") or str(Path(anchor).resolve().parents[1] / "data")
 
 
 def read_pairs(
