@@ -80,7 +80,7 @@ class Config:
     microbatches: int = 1  # gradient accumulation inside the step (RL: minibatches)
     ref: Literal["model", "precomputed", "base"] = "model"  # the reference policy's form
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"  # DPO
-    logits_chunk: int = 0  # positions per log-prob chunk (0: the whole [B, T, V] at once)
+    logits_chunk: int | None = None  # positions per log-prob chunk (None: the whole [B, T, V])
     scan_layers: bool = False  # the decoder blocks as one lax.scan over the layers
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype (params stay float32)
     max_new_tokens: int = 256  # RL: tokens sampled per prompt

@@ -23,6 +23,7 @@ import optax
 from jax.scipy.special import xlogy
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Real
 
+from rlhf_jax.errors import check_positive
 from rlhf_jax.losses import (
     PairwiseLoss,
     group_advantages,
@@ -32,7 +33,6 @@ from rlhf_jax.losses import (
     ppo_policy_loss,
     reinforce_pp_advantages,
 )
-from rlhf_jax.losses.logprobs import _check_positive
 
 Scalar = Real[ArrayLike, ""]
 
@@ -320,7 +320,7 @@ def k3_in_loss_fixed_point(
     Returns:
       [..., K] the fixed-point policy.
     """
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     top = jnp.max(rewards, axis=-1, keepdims=True)  # [..., 1]
 
     def total(c):
@@ -482,7 +482,7 @@ def train_policy(
         )
     if preference and pair_weights is None:
         raise ValueError(f"method {method!r} needs pair_weights")
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     sampled = method in ("pg", "ppo", *CRITIC_FREE_METHODS)
     if sampled and n_samples < 2:
         raise ValueError(f"n_samples must be >= 2 for {method!r}'s baseline, got {n_samples}")

@@ -82,7 +82,7 @@ class PlanSpec:
     microbatches: int = 1  # SFT / reward / DPO: gradient accumulation; RL: minibatches
     ref: str = "model"  # DPO / PPO / critic-free: "model", "precomputed" (DPO), "base" (LoRA)
     loss_type: str = "sigmoid"  # the DPO family's loss (simpo and orpo hold no reference)
-    logits_chunk: int = 0
+    logits_chunk: int | None = None
     scan_layers: bool = False  # the decoder blocks as one lax.scan over the layers
     dtype: str = "bfloat16"
     max_new_tokens: int = 256  # PPO, critic-free

@@ -14,6 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import models, sharding
+from rlhf_jax.train.logps import target_logps
 
 # --------------------------------------------------------------------------------------------
 # Mesh factory and checks
@@ -359,7 +360,7 @@ def test_local_rows_and_to_host_on_one_process_are_the_whole_arrays():
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "lm_head"])
 def test_vocab_parallel_chunks_equal_the_unsharded_log_probs_and_gradients(tie):
-    """`Transformer.target_logps` in chunks on data=2, fsdp=2, tensor=2 (the output layer split over
+    """`train.logps.target_logps` in chunks on data=2, fsdp=2, tensor=2 (the output layer split over
     the vocabulary inside each chunk, `sharding.vocab_parallel`) against the same function without
     a mesh: log-probs, argmax hits, entropies and the gradient of a loss through them."""
     cfg = models.TransformerConfig(vocab_size=96, max_len=16, d_model=16, n_layers=1, n_heads=2,
@@ -370,7 +371,7 @@ def test_vocab_parallel_chunks_equal_the_unsharded_log_probs_and_gradients(tie):
     params = model.init(jax.random.key(0), tokens[:, :4])
 
     def f(p):
-        logps, hit, ent = model.apply(p, tokens, mask, method=model.target_logps)
+        logps, hit, ent = target_logps(model, p["params"], tokens, mask)
         return jnp.sum(logps * jnp.cos(ent)), (logps, hit, ent)
 
     want = jax.jit(jax.value_and_grad(f, has_aux=True))(params)

@@ -12,11 +12,11 @@ from jaxtyping import Array, ArrayLike, Float, Int, Real
 from rlhf_jax.eval.common import (
     TextReward,
     TokenReward,
-    _decode,
-    _prompts,
-    _score,
+    decode_texts,
     mean_and_stderr,
+    prompt_arrays,
     sample_completions,
+    score_completions,
 )
 from rlhf_jax.sampling import SamplingConfig
 
@@ -133,7 +133,7 @@ def best_of_n(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    prompt_tokens, prompt_mask = _prompts(prompt_batch)
+    prompt_tokens, prompt_mask = prompt_arrays(prompt_batch)
     b = prompt_tokens.shape[0]
     rep_tokens = np.repeat(prompt_tokens, n, axis=0)  # [B*n, P], candidate j of prompt i at i*n+j
     rep_mask = np.repeat(prompt_mask, n, axis=0)  # [B*n, P]
@@ -152,8 +152,8 @@ def best_of_n(
     if text_score_fn is not None:
         if tokenizer is None:
             raise ValueError("text_score_fn needs `tokenizer` to decode the completions")
-        texts, _ = _decode(tokenizer, rep_tokens, rep_mask, tokens, mask, eos_id)
-    all_scores = _score(
+        texts, _ = decode_texts(tokenizer, rep_tokens, rep_mask, tokens, mask, eos_id)
+    all_scores = score_completions(
         text_score_fn, score_fn, texts, rep_tokens, rep_mask, tokens, mask, "text_score_fn"
     ).reshape(b, n)  # [B, n]
     index = np.argmax(all_scores, axis=1).astype(np.int32)  # [B] first maximum
@@ -161,7 +161,7 @@ def best_of_n(
     chosen_tokens, chosen_mask = tokens[rows], mask[rows]  # [B, N]
     chosen_texts = chosen_completions = None
     if tokenizer is not None:
-        chosen_texts, chosen_completions = _decode(
+        chosen_texts, chosen_completions = decode_texts(
             tokenizer, prompt_tokens, prompt_mask, chosen_tokens, chosen_mask, eos_id
         )
     rewards = reward_mean = reward_stderr = None

@@ -123,7 +123,7 @@ def _response_logits(model, params, prompt_tokens, prompt_mask, tokens, mask):
 # Compiled programs (one per static configuration; jit adds one executable per shape).
 
 
-def _static(sampling: SamplingConfig, eos_id: int | None, pad_id: int) -> tuple:
+def sampling_static(sampling: SamplingConfig, eos_id: int | None, pad_id: int) -> tuple:
     """The settings a compiled program is specialised on (the temperature is traced)."""
     return (sampling.max_new_tokens, eos_id, pad_id, sampling.top_k, sampling.top_p)
 
@@ -137,7 +137,7 @@ def _sampler(model, max_new_tokens, eos_id, pad_id, top_k, top_p):
 
 
 @functools.lru_cache(maxsize=32)
-def _reward_kl_program(model, *static):
+def reward_kl_program(model, *static):
     sample = _sampler(model, *static)
 
     def run(policy_params, ref_params, prompt_tokens, prompt_mask, rng, temperature):
@@ -171,7 +171,7 @@ def _generate_program(model, *static):
     return jax.jit(run)
 
 
-def _in_chunks(program, params, prompt_tokens, prompt_mask, rng, temperature, batch_size):
+def in_chunks(program, params, prompt_tokens, prompt_mask, rng, temperature, batch_size):
     """Runs `program(*params, tokens, mask, key_i, temperature)` on chunks of `batch_size` rows
     (`chunking.chunk_rows`; key_i = fold_in(rng, i), also for a single chunk, so the first rows
     do not depend on B) and returns the concatenated NumPy outputs."""
@@ -202,9 +202,9 @@ def sample_completions(
     Returns:
       {"tokens": [B, N] int32, "mask": [B, N] int32, "logps": [B, N] float32} (NumPy).
     """
-    prompt_tokens, prompt_mask = _prompts(prompt_batch)
-    program = _generate_program(model, *_static(sampling, eos_id, pad_id))
-    out = _in_chunks(
+    prompt_tokens, prompt_mask = prompt_arrays(prompt_batch)
+    program = _generate_program(model, *sampling_static(sampling, eos_id, pad_id))
+    out = in_chunks(
         program, (params,), prompt_tokens, prompt_mask, rng, sampling.temperature, batch_size
     )
     return {
@@ -214,7 +214,7 @@ def sample_completions(
     }
 
 
-def _prompts(prompt_batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def prompt_arrays(prompt_batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.asarray(prompt_batch["prompt_tokens"], np.int32)
     mask = np.asarray(prompt_batch["prompt_mask"]).astype(np.int32)
     if tokens.ndim != 2 or tokens.shape != mask.shape:
@@ -229,7 +229,7 @@ def _id_lists(tokens: np.ndarray, mask: np.ndarray, drop_id: int | None) -> list
     return [t[k].tolist() for t, k in zip(tokens, keep)]
 
 
-def _decode(tokenizer, prompt_tokens, prompt_mask, tokens, mask, eos_id):
+def decode_texts(tokenizer, prompt_tokens, prompt_mask, tokens, mask, eos_id):
     """(texts = decoded prompt + completion, completions = decoded completion), EOS dropped."""
     prompt_ids = _id_lists(prompt_tokens, prompt_mask, None)
     completion_ids = _id_lists(tokens, mask, eos_id)
@@ -237,7 +237,9 @@ def _decode(tokenizer, prompt_tokens, prompt_mask, tokens, mask, eos_id):
     return list(texts), list(tokenizer.decode_batch(completion_ids))
 
 
-def _score(reward_fn, token_reward_fn, texts, prompt_tokens, prompt_mask, tokens, mask, what):
+def score_completions(
+    reward_fn, token_reward_fn, texts, prompt_tokens, prompt_mask, tokens, mask, what
+):
     if (reward_fn is None) == (token_reward_fn is None):
         raise ValueError(f"pass exactly one of {what} (texts) and its token-level version")
     if reward_fn is not None:

@@ -26,13 +26,13 @@ from jaxtyping import Array, ArrayLike, Float, Int, Real
 from rlhf_jax.eval.common import (
     TextReward,
     TokenReward,
-    _decode,
-    _in_chunks,
-    _prompts,
-    _reward_kl_program,
-    _score,
-    _static,
+    decode_texts,
+    in_chunks,
     mean_and_stderr,
+    prompt_arrays,
+    reward_kl_program,
+    sampling_static,
+    score_completions,
 )
 from rlhf_jax.sampling import SamplingConfig
 
@@ -125,9 +125,9 @@ def evaluate_reward_kl(
     Returns:
       RewardKL with per-prompt arrays, samples, texts and summaries.
     """
-    prompt_tokens, prompt_mask = _prompts(prompt_batch)
-    program = _reward_kl_program(model, *_static(sampling, eos_id, pad_id))
-    out = _in_chunks(
+    prompt_tokens, prompt_mask = prompt_arrays(prompt_batch)
+    program = reward_kl_program(model, *sampling_static(sampling, eos_id, pad_id))
+    out = in_chunks(
         program,
         (policy_params, ref_params),
         prompt_tokens,
@@ -139,8 +139,10 @@ def evaluate_reward_kl(
     tokens, mask = out["tokens"].astype(np.int32), out["mask"].astype(np.int32)
     texts = completions = None
     if tokenizer is not None:
-        texts, completions = _decode(tokenizer, prompt_tokens, prompt_mask, tokens, mask, eos_id)
-    rewards = _score(
+        texts, completions = decode_texts(
+            tokenizer, prompt_tokens, prompt_mask, tokens, mask, eos_id
+        )
+    rewards = score_completions(
         reward_fn, token_reward_fn, texts, prompt_tokens, prompt_mask, tokens, mask, "reward_fn"
     )
     stats = {}

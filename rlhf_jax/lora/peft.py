@@ -9,7 +9,7 @@ The folder may be local or a cloud URL such as gs:// (`rlhf_jax.paths`).
 PEFT stores, per adapted `torch.nn.Linear` (or GPT-2 `Conv1D`) named M,
 `base_model.model.M.lora_A.weight` [r, in_features] and `...lora_B.weight` [out_features, r],
 scaled by `lora_alpha / r` (`alpha / sqrt(r)` with `use_rslora`). Module names and the layout of
-each HF weight come from the same tensor maps as `save_pretrained` (`models.hf`). A fused HF
+each HF weight come from the same tensor maps as `save_pretrained` (`models.hf_map`). A fused HF
 projection (GPT-2's `c_attn`, GPT-NeoX's `query_key_value`) carries our three q/k/v adapters as
 one adapter of rank 3r (A stacked, B block-diagonal: exactly the same update); loading such an
 adapter gives each of q, k, v the whole A (rank R) and its rows of B.
@@ -27,8 +27,8 @@ import numpy as np
 
 from rlhf_jax import paths
 from rlhf_jax.lora.adapters import LoraConfig
+from rlhf_jax.models import hf_map
 from rlhf_jax.models.config import TransformerConfig
-from rlhf_jax.models.hf import _entries
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,7 +38,7 @@ _PREFIX = "base_model.model."
 def _kernel_entries(config: TransformerConfig) -> list[tuple[Any, list[str]]]:
     """(entry, our module paths) of every HF weight that maps onto projection kernels."""
     out = []
-    for entry in _entries(config):
+    for entry in hf_map.entries(config):
         if entry.hf.endswith(".weight") and all(o.endswith("/kernel") for o in entry.ours):
             modules = [o[: -len("/kernel")] for o in entry.ours]
             if all(re.search(r"(attn/(q|k|v|o)|mlp/(gate|up|down))$", m) for m in modules):

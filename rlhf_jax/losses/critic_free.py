@@ -26,17 +26,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
+from rlhf_jax.errors import check_choice
+from rlhf_jax.losses._common import Scalar, bool_mask, f32, mask_count, masked_mean, masked_sum
 from rlhf_jax.losses.kl import kl_estimate, kl_penalized_rewards
-from rlhf_jax.losses.logprobs import (
-    Scalar,
-    _bool_mask,
-    _check_choice,
-    _f32,
-    _mask_count,
-    _masked_mean,
-    _masked_sum,
-    entropy_from_logits,
-)
+from rlhf_jax.losses.logprobs import entropy_from_logits
 from rlhf_jax.losses.ppo import whiten
 
 BASELINES = ("mean", "leave_one_out")
@@ -70,19 +63,19 @@ def group_advantages(
     Returns:
       [P, G] float32 advantages.
     """
-    r = _f32(rewards)
+    r = f32(rewards)
     g = r.shape[-1]
     if g < 2:
         raise ValueError(f"group_advantages needs G >= 2 completions per prompt, got G={g}")
     if callable(baseline):
-        adv = r - _f32(baseline(r))
+        adv = r - f32(baseline(r))
     else:
-        _check_choice("baseline", baseline, BASELINES)
+        check_choice("baseline", baseline, BASELINES)
         if baseline == "mean":
             adv = r - jnp.mean(r, axis=-1, keepdims=True)
         else:
             adv = jnp.sum(r[..., :, None] - r[..., None, :], axis=-1) / (g - 1)
-    _check_choice("scale", scale, SCALES)
+    check_choice("scale", scale, SCALES)
     if scale == "std":
         adv = adv / (jnp.std(r, axis=-1, keepdims=True, ddof=1) + eps)
     return adv
@@ -110,7 +103,7 @@ def overlong_penalty(
             f"overlong_penalty needs 1 <= cache_length <= max_length, got cache_length="
             f"{cache_length}, max_length={max_length}"
         )
-    n = _f32(lengths)
+    n = f32(lengths)
     ramp = (max_length - cache_length - n) / cache_length
     return jnp.clip(jnp.minimum(ramp, 0.0), -1.0, 0.0)
 
@@ -133,7 +126,7 @@ def select_groups(
     Returns:
       (indices [K] int32 into P, valid [K] bool: the kept group is informative).
     """
-    r = _f32(rewards)
+    r = f32(rewards)
     p = r.shape[0]
     if not 1 <= num_groups <= p:
         raise ValueError(f"select_groups keeps 1 <= num_groups <= P={p} groups, got {num_groups}")
@@ -154,8 +147,8 @@ def reward_to_go(
       mask: [B, T] 0/1, 1 on response tokens.
       gamma: discount (1: the plain sum of the rest of the row).
     """
-    m = _bool_mask(mask)
-    r = jnp.where(m, _f32(rewards), 0.0)
+    m = bool_mask(mask)
+    r = jnp.where(m, f32(rewards), 0.0)
     gamma = jnp.asarray(gamma, jnp.float32)
 
     def back(carry, x):
@@ -255,19 +248,19 @@ def policy_gradient_loss(
       (logps - old_logps)^2 / 2), `ratio_mean`, and `entropy` when `logits` or `entropy` are
       given.
     """
-    _check_choice("ratio", ratio, RATIOS)
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    m = _bool_mask(mask)  # [B, T]
+    check_choice("ratio", ratio, RATIOS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    m = bool_mask(mask)  # [B, T]
     b, t = m.shape
     low = jnp.asarray(clip_eps_low, jnp.float32)
     high = low if clip_eps_high is None else jnp.asarray(clip_eps_high, jnp.float32)
     # where-select first so that padding (e.g. -inf log-probs) gives neither NaN values nor grads
-    log_ratio = jnp.where(m, _f32(logps) - _f32(old_logps), 0.0)  # [B, T]
-    adv = _f32(advantages)
+    log_ratio = jnp.where(m, f32(logps) - f32(old_logps), 0.0)  # [B, T]
+    adv = f32(advantages)
     adv = jnp.broadcast_to(adv[:, None], (b, t)) if adv.ndim == 1 else adv
     adv = jnp.where(m, adv, 0.0)
     if ratio == "sequence":
-        seq_log_ratio = _masked_sum(log_ratio, m, axis=-1) / jnp.maximum(_mask_count(m, -1), 1.0)
+        seq_log_ratio = masked_sum(log_ratio, m, axis=-1) / jnp.maximum(mask_count(m, -1), 1.0)
         rho = jnp.broadcast_to(jnp.exp(seq_log_ratio)[:, None], (b, t))
     else:
         rho = jnp.exp(log_ratio)
@@ -276,7 +269,7 @@ def policy_gradient_loss(
     per_token = jnp.maximum(unclipped, clipped)  # [B, T]
     kl = jnp.zeros_like(per_token)
     if ref_logps is not None:
-        lp, rlp = jnp.where(m, _f32(logps), 0.0), jnp.where(m, _f32(ref_logps), 0.0)
+        lp, rlp = jnp.where(m, f32(logps), 0.0), jnp.where(m, f32(ref_logps), 0.0)
         kl = jnp.where(m, kl_estimate(lp, rlp, estimator=kl_estimator), 0.0)
     total = per_token + jnp.asarray(kl_coef, jnp.float32) * kl
 
@@ -284,24 +277,24 @@ def policy_gradient_loss(
 
     def aggregate(x):
         if aggregation == "token_mean":
-            return _masked_mean(x, m)
+            return masked_mean(x, m)
         if aggregation == "sequence_mean":
-            return jnp.sum(_masked_mean(x, m, axis=-1)) / rows
-        return _masked_sum(x, m) / (rows * (t if max_tokens is None else max_tokens))
+            return jnp.sum(masked_mean(x, m, axis=-1)) / rows
+        return masked_sum(x, m) / (rows * (t if max_tokens is None else max_tokens))
 
     active_low = (adv < 0) & (rho < 1.0 - low)
     active_high = (adv > 0) & (rho > 1.0 + high)
     metrics = {
         "pg_loss": aggregate(per_token),
-        "kl": _masked_mean(kl, m),
-        "clipfrac_low": _masked_mean(active_low.astype(jnp.float32), m),
-        "clipfrac_high": _masked_mean(active_high.astype(jnp.float32), m),
-        "approx_kl": _masked_mean(0.5 * jnp.square(log_ratio), m),
-        "ratio_mean": _masked_mean(rho, m),
+        "kl": masked_mean(kl, m),
+        "clipfrac_low": masked_mean(active_low.astype(jnp.float32), m),
+        "clipfrac_high": masked_mean(active_high.astype(jnp.float32), m),
+        "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), m),
+        "ratio_mean": masked_mean(rho, m),
     }
     metrics["clipfrac"] = metrics["clipfrac_low"] + metrics["clipfrac_high"]
     if logits is not None:
         entropy = entropy_from_logits(logits)
     if entropy is not None:
-        metrics["entropy"] = _masked_mean(entropy, m)
+        metrics["entropy"] = masked_mean(entropy, m)
     return aggregate(total), metrics

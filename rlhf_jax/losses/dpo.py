@@ -10,15 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
-from rlhf_jax.losses.logprobs import (
-    Scalar,
-    _bool_mask,
-    _check_choice,
-    _check_positive,
-    _concrete,
-    _f32,
-    _masked_mean,
-)
+from rlhf_jax.errors import check_choice, check_positive, concrete
+from rlhf_jax.losses._common import Scalar, bool_mask, f32, masked_mean
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -28,7 +21,7 @@ _LOGP_EPS = 1e-6
 
 
 def _check_label_smoothing(label_smoothing) -> None:
-    v = _concrete(label_smoothing)
+    v = concrete(label_smoothing)
     if v is not None and not 0.0 <= v < 0.5:
         raise ValueError(
             f"label_smoothing must be in [0, 0.5) (accepted values: 0 <= label_smoothing < 0.5), "
@@ -83,12 +76,12 @@ def dpo_loss(
       `rejected_rewards = beta (pr - rr)`, `margins` (their difference) and `accuracies`
       (1.0 where chosen_rewards > rejected_rewards).
     """
-    _check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-    _check_positive("beta", beta)
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check_positive("beta", beta)
     _check_label_smoothing(label_smoothing)
-    beta, eps = _f32(beta), _f32(label_smoothing)
-    chosen = _f32(policy_chosen_logps) - _f32(reference_chosen_logps)  # [B] log-ratio of y_w
-    rejected = _f32(policy_rejected_logps) - _f32(reference_rejected_logps)  # [B] log-ratio of y_l
+    beta, eps = f32(beta), f32(label_smoothing)
+    chosen = f32(policy_chosen_logps) - f32(reference_chosen_logps)  # [B] log-ratio of y_w
+    rejected = f32(policy_rejected_logps) - f32(reference_rejected_logps)  # [B] log-ratio of y_l
     h = chosen - rejected  # [B]
     z = beta * h  # [B]
     # log_sigmoid(-z), not log(1 - sigmoid(z)): stable for large |z|.
@@ -137,20 +130,20 @@ def pairwise_loss(
         function.
     """
     if callable(loss):
-        if _concrete(label_smoothing) != 0.0:
+        if concrete(label_smoothing) != 0.0:
             raise ValueError(
                 "label_smoothing applies to the built-in losses; bind it in your loss function"
             )
         fn = loss
     else:
-        _check_choice("loss_type", loss, tuple(PAIRWISE_LOSSES))
+        check_choice("loss_type", loss, tuple(PAIRWISE_LOSSES))
         _check_label_smoothing(label_smoothing)
         fn = functools.partial(PAIRWISE_LOSSES[loss], label_smoothing=label_smoothing)
 
     def call(pc, pr, rc, rr, *, beta):
         out = fn(pc, pr, rc, rr, beta=beta)
         losses, metrics = out if isinstance(out, tuple) else (out, {})
-        return _f32(losses), dict(metrics)
+        return f32(losses), dict(metrics)
 
     return call
 
@@ -176,8 +169,8 @@ def simpo_loss(
     Returns:
       [B] float32 losses.
     """
-    _check_positive("beta", beta)
-    logits = _f32(beta) * (_f32(chosen_avg_logps) - _f32(rejected_avg_logps)) - _f32(gamma)  # [B]
+    check_positive("beta", beta)
+    logits = f32(beta) * (f32(chosen_avg_logps) - f32(rejected_avg_logps)) - f32(gamma)  # [B]
     return -jax.nn.log_sigmoid(logits)
 
 
@@ -197,8 +190,8 @@ def orpo_odds_ratio_loss(
     Returns:
       [B] float32 losses.
     """
-    log_or = _log_odds(_f32(chosen_avg_logps)) - _log_odds(
-        _f32(rejected_avg_logps)
+    log_or = _log_odds(f32(chosen_avg_logps)) - _log_odds(
+        f32(rejected_avg_logps)
     )  # [B] log odds ratio
     return -jax.nn.log_sigmoid(log_or)
 
@@ -227,9 +220,9 @@ def unlikelihood_loss(
     Returns:
       [B] float32 losses.
     """
-    nll = -_masked_mean(_f32(chosen_token_logps), chosen_mask, axis=-1)  # [B]
-    rm = _bool_mask(rejected_mask)  # [B, T]
+    nll = -masked_mean(f32(chosen_token_logps), chosen_mask, axis=-1)  # [B]
+    rm = bool_mask(rejected_mask)  # [B, T]
     # Masked-out positions get a harmless constant so padding never reaches log1mexp.
-    rej = jnp.where(rm, jnp.minimum(_f32(rejected_token_logps), -_LOGP_EPS), -1.0)
-    unlikely = -_masked_mean(_log1mexp(rej), rm, axis=-1)  # [B]
+    rej = jnp.where(rm, jnp.minimum(f32(rejected_token_logps), -_LOGP_EPS), -1.0)
+    unlikely = -masked_mean(_log1mexp(rej), rm, axis=-1)  # [B]
     return nll + jnp.asarray(alpha, jnp.float32) * unlikely

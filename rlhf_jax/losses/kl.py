@@ -9,16 +9,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
-from rlhf_jax.losses.logprobs import (
-    Scalar,
-    _bool_mask,
-    _check_choice,
-    _check_positive,
-    _f32,
-    chunk_logits,
-    picked_logps,
-    scan_chunks,
-)
+from rlhf_jax.errors import check_choice, check_positive
+from rlhf_jax.losses._common import Scalar, bool_mask, f32
+from rlhf_jax.losses.logprobs import chunk_logits, picked_logps, scan_chunks
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -45,9 +38,9 @@ def kl_estimate(
       [B, T] float32 per-token estimates (unmasked; the caller masks).
     """
     if callable(estimator):
-        return _f32(estimator(_f32(logps), _f32(ref_logps)))
-    _check_choice("estimator", estimator, KL_ESTIMATORS)
-    log_r = _f32(ref_logps) - _f32(logps)  # [B, T]
+        return f32(estimator(f32(logps), f32(ref_logps)))
+    check_choice("estimator", estimator, KL_ESTIMATORS)
+    log_r = f32(ref_logps) - f32(logps)  # [B, T]
     if estimator == "k1":
         return -log_r
     if estimator == "k2":
@@ -69,8 +62,8 @@ def exact_kl(
     Returns:
       [B, T] float32, >= 0.
     """
-    logp = jax.nn.log_softmax(_f32(logits), axis=-1)  # [B, T, V]
-    logq = jax.nn.log_softmax(_f32(ref_logits), axis=-1)  # [B, T, V]
+    logp = jax.nn.log_softmax(f32(logits), axis=-1)  # [B, T, V]
+    logq = jax.nn.log_softmax(f32(ref_logits), axis=-1)  # [B, T, V]
     p = jnp.exp(logp)  # [B, T, V]
     # 0 * (log 0 - log q) := 0; the where keeps -inf logits from making NaN values or gradients.
     return jnp.sum(p * jnp.where(p > 0, logp - logq, 0.0), axis=-1)
@@ -120,7 +113,7 @@ def chunked_logps_and_exact_kl(
 
 def _last_token_onehot(mask: Shaped[ArrayLike, "B T"]) -> Shaped[Array, "B T"]:
     """Bool [B, T], True at the last masked position of each row (nowhere for an empty row)."""
-    m = _bool_mask(mask)  # [B, T]
+    m = bool_mask(mask)  # [B, T]
     T = m.shape[-1]
     last = T - 1 - jnp.argmax(m[:, ::-1], axis=-1)  # [B] index of the last True
     onehot = jnp.arange(T)[None, :] == last[:, None]  # [B, T]
@@ -153,11 +146,11 @@ def kl_penalized_rewards(
     Returns:
       [B, T] float32 per-token rewards.
     """
-    m = _bool_mask(mask)  # [B, T]
+    m = bool_mask(mask)  # [B, T]
     kl = kl_estimate(logps, ref_logps, estimator=estimator)  # [B, T]
     rewards = jnp.where(m, -jnp.asarray(kl_coef, jnp.float32) * kl, 0.0)  # [B, T]
     last = _last_token_onehot(m)  # [B, T]
-    return rewards + jnp.where(last, _f32(scores)[:, None], 0.0)
+    return rewards + jnp.where(last, f32(scores)[:, None], 0.0)
 
 
 def adaptive_kl_coef(
@@ -177,7 +170,7 @@ def adaptive_kl_coef(
     Returns:
       0-d float32 array, the new coefficient.
     """
-    _check_positive("target", target)
-    _check_positive("horizon", horizon)
-    err = jnp.clip(_f32(observed_kl) / _f32(target) - 1.0, -0.2, 0.2)  # proportional error
-    return _f32(coef) * (1.0 + err * _f32(n_steps) / _f32(horizon))
+    check_positive("target", target)
+    check_positive("horizon", horizon)
+    err = jnp.clip(f32(observed_kl) / f32(target) - 1.0, -0.2, 0.2)  # proportional error
+    return f32(coef) * (1.0 + err * f32(n_steps) / f32(horizon))

@@ -1,9 +1,7 @@
 """Token log-probabilities, sequence log-probabilities, the SFT loss and entropy.
 
-Also the small masked-reduction helpers shared by the other loss modules. Masks are 0/1 arrays of
-any numeric or bool dtype; a position is "in" iff its mask entry is nonzero. Masked reductions use
-`jnp.where` rather than multiplication so that non-finite values at masked-out positions (e.g.
-`-inf` log-probs of padding) never leak into results or gradients.
+Masks are 0/1 arrays of any numeric or bool dtype (the masked reductions every loss module
+shares are in `losses._common`).
 
 Shape strings of one letter are written with a leading space (`" B"`) so that linters do not read
 them as forward references; jaxtyping ignores the space.
@@ -15,59 +13,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int, Real, Shaped
+from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
-# A hyper-parameter that may be a Python number or a (possibly traced) 0-d array, so that callers
-# can vmap over it (e.g. DPO over beta).
-Scalar = Real[ArrayLike, ""]
-# Array inputs are annotated ArrayLike (jax or NumPy arrays are accepted), outputs are jax Arrays.
-
-
-def _f32(x: ArrayLike) -> Array:
-    """Any array-like (jax, NumPy, Python number; any float dtype) -> float32 jax array."""
-    return jnp.asarray(x, jnp.float32)
-
-
-def _bool_mask(mask: Shaped[ArrayLike, "..."]) -> Shaped[Array, "..."]:
-    """Any-dtype 0/1 mask -> bool mask (nonzero is in)."""
-    mask = jnp.asarray(mask)
-    return mask if mask.dtype == jnp.bool_ else mask != 0
-
-
-def _masked_sum(x: Float[ArrayLike, "..."], mask: Shaped[ArrayLike, "..."], axis=None) -> Array:
-    """Sum of `x` over positions where `mask` is nonzero (where-select, not multiply)."""
-    return jnp.sum(jnp.where(_bool_mask(mask), x, 0.0), axis=axis)
-
-
-def _mask_count(mask: Shaped[ArrayLike, "..."], axis=None) -> Array:
-    """Number of nonzero mask entries, as float32."""
-    return jnp.sum(_bool_mask(mask), axis=axis, dtype=jnp.float32)
-
-
-def _masked_mean(x: Float[ArrayLike, "..."], mask: Shaped[ArrayLike, "..."], axis=None) -> Array:
-    """Masked mean; divides by max(count, 1), so an empty mask gives 0."""
-    return _masked_sum(x, mask, axis) / jnp.maximum(_mask_count(mask, axis), 1.0)
-
-
-def _concrete(x) -> float | None:
-    """The value of a host-side number (Python/NumPy), or None for jax arrays (maybe traced)."""
-    if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
-        return float(x)
-    return None
-
-
-def _check_positive(name: str, x) -> None:
-    """Raise ValueError if `x` is a host-side number <= 0; traced values are not checked."""
-    v = _concrete(x)
-    if v is not None and not v > 0:
-        raise ValueError(f"{name} must be > 0 (accepted values: {name} > 0), got {x!r}")
-
-
-def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    """Raise ValueError naming the accepted values if `value` is not one of them."""
-    if value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; accepted values: {', '.join(accepted)}")
+from rlhf_jax.losses._common import f32, masked_mean, masked_sum
 
 
 def token_logps(
@@ -85,7 +33,7 @@ def token_logps(
     Returns:
       [B, T] float32 log-probabilities.
     """
-    logits = _f32(logits)  # log-softmax in float32 even for bf16 activations
+    logits = f32(logits)  # log-softmax in float32 even for bf16 activations
     picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[
         ..., 0
     ]
@@ -203,10 +151,10 @@ def sequence_logps(
     Returns:
       [B] float32; 0 for a row with no masked token.
     """
-    token_logps = _f32(token_logps)
+    token_logps = f32(token_logps)
     if average:
-        return _masked_mean(token_logps, mask, axis=-1)
-    return _masked_sum(token_logps, mask, axis=-1)
+        return masked_mean(token_logps, mask, axis=-1)
+    return masked_sum(token_logps, mask, axis=-1)
 
 
 def sft_loss(
@@ -240,7 +188,7 @@ def entropy_from_logits(logits: Float[ArrayLike, "B T V"]) -> Float[Array, "B T"
     Returns:
       [B, T] float32 entropies (nats).
     """
-    logp = jax.nn.log_softmax(_f32(logits), axis=-1)  # [B, T, V]
+    logp = jax.nn.log_softmax(f32(logits), axis=-1)  # [B, T, V]
     p = jnp.exp(logp)  # [B, T, V]
     # 0 * log 0 := 0; the where keeps -inf logits from producing NaN values or gradients.
     return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)

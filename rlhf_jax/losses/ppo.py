@@ -4,14 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
-from rlhf_jax.losses.logprobs import (
-    Scalar,
-    _bool_mask,
-    _f32,
-    _mask_count,
-    _masked_mean,
-    _masked_sum,
-)
+from rlhf_jax.losses._common import Scalar, bool_mask, f32, mask_count, masked_mean, masked_sum
 
 # Added to the variance before the inverse square root in `whiten` (as TRL).
 WHITEN_EPS = 1e-8
@@ -42,9 +35,9 @@ def gae(
       (advantages [B, T], returns [B, T]) float32; `returns = advantages + values` on the span;
       both are 0 where mask is 0.
     """
-    m = _bool_mask(mask)  # [B, T]
-    r = jnp.where(m, _f32(rewards), 0.0)  # [B, T]
-    v = jnp.where(m, _f32(values), 0.0)  # [B, T], so V = 0 after the span
+    m = bool_mask(mask)  # [B, T]
+    r = jnp.where(m, f32(rewards), 0.0)  # [B, T]
+    v = jnp.where(m, f32(values), 0.0)  # [B, T], so V = 0 after the span
     gamma = jnp.asarray(gamma, jnp.float32)
     lam = jnp.asarray(lam, jnp.float32)
 
@@ -78,11 +71,11 @@ def whiten(
     Returns:
       float32, same shape as x; 0 where mask is 0.
     """
-    m = _bool_mask(mask)
-    x = _f32(x)
-    n = _mask_count(m)  # scalar
-    mean = _masked_sum(x, m) / jnp.maximum(n, 1.0)
-    var = _masked_sum(jnp.square(x - mean), m) / jnp.maximum(n - 1.0, 1.0)  # unbiased
+    m = bool_mask(mask)
+    x = f32(x)
+    n = mask_count(m)  # scalar
+    mean = masked_sum(x, m) / jnp.maximum(n, 1.0)
+    var = masked_sum(jnp.square(x - mean), m) / jnp.maximum(n - 1.0, 1.0)  # unbiased
     y = (x - mean) * jax.lax.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         y = y + mean
@@ -115,18 +108,18 @@ def ppo_policy_loss(
       where the clipped term is strictly larger (active); `approx_kl`, the masked mean of
       `(logps - old_logps)^2 / 2`.
     """
-    m = _bool_mask(mask)  # [B, T]
+    m = bool_mask(mask)  # [B, T]
     clip_eps = jnp.asarray(clip_eps, jnp.float32)
     # where-select first so that padding (e.g. -inf log-probs) gives neither NaN values nor grads
-    log_ratio = jnp.where(m, _f32(logps) - _f32(old_logps), 0.0)
-    adv = jnp.where(m, _f32(advantages), 0.0)  # [B, T]
+    log_ratio = jnp.where(m, f32(logps) - f32(old_logps), 0.0)
+    adv = jnp.where(m, f32(advantages), 0.0)  # [B, T]
     ratio = jnp.exp(log_ratio)  # [B, T]
     unclipped = -adv * ratio  # [B, T]
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # [B, T]; exact inside range
-    loss = _masked_mean(jnp.maximum(unclipped, clipped), m)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), m)
     metrics = {
-        "clipfrac": _masked_mean((clipped > unclipped).astype(jnp.float32), m),
-        "approx_kl": _masked_mean(0.5 * jnp.square(log_ratio), m),
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), m),
+        "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), m),
     }
     return loss, metrics
 
@@ -155,15 +148,15 @@ def ppo_value_loss(
       (loss scalar, metrics) with scalar `clipfrac`: fraction of masked tokens where the clipped
       squared error is strictly larger (active).
     """
-    m = _bool_mask(mask)  # [B, T]
+    m = bool_mask(mask)  # [B, T]
     clip_eps = jnp.asarray(clip_eps, jnp.float32)
-    v = jnp.where(m, _f32(values), 0.0)  # [B, T]
-    old = jnp.where(m, _f32(old_values), 0.0)  # [B, T]
-    ret = jnp.where(m, _f32(returns), 0.0)  # [B, T]
+    v = jnp.where(m, f32(values), 0.0)  # [B, T]
+    old = jnp.where(m, f32(old_values), 0.0)  # [B, T]
+    ret = jnp.where(m, f32(returns), 0.0)  # [B, T]
     # clip(v, old - eps, old + eps) == old + clip(v - old, -eps, eps), but returns v bit-exactly
     # inside the range, so "clipped is strictly larger" never fires on rounding noise.
     v_clipped = jnp.clip(v, old - clip_eps, old + clip_eps)  # [B, T]
     err = jnp.square(v - ret)  # [B, T]
     err_clipped = jnp.square(v_clipped - ret)  # [B, T]
-    loss = 0.5 * _masked_mean(jnp.maximum(err, err_clipped), m)
-    return loss, {"clipfrac": _masked_mean((err_clipped > err).astype(jnp.float32), m)}
+    loss = 0.5 * masked_mean(jnp.maximum(err, err_clipped), m)
+    return loss, {"clipfrac": masked_mean((err_clipped > err).astype(jnp.float32), m)}

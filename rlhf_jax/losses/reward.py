@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from rlhf_jax.losses.logprobs import Scalar, _f32
+from rlhf_jax.losses._common import Scalar, f32
 
 
 def bradley_terry_loss(
@@ -26,6 +26,6 @@ def bradley_terry_loss(
     Returns:
       [B] float32 losses.
     """
-    diff = _f32(chosen_rewards) - _f32(rejected_rewards)  # [B]
+    diff = f32(chosen_rewards) - f32(rejected_rewards)  # [B]
     # -log_sigmoid is softplus(-x): stable for large |x|.
     return -jax.nn.log_sigmoid(diff - jnp.asarray(margin, jnp.float32))

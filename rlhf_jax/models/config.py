@@ -73,10 +73,10 @@ class TransformerConfig:
     # `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`). True / False mean "full" /
     # "none".
     remat: bool | str = "none"
-    # Log-probs of the targets over the vocabulary in chunks of this many positions (0: all at
+    # Log-probs of the targets over the vocabulary in chunks of this many positions (None: all at
     # once), each chunk's logits recomputed in the backward pass: no [B, T, V] float32 logits
-    # tensor is held by the losses that use `Transformer.target_logps` (SFT, the DPO family).
-    logits_chunk: int = 0
+    # tensor is held by the steps (`train.logps`: SFT, the DPO family, PPO, critic-free).
+    logits_chunk: int | None = None
     # Run the decoder blocks of full forward passes (training, scoring) as one `lax.scan` over
     # the layers, grouped by their repeating pattern (Gemma 2's sliding/global pairs): XLA then
     # sees one block, so each step gathers, holds and frees one layer's FSDP-split weights at a
@@ -142,8 +142,11 @@ class TransformerConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
-        if self.logits_chunk < 0:
-            raise ValueError(f"logits_chunk must be >= 0 (0: off), got {self.logits_chunk}")
+        if self.logits_chunk is not None and self.logits_chunk < 1:
+            raise ValueError(
+                f"logits_chunk must be >= 1 (positions per chunk) or None (off), got "
+                f"{self.logits_chunk}"
+            )
         choices = [
             ("remat", REMAT),
             ("dtype", ("float32", "bfloat16")),

@@ -54,7 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
-from rlhf_jax import losses
 from rlhf_jax import sharding as sh
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.projection import LORA_DROPOUT_RNG, Projection
@@ -428,43 +427,6 @@ class _Head(nn.Module):
         )
 
 
-def chunk_options(cfg: TransformerConfig, temperature: float = 1.0) -> dict:
-    """The keyword arguments of the chunked log-prob functions for a model (`losses.
-    chunked_target_logps`): its chunk, compute dtype, soft-cap, output-layer layout, and the
-    output layer split over the vocabulary on a mesh (`sharding.vocab_parallel`)."""
-    pin = functools.partial(
-        sh.vocab_parallel, vocab_size=cfg.vocab_size, vocab_major=cfg.tie_embeddings
-    )
-    return dict(chunk=cfg.logits_chunk, dtype=cfg.compute_dtype, softcap=cfg.final_softcap,
-                vocab_major=cfg.tie_embeddings, temperature=temperature, pin=pin)  # fmt: skip
-
-
-def chunked_logps_and_exact_kl(
-    model: nn.Module,
-    params: Any,
-    ref_params: Any,
-    tokens: Int[ArrayLike, "B T"],
-    attention_mask: Shaped[ArrayLike, "B T"],
-    start: int,
-    n: int,
-    temperature: float = 1.0,
-) -> tuple[Float[Array, "B n"], Float[Array, "B n"], Float[Array, "B n"]]:
-    """The policy's (`params`) and the reference's (`ref_params`) log-probs of tokens
-    start+1 .. start+n and the exact full-vocabulary KL(pi || pi_ref) at the positions that
-    predict them, `model.config.logits_chunk` positions at a time (`losses.
-    chunked_logps_and_exact_kl`): neither [B, n, V] logits tensor is held."""
-    tokens = jnp.asarray(tokens)
-    h, w = model.apply({"params": params}, tokens, attention_mask,
-                       method="hidden_and_output_weight")  # fmt: skip
-    rh, rw = model.apply({"params": ref_params}, tokens, attention_mask,
-                         method="hidden_and_output_weight")  # fmt: skip
-    window = slice(start, start + n)
-    return losses.chunked_logps_and_exact_kl(
-        h[:, window], w, rh[:, window], rw, tokens[:, start + 1 : start + 1 + n],
-        **chunk_options(model.config, temperature),
-    )  # fmt: skip
-
-
 def _positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
@@ -478,12 +440,6 @@ def _windows(cfg: TransformerConfig) -> list[int | None]:
 def _within(window: int | None, query: Array, key: Array) -> Array | bool:
     """True where key slot `key` is inside the sliding window of query slot `query`."""
     return True if window is None else key > query - window
-
-
-def logits_chunked(model: nn.Module) -> bool:
-    """Whether `model` (a `Transformer` or anything with a `config`) computes its losses'
-    log-probs in chunks (`TransformerConfig.logits_chunk`): then callers use `target_logps`."""
-    return bool(getattr(getattr(model, "config", None), "logits_chunk", 0))
 
 
 def layer_period(cfg: TransformerConfig) -> int:
@@ -693,29 +649,6 @@ class Transformer(nn.Module):
             out = self.lm_head(hidden)
         return _softcap(out.astype(jnp.float32), cfg.final_softcap)
 
-    def target_logps(
-        self,
-        tokens: Int[ArrayLike, "B T"],
-        attention_mask: Shaped[ArrayLike, "B T"] | None = None,
-        temperature: float = 1.0,
-    ) -> tuple[Float[Array, "B T-1"], Shaped[Array, "B T-1"], Float[Array, "B T-1"]]:
-        """(log pi(tokens[:, t+1] | tokens[:, :t+1]) [B, T-1] float32, whether that token is the
-        argmax [B, T-1], the entropy of pi(. | tokens[:, :t+1]) [B, T-1]) under softmax(logits /
-        temperature): the teacher-forced log-probs of a sequence. With `logits_chunk` set, the
-        logits are computed in chunks of that many positions and never held whole
-        (`losses.chunked_target_logps`)."""
-        cfg = self.config
-        tokens = jnp.asarray(tokens)
-        targets = tokens[:, 1:]
-        hidden = self.hidden(tokens, attention_mask)[:, :-1]  # [B, T-1, D]
-        if not cfg.logits_chunk:
-            logits = self.logits(hidden) / temperature  # [B, T-1, V]
-            hit = jnp.argmax(logits, axis=-1) == targets
-            return losses.token_logps(logits, targets), hit, losses.entropy_from_logits(logits)
-        return losses.chunked_target_logps(
-            hidden, self.output_weight(), targets, **chunk_options(cfg, temperature)
-        )
-
     def output_weight(self) -> Float[Array, "_ _"]:
         """The output layer: the LM head's kernel [D, V], or the tied embedding [V, D]."""
         if self.config.tie_embeddings:
@@ -727,8 +660,8 @@ class Transformer(nn.Module):
         tokens: Int[ArrayLike, "B T"],
         attention_mask: Shaped[ArrayLike, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T D"], Float[Array, "_ _"]]:
-        """(`hidden(tokens, attention_mask)`, `output_weight()`): the inputs of the chunked
-        functions (`chunked_logps_and_exact_kl`)."""
+        """(`hidden(tokens, attention_mask)`, `output_weight()`): what the log-probs in chunks of
+        positions read (`train.logps`), never the whole [B, T, V] logits."""
         return self.hidden(tokens, attention_mask), self.output_weight()
 
     def __call__(

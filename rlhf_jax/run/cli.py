@@ -168,7 +168,7 @@ RANGES: dict[str, Rule] = {
     "lora_rank": (_at_least(0), ">= 0 (0: full fine-tuning)"),
     "lora_alpha": (_positive, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "logits_chunk": (_at_least(-1), ">= 0 (-1: the model's setting)"),
+    "logits_chunk": (_at_least(1), ">= 1 (leave it out: the whole [B, T, V] at once)"),
     "microbatches": (_at_least(1), ">= 1"),
 }
 SUFFIX_RANGES: dict[str, Rule] = {
@@ -314,16 +314,16 @@ class MemoryFlags:
     metrics agree to float32 round-off."""
 
     remat: Literal["keep", "none", "full", "dots"] = "keep"  # block remat ("keep": the model's)
-    logits_chunk: int = -1  # positions per log-prob chunk (0: whole [B, T, V]; -1: the model's)
+    logits_chunk: int | None = None  # positions per log-prob chunk (None: whole [B, T, V] logits)
     scan_layers: Literal["keep", "on", "off"] = "keep"  # blocks as one lax.scan over the layers
 
 
 def memory_config(config: Any, model_config: Any) -> Any:
-    """`model_config` with a driver's `MemoryFlags` applied (fields absent or "keep"/-1: as is)."""
+    """`model_config` with a driver's `MemoryFlags` applied (absent, "keep" or None: as is)."""
     changes = {}
     if getattr(config, "remat", "keep") != "keep":
         changes["remat"] = config.remat
-    if getattr(config, "logits_chunk", -1) >= 0:
+    if getattr(config, "logits_chunk", None) is not None:
         changes["logits_chunk"] = config.logits_chunk
     if getattr(config, "scan_layers", "keep") != "keep":
         changes["scan_layers"] = config.scan_layers == "on"

@@ -41,7 +41,7 @@ from rlhf_jax import losses
 from rlhf_jax import sharding as sh
 from rlhf_jax.lora import LoraTransformer, check_no_dropout, lora_loss
 from rlhf_jax.sampling import SamplingConfig, generate
-from rlhf_jax.train.ppo import _policy_logps_entropy, _sequence
+from rlhf_jax.train.logps import response_logps_entropy, sequence
 from rlhf_jax.train.state import TrainState, create_train_state
 from rlhf_jax.train.step import make_step
 
@@ -246,11 +246,11 @@ def make_critic_free_loss(model: nn.Module, cfg: CriticFreeConfig):
 
     def loss_fn(params, ro: CriticFreeRollout, *, frozen, hparams):
         del frozen
-        tokens, mask = _sequence(
+        tokens, mask = sequence(
             ro.query_tokens, ro.query_mask, ro.response_tokens, ro.response_mask
         )
         p = ro.query_tokens.shape[1]
-        logps, entropy = _policy_logps_entropy(
+        logps, entropy = response_logps_entropy(
             model, params, tokens, mask, ro.response_tokens, p, cfg.temperature
         )
         kl = {}
@@ -287,7 +287,7 @@ def _reward(reward_fn: Reward):
             params = _frozen(state, "reward")
             if params is None:
                 raise ValueError("a reward model needs its params in state.frozen['reward']")
-            tokens, mask = _sequence(
+            tokens, mask = sequence(
                 ro.query_tokens, ro.query_mask, ro.response_tokens, ro.response_mask
             )
             return reward_fn.apply({"params": params}, tokens, mask)
@@ -318,15 +318,15 @@ def _sample(model: nn.Module, cfg: CriticFreeConfig, reward_fn: Reward):
         q_tok, q_mask = jnp.repeat(q_tok, g, axis=0), jnp.repeat(q_mask, g, axis=0)
         # The P*G rows stay split over the batch axes through the forwards below.
         r_tok, r_mask, q_tok, q_mask = sh.constrain_rows((r_tok, r_mask, q_tok, q_mask))
-        tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)
+        tokens, mask = sequence(q_tok, q_mask, r_tok, r_mask)
         live = r_mask > 0
-        logps, _ = _policy_logps_entropy(model, policy, tokens, mask, r_tok, p, cfg.temperature)
+        logps, _ = response_logps_entropy(model, policy, tokens, mask, r_tok, p, cfg.temperature)
         ref = _reference(state)
         if ref is None and "kl_coef" in state.hparams:
             raise ValueError("hparams['kl_coef'] needs the reference params in state.frozen['ref']")
         ref_logps = jnp.zeros_like(logps)
         if ref is not None:
-            ref_logps, _ = _policy_logps_entropy(
+            ref_logps, _ = response_logps_entropy(
                 model, ref, tokens, mask, r_tok, p, cfg.temperature
             )
         ro = CriticFreeRollout(

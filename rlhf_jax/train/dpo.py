@@ -32,7 +32,7 @@ import optax
 from jaxtyping import Array, Float
 
 from rlhf_jax import losses
-from rlhf_jax.models.transformer import logits_chunked
+from rlhf_jax.train.logps import target_logps
 from rlhf_jax.train.reward import concat_pairs
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import LossFn, make_eval, make_step
@@ -59,11 +59,7 @@ def pair_logps(
     b = batch["chosen_tokens"].shape[0]
     tokens = concat_pairs(batch, "tokens")  # [2B, T]
     attn = concat_pairs(batch, "attention_mask")
-    if logits_chunked(model):  # no [2B, T, V] logits held
-        tlp, _, _ = model.apply({"params": params}, tokens, attn, method="target_logps")
-    else:
-        logits = model.apply({"params": params}, tokens, attention_mask=attn)
-        tlp = losses.token_logps(logits[:, :-1], tokens[:, 1:])  # [2B, T-1]
+    tlp, _, _ = target_logps(model, params, tokens, attn)  # [2B, T-1]
     mask = concat_pairs(batch, "loss_mask")[:, 1:]  # [2B, T-1]
     seq = losses.sequence_logps(tlp, mask, average=average)  # [2B]
     return seq[:b], seq[b:], tlp

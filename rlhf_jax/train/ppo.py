@@ -48,15 +48,15 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses
 from rlhf_jax import sharding as sh
-from rlhf_jax.models.transformer import chunked_logps_and_exact_kl, logits_chunked
 from rlhf_jax.sampling import SamplingConfig, generate
-from rlhf_jax.train.state import _unalias, as_key
+from rlhf_jax.train.logps import logps_and_exact_kl, masked_seq_sum, response_slice, sequence
+from rlhf_jax.train.state import as_key, unalias
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 # fold_in purposes of the step key (deterministic and resumable).
-_RNG_SAMPLE, _RNG_MINIBATCH = 0, 1
+RNG_SAMPLE, RNG_MINIBATCH = 0, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,10 +219,10 @@ def create_ppo_state(
     Leaves shared between the param trees (a reference or value trunk initialised from the very
     same arrays as the policy) are copied so the state can be donated.
     """
-    ref_params = _unalias(ref_params, policy_params)
-    value_params = _unalias(value_params, (policy_params, ref_params))
+    ref_params = unalias(ref_params, policy_params)
+    value_params = unalias(value_params, (policy_params, ref_params))
     if reward_params is not None:
-        reward_params = _unalias(reward_params, (policy_params, ref_params, value_params))
+        reward_params = unalias(reward_params, (policy_params, ref_params, value_params))
     return PPOState(
         policy_params=policy_params,
         policy_opt_state=policy_optimizer.init(policy_params),
@@ -261,45 +261,6 @@ def value_view(value_model: nn.Module, value_params: Any, ref_params: Any, rewar
     return value_params
 
 
-def _sequence(query_tokens, query_mask, response_tokens, response_mask):
-    tokens = jnp.concatenate([query_tokens, response_tokens], axis=1)  # [B, P+N]
-    mask = jnp.concatenate([query_mask, response_mask], axis=1).astype(jnp.int32)  # [B, P+N]
-    return tokens, mask
-
-
-def _response_slice(x: jax.Array, p: int, n: int) -> jax.Array:
-    """Outputs at positions P-1 .. P+N-2: those that predict/evaluate response tokens 0..N-1."""
-    return x[:, p - 1 : p - 1 + n]
-
-
-def _policy_forward(policy_model, params, tokens, mask, response_tokens, p, temperature):
-    """(scaled response logits [B, N, V], response log-probs [B, N])."""
-    n = response_tokens.shape[1]
-    logits = policy_model.apply({"params": params}, tokens, attention_mask=mask)  # [B, P+N, V]
-    logits = _response_slice(logits, p, n) / temperature  # [B, N, V]
-    return logits, losses.token_logps(logits, response_tokens)
-
-
-def _policy_logps_entropy(policy_model, params, tokens, mask, response_tokens, p, temperature):
-    """(response log-probs [B, N], entropies [B, N]) of a differentiated forward: through
-    `Transformer.target_logps` in chunks when the model's `logits_chunk` is set (no [B, T, V]
-    logits held), else from the full logits."""
-    n = response_tokens.shape[1]
-    if logits_chunked(policy_model):
-        logps, _, entropy = policy_model.apply(
-            {"params": params}, tokens, mask, temperature, method="target_logps"
-        )  # [B, P+N-1]: position P-1+i scores response token i
-        return logps[:, p - 1 : p - 1 + n], entropy[:, p - 1 : p - 1 + n]
-    logits, logps = _policy_forward(
-        policy_model, params, tokens, mask, response_tokens, p, temperature
-    )
-    return logps, losses.entropy_from_logits(logits)
-
-
-def _masked_seq_sum(x, mask):
-    return jnp.sum(jnp.where(mask > 0, x, 0.0), axis=-1)  # [B]
-
-
 def make_ppo_rollout(
     policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfig
 ) -> Callable[[PPOState, Batch], tuple[PPOState, Rollout]]:
@@ -316,7 +277,7 @@ def make_ppo_rollout(
         q_tok = jnp.asarray(batch["prompt_tokens"], jnp.int32)  # [B, P]
         q_mask = jnp.asarray(batch["prompt_mask"]).astype(jnp.int32)  # [B, P]
         b, p = q_tok.shape
-        rng_sample = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _RNG_SAMPLE)
+        rng_sample = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), RNG_SAMPLE)
         policy = policy_view(policy_model, state.policy_params, state.ref_params)
         gen = generate(
             policy_model,
@@ -329,23 +290,15 @@ def make_ppo_rollout(
             pad_id=cfg.pad_id,
         )
         r_tok, r_mask = sh.constrain_rows((gen.tokens, gen.mask.astype(jnp.int32)))  # [B, N]
-        tokens, mask = _sequence(q_tok, q_mask, r_tok, r_mask)  # [B, P+N]
+        tokens, mask = sequence(q_tok, q_mask, r_tok, r_mask)  # [B, P+N]
         ref = reference_view(policy_model, state.ref_params)
-        if logits_chunked(policy_model):  # neither [B, N, V] logits tensor held
-            logps, ref_logps, kl_exact = chunked_logps_and_exact_kl(
-                policy_model, policy, ref, tokens, mask, p - 1, r_tok.shape[1], cfg.temperature
-            )
-        else:
-            logits, logps = _policy_forward(
-                policy_model, policy, tokens, mask, r_tok, p, cfg.temperature
-            )
-            ref_logits, ref_logps = _policy_forward(
-                policy_model, ref, tokens, mask, r_tok, p, cfg.temperature
-            )
-            kl_exact = losses.exact_kl(logits, ref_logits)
+        logps, ref_logps, kl_exact = logps_and_exact_kl(  # chunked: no [B, N, V] logits held
+            policy_model, policy, ref, tokens, mask, p - 1, r_tok.shape[1],
+            temperature=cfg.temperature,
+        )  # fmt: skip
         value = value_view(value_model, state.value_params, state.ref_params, state.reward_params)
         values = value_model.apply({"params": value}, tokens, mask)  # [B, P+N]
-        values = _response_slice(values, p, cfg.max_new_tokens)  # [B, N]
+        values = response_slice(values, p, cfg.max_new_tokens)  # [B, N]
         live = r_mask > 0
         if cfg.eos_id is None:
             has_eos = jnp.zeros((b,), jnp.int32)
@@ -416,8 +369,8 @@ def make_ppo_score(cfg: PPOConfig) -> Callable[[PPOState, Rollout], tuple[PPOSta
 def rollout_metrics(ro: Rollout, cfg: PPOConfig, kl_coef: jax.Array) -> Metrics:
     """Scalar statistics of a scored rollout (means over sequences of per-sequence sums)."""
     mask = ro.response_mask
-    k1 = _masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k1"), mask)
-    k3 = _masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k3"), mask)
+    k1 = masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k1"), mask)
+    k3 = masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k3"), mask)
     scores = penalize_missing_eos(ro.scores, ro.has_eos, cfg)
     return {
         "score": jnp.mean(ro.scores),
@@ -425,7 +378,7 @@ def rollout_metrics(ro: Rollout, cfg: PPOConfig, kl_coef: jax.Array) -> Metrics:
         "rlhf_reward": jnp.mean(jnp.sum(ro.rewards, axis=-1)),
         "kl_k1": jnp.mean(k1),
         "kl_k3": jnp.mean(k3),
-        "kl_exact": jnp.mean(_masked_seq_sum(ro.kl_exact, mask)),
+        "kl_exact": jnp.mean(masked_seq_sum(ro.kl_exact, mask)),
         "kl_coef": jnp.asarray(kl_coef, jnp.float32),
         "response_length": jnp.mean(jnp.sum(mask, axis=-1).astype(jnp.float32)),
         "eos_rate": jnp.mean(ro.has_eos.astype(jnp.float32)),
@@ -439,7 +392,7 @@ def reward_model_fn(reward_model: nn.Module) -> Callable[[Any, Rollout], jax.Arr
     (its head reads the last real token: EOS, or the last sampled token when truncated)."""
 
     def reward_fn(params: Any, ro: Rollout) -> jax.Array:
-        tokens, mask = _sequence(
+        tokens, mask = sequence(
             ro.query_tokens, ro.query_mask, ro.response_tokens, ro.response_mask
         )
         return reward_model.apply({"params": params}, tokens, mask)

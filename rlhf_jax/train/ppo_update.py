@@ -17,15 +17,12 @@ import optax
 
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses
+from rlhf_jax.train.logps import masked_seq_sum, response_logps_entropy, response_slice, sequence
 from rlhf_jax.train.ppo import (
-    _RNG_MINIBATCH,
+    RNG_MINIBATCH,
     PPOConfig,
     PPOState,
     Rollout,
-    _masked_seq_sum,
-    _policy_logps_entropy,
-    _response_slice,
-    _sequence,
     make_ppo_rollout,
     make_ppo_score,
     policy_view,
@@ -57,14 +54,14 @@ def make_ppo_loss(policy_model: nn.Module, value_model: nn.Module, cfg: PPOConfi
             value_params = value_view(value_model, value_params, ref, reward)
         r_tok, r_mask = mb["response_tokens"], mb["response_mask"]
         p, n = mb["query_tokens"].shape[1], r_tok.shape[1]
-        tokens, mask = _sequence(mb["query_tokens"], mb["query_mask"], r_tok, r_mask)
-        logps, entropy = _policy_logps_entropy(
+        tokens, mask = sequence(mb["query_tokens"], mb["query_mask"], r_tok, r_mask)
+        logps, entropy = response_logps_entropy(
             policy_model, policy_params, tokens, mask, r_tok, p, cfg.temperature
         )
         pg_loss, pg_m = losses.ppo_policy_loss(
             logps, mb["logps"], mb["advantages"], r_mask, clip_eps=cfg.clip_eps
         )
-        values = _response_slice(value_model.apply({"params": value_params}, tokens, mask), p, n)
+        values = response_slice(value_model.apply({"params": value_params}, tokens, mask), p, n)
         vf_loss, vf_m = losses.ppo_value_loss(
             values, mb["values"], mb["returns"], r_mask, clip_eps=cfg.value_clip_eps
         )
@@ -140,7 +137,7 @@ def make_ppo_update(
         if b % nmb:
             raise ValueError(f"rollout batch {b} is not divisible by num_minibatches={nmb}")
         data = {k: getattr(ro, k) for k in _TRAIN_FIELDS}
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _RNG_MINIBATCH)
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), RNG_MINIBATCH)
 
         def epoch(carry, rng_epoch):
             perm = jax.random.permutation(rng_epoch, b).reshape(nmb, b // nmb)  # [M, b/M]
@@ -159,7 +156,7 @@ def make_ppo_update(
         metrics = jax.tree.map(jnp.mean, metrics)  # over epochs x minibatches
         kl_coef = state.kl_coef
         if cfg.kl_target is not None:
-            seq_kl = _masked_seq_sum(
+            seq_kl = masked_seq_sum(
                 losses.kl_estimate(ro.logps, ro.ref_logps, estimator=cfg.kl_estimator),
                 ro.response_mask,
             )  # [B]

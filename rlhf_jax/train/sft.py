@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
-from rlhf_jax.models.transformer import logits_chunked
+from rlhf_jax.train.logps import target_logps
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import LossFn, make_step
 
@@ -48,13 +48,7 @@ def make_sft_loss(model: nn.Module, *, reduction: str = "token") -> LossFn:
     ) -> tuple[jax.Array, Metrics]:
         tokens, attn = batch["tokens"], batch["attention_mask"]
         mask = batch["loss_mask"][:, 1:].astype(jnp.float32)  # [B, T-1]
-        if logits_chunked(model):  # no [B, T, V] logits held
-            tlp, hit, _ = model.apply({"params": params}, tokens, attn, method="target_logps")
-        else:
-            logits = model.apply({"params": params}, tokens, attention_mask=attn)
-            logits, targets = logits[:, :-1], tokens[:, 1:]  # [B, T-1, V], [B, T-1]
-            tlp = losses.token_logps(logits, targets)  # [B, T-1]
-            hit = jnp.argmax(logits, axis=-1) == targets
+        tlp, hit, _ = target_logps(model, params, tokens, attn)  # [B, T-1] each
         n_tok = jnp.maximum(mask.sum(), 1.0)
         nll_token = -jnp.sum(jnp.where(mask > 0, tlp, 0.0)) / n_tok
         if reduction == "token":

@@ -45,7 +45,7 @@ class TrainState:
     hparams: Any = dataclasses.field(default_factory=dict)
 
 
-def _unalias(tree: Any, other: Any) -> Any:
+def unalias(tree: Any, other: Any) -> Any:
     """Copies the leaves of `tree` that are the very same arrays as leaves of `other`.
 
     A donated state must not hold one buffer twice (policy params and a reference initialised
@@ -120,7 +120,7 @@ def create_train_state(
     """
     check_hparams(hparams or {})
     if frozen is not None:
-        frozen = _unalias(frozen, params)
+        frozen = unalias(frozen, params)
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
     return TrainState(
         params=params,
