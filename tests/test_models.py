@@ -244,7 +244,7 @@ def test_grad_barrier_changes_no_number():
 
 @pytest.mark.parametrize("slots", [1, 7, 12, 16])
 def test_decode_attention_against_numpy(slots):
-    from rlhf_jax.models.transformer import _decode_attention
+    from rlhf_jax.models.attention import decode_attention
 
     rs = np.random.default_rng(slots)
     b, h, d = 3, 2, 8
@@ -253,7 +253,7 @@ def test_decode_attention_against_numpy(slots):
     v = rs.normal(size=(b, h, slots, d)).astype(np.float32)
     key_ok = rs.random((b, slots)) < 0.6
     key_ok[:, 0] = True  # every row sees at least one slot
-    got = np.asarray(jax.jit(_decode_attention)(q, k, v, key_ok))
+    got = np.asarray(jax.jit(decode_attention)(q, k, v, key_ok))
     want = np.zeros((b, h, d))
     for i in range(b):
         for j in range(h):
@@ -273,11 +273,11 @@ def test_attention_config_validation():
 
 
 def test_cudnn_padding_detects_right_padded_batches():
-    from rlhf_jax.models.transformer import _padding
+    from rlhf_jax.models.attention import padding
 
     def check(rows):
         ok = np.asarray(rows, np.int32)
-        pad = _padding(jnp.asarray(ok), jnp.zeros((1,)))
+        pad = padding(jnp.asarray(ok), jnp.zeros((1,)))
         np.testing.assert_array_equal(pad.lengths, ok.sum(1))
         right = all(list(r) == sorted(r, reverse=True) for r in ok)  # ones, then zeros
         assert bool(pad.right_padded) == right
@@ -295,9 +295,9 @@ def test_cudnn_attention_wiring(monkeypatch):
     one), and left-padded batches to the XLA mask path; decoding never goes there. The kernel
     needs an NVIDIA GPU: here each call is recorded and answered by the XLA implementation with
     the same arguments."""
-    from rlhf_jax.models import transformer as tr
+    from rlhf_jax.models import attention as attn
 
-    real, real_xla = jax.nn.dot_product_attention, tr._attention
+    real, real_xla = jax.nn.dot_product_attention, attn.attention
     calls = []
 
     def recording(q, k, v, *, implementation=None, **kw):
@@ -312,7 +312,7 @@ def test_cudnn_attention_wiring(monkeypatch):
         return real_xla(q, k, v, mask, *args)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
-    monkeypatch.setattr(tr, "_attention", recording_xla)
+    monkeypatch.setattr(attn, "attention", recording_xla)
     bf16 = dataclasses.replace(CFG, dtype="bfloat16")
     cudnn = dataclasses.replace(bf16, attention="cudnn")
     params = _params()

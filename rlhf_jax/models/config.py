@@ -84,7 +84,7 @@ class TransformerConfig:
     # the step (one extra copy of the blocks' weights, split like them); the parameter tree and
     # every checkpoint are unchanged. Decoding against a KV cache stays unrolled.
     scan_layers: bool = False
-    # Backward-pass scheduling hint at each norm input (see `transformer._grad_barrier`): an
+    # Backward-pass scheduling hint at each norm input (see `layers.barrier`): an
     # identity whose cotangent goes through `lax.optimization_barrier`. It speeds up reverse-mode
     # training steps on XLA:CPU; turn it off for forward-mode AD (jax.jvp, jacfwd, hessian), which
     # a custom_vjp function does not support.
