@@ -558,7 +558,7 @@ MUTANTS = (
     ),
     Mutant(
         "to-host-skips-the-gather",
-        "rlhf_jax/sharding.py",
+        "rlhf_jax/distributed.py",
         "            return np.asarray(multihost_utils.process_allgather(x, tiled=True))",
         "            return jax.device_get(x)",
         ("tests/test_multihost_drivers.py",),

@@ -49,8 +49,8 @@ import jax
 import numpy as np
 
 from rlhf_jax import data as rdata
+from rlhf_jax import distributed, lora, models, paths, sharding, stages, train
 from rlhf_jax import eval as ev
-from rlhf_jax import lora, models, paths, sharding, stages, train
 from rlhf_jax.data import arithmetic as ar
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             desc="sft",
             **sft.fit_kwargs(),
         )
-        params = sharding.to_host(state.params)  # gathered when FSDP splits it over hosts
+        params = distributed.to_host(state.params)  # gathered when FSDP splits it over hosts
         handover.save_lm(workdir / "sft", cfg, params)
     before = pass_at_1(params)
     prompts = _prompts(task, config, sharding.process_batch_rows(config.prompts_per_step, mesh))
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         eval_fn=lambda state, step: {"pass_at_1": pass_at_1(_policy_params(state))},
     )  # fmt: skip
     after = pass_at_1(params)
-    if sharding.is_primary():
+    if distributed.is_primary():
         summary = {"algo": config.algo, "sft": before, "final": after, "steps": config.steps}
         paths.write_text_atomic(workdir / "pass_at_1.json", json.dumps(summary, indent=2))
     print(f"{config.algo}: held-out pass@1 {before:.3f} -> {after:.3f}; wrote {workdir}")

@@ -22,8 +22,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import data as rdata
-from rlhf_jax import paths
-from rlhf_jax import sharding as sh
+from rlhf_jax import distributed, paths
 from rlhf_jax.eval import sample_completions
 from rlhf_jax.sampling import SamplingConfig
 
@@ -128,7 +127,7 @@ def make_preference_pairs(
         ties,
         empty,
     )
-    if cache_path is not None and sh.is_primary():
+    if cache_path is not None and distributed.is_primary():
         rdata.write_jsonl(cache_path, pairs)  # atomic, local or cloud (`paths`)
     return pairs
 

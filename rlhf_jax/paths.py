@@ -21,7 +21,7 @@ write is made safe against a kill or a concurrent reader, since object stores ha
   a cloud path, a temporary download.
 
 Only the caller decides who writes: shared files are written by the primary host alone
-(`sharding.is_primary()`), as before; every host can read.
+(`distributed.is_primary()`), as before; every host can read.
 
     path = as_path(workdir) / "run_config.json"     # an epath.Path, local or gs://
     write_text_atomic(path, text)

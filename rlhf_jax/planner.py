@@ -511,7 +511,7 @@ def _concrete(tree: Any, vocab_size: int, seed: int = 0) -> Any:
     rng = jax.random.key(seed)
 
     def make(path, leaf):
-        name = sh._path_str(path)
+        name = sh.path_str(path)
         if jnp.issubdtype(leaf.dtype, jnp.integer) and "mask" in name:
             return jnp.ones(leaf.shape, leaf.dtype)
         if jnp.issubdtype(leaf.dtype, jnp.integer) and "tokens" in name:

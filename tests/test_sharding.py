@@ -13,7 +13,7 @@ from helpers import toy_steps
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import models, sharding
+from rlhf_jax import distributed, models, sharding
 from rlhf_jax.train.logps import target_logps
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def _fake_gpt2(vocab=64, max_len=16, d=8, n_layers=2, heads=2):
 
 def _by_path(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, P))[0]
-    return {sharding._path_str(path): leaf for path, leaf in flat}
+    return {sharding.path_str(path): leaf for path, leaf in flat}
 
 
 EXPECTED_GPT2 = {
@@ -313,10 +313,10 @@ def test_batch_output_feeds_the_next_compiled_step():
 def test_init_distributed_single_process_is_a_noop(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
-    assert sharding.init_distributed() is False
-    assert sharding.is_primary()
+    assert distributed.init_distributed() is False
+    assert distributed.is_primary()
     with pytest.raises(ValueError, match="coordinator"):
-        sharding.init_distributed(num_processes=2, process_id=0)
+        distributed.init_distributed(num_processes=2, process_id=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,9 +351,9 @@ def test_local_rows_and_to_host_on_one_process_are_the_whole_arrays():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     host = {"tokens": np.arange(16 * 3).reshape(16, 3), "w": np.ones((4, 8), np.float32)}
     batch = sharding.shard_batch({"tokens": host["tokens"]}, mesh)
-    np.testing.assert_array_equal(sharding.local_rows(batch)["tokens"], host["tokens"])
+    np.testing.assert_array_equal(distributed.local_rows(batch)["tokens"], host["tokens"])
     params = sharding.shard_state({"w": host["w"]}, mesh)
-    got = sharding.to_host(params)
+    got = distributed.to_host(params)
     assert isinstance(got["w"], np.ndarray)
     np.testing.assert_array_equal(got["w"], host["w"])
 

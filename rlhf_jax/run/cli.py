@@ -25,6 +25,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from rlhf_jax import distributed
 from rlhf_jax import sharding as sh
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.run.handover import RUN_CONFIG
@@ -301,7 +302,8 @@ def write_run_config(
                 f"--workdir, or the stored settings (only {', '.join(resumable)} may change when "
                 "a run is resumed)"
             )
-    if sh.is_primary():  # atomic: a temporary file renamed into place, or one object upload
+    # Atomic: a temporary file renamed into place, or one object upload.
+    if distributed.is_primary():
         paths.write_text_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
     return new
 
@@ -367,7 +369,7 @@ def init_distributed(config: Any) -> bool:
         if getattr(config, name, 1) < 1:
             raise ConfigError(f"{flag(name)} {getattr(config, name)}: must be >= 1")
     try:
-        return sh.init_distributed(
+        return distributed.init_distributed(
             address,
             count,
             index,

@@ -23,8 +23,7 @@ import numpy as np
 from etils import epath
 
 from rlhf_jax import data as rdata
-from rlhf_jax import models, paths
-from rlhf_jax import sharding as sh
+from rlhf_jax import distributed, models, paths
 from rlhf_jax.errors import ConfigError
 
 # The files and folders of a workdir that the stages hand over, and its run configuration.
@@ -39,12 +38,12 @@ _COMPLETE = ("config.json", HEAD_FILE)
 
 def _write_dir(path: epath.Path, write: Callable[[epath.Path], None]) -> None:
     """Publishes a folder whole (`paths.publish_dir`; primary only)."""
-    if sh.is_primary():
+    if distributed.is_primary():
         paths.publish_dir(path, write, last=_COMPLETE)
 
 
 def _write_model_config(workdir: epath.Path, config: models.TransformerConfig) -> None:
-    if sh.is_primary():
+    if distributed.is_primary():
         text = json.dumps(dataclasses.asdict(config), indent=2)
         paths.write_text_atomic(workdir / MODEL_CONFIG, text)
 
@@ -70,7 +69,7 @@ def save_lm(
       The HF folder (loadable by `load_init_params(workdir)` and by transformers).
     """
     workdir = paths.as_path(workdir)
-    params = sh.to_host(params)  # all processes: a collective when params span hosts
+    params = distributed.to_host(params)  # all processes: a collective when params span hosts
     _write_dir(workdir / HF_DIR, lambda d: _hf_folder(d, config, params, tokenizer))
     _write_model_config(workdir, config)
     return workdir / HF_DIR
@@ -89,7 +88,7 @@ def save_reward_model(
       params: `RewardModel` params `{"transformer": ..., "head": {"kernel": [D, 1], "bias": [1]}}`.
     """
     workdir = paths.as_path(workdir)
-    params = sh.to_host(params)  # all processes: a collective when params span hosts
+    params = distributed.to_host(params)  # all processes: a collective when params span hosts
 
     def write(d: epath.Path) -> None:
         _hf_folder(d, config, params["transformer"], tokenizer)

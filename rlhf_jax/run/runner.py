@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from rlhf_jax import data as rdata
-from rlhf_jax import paths
+from rlhf_jax import distributed, paths
 from rlhf_jax import sharding as sh
 from rlhf_jax.checkpoint import Checkpointer, NonFiniteLossError
 from rlhf_jax.run.metrics_writer import MetricsWriter, read_metrics
@@ -108,7 +108,7 @@ def fit(
     it = iter(batches)
     if loader is None and hasattr(it, "get_state"):
         loader = it
-    primary = sh.is_primary()
+    primary = distributed.is_primary()
     ckpt = Checkpointer(workdir, save_every=checkpoint_every, keep=keep)
     state = sh.shard_state(state, mesh)
     start = _restore(ckpt, state, loader)

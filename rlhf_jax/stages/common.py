@@ -11,9 +11,8 @@ import jax
 import optax
 
 from rlhf_jax import data as rdata
+from rlhf_jax import distributed, paths, train
 from rlhf_jax import lora as lora_lib
-from rlhf_jax import paths, train
-from rlhf_jax import sharding as sh
 from rlhf_jax.lora import peft as peft_io
 from rlhf_jax.run import handover
 
@@ -141,8 +140,8 @@ def save_adapted(
     """A LoRA run's hand-over: the adapters in PEFT's format (`WORKDIR/adapter/`) and the merged
     model (`WORKDIR/hf/`, a quantized base dequantized first); returns the merged params."""
     merged = lora_lib.merge(base, adapters, lora)
-    adapters = sh.to_host(adapters)  # every process: a collective when they span hosts
-    if sh.is_primary():
+    adapters = distributed.to_host(adapters)  # every process: a collective when they span hosts
+    if distributed.is_primary():
         peft_io.save_peft(str(paths.as_path(workdir) / ADAPTER_DIR), cfg, adapters, lora)
     handover.save_lm(workdir, cfg, merged, tokenizer=tokenizer)
     return merged

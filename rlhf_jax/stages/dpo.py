@@ -12,8 +12,8 @@ from typing import Any
 import jax
 
 from rlhf_jax import data as rdata
+from rlhf_jax import distributed, losses, models, paths, sweeps, train
 from rlhf_jax import lora as lora_lib
-from rlhf_jax import losses, models, paths, sweeps, train
 from rlhf_jax import sharding as sh
 from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import Schedule, preference_loader, save_adapted
@@ -79,7 +79,7 @@ def train_dpo(
         collate = functools.partial(
             rdata.collate_preferences, tokenizer=tokenizer, buckets=None, **lengths
         )
-        if sh.is_primary():
+        if distributed.is_primary():
             workdir.mkdir(parents=True, exist_ok=True)
         records = train.attach_reference(
             model,
@@ -88,7 +88,7 @@ def train_dpo(
             collate,
             average_log_prob=average_log_prob,
             cache_path=workdir / REFERENCE_CACHE,
-            is_primary=sh.is_primary(),
+            is_primary=distributed.is_primary(),
         )
         frozen = None  # the batches carry the reference log-probs
     opt = schedule.optimizer()
@@ -147,7 +147,7 @@ def train_dpo(
         timing = sweeps.time_sweep(
             compiled, one, stacked, batches, place=lambda s: sh.shard_state(s, mesh)
         )
-        if sh.is_primary():
+        if distributed.is_primary():
             workdir.mkdir(parents=True, exist_ok=True)
             paths.write_text_atomic(timing_path, json.dumps(timing, indent=2) + "\n")
     if timing_path.is_file():

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from rlhf_jax import data as rdata
+from rlhf_jax import distributed, models, sweeps, train
 from rlhf_jax import lora as lora_lib
-from rlhf_jax import models, sweeps, train
 from rlhf_jax import sharding as sh
 from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import Schedule, prompt_loader, save_adapted
@@ -74,7 +74,7 @@ def make_host_reward_step(
         # Each host scores the rows its devices hold (all of them on one host); the scores are
         # assembled into one global array like a batch.
         fields = ("query_tokens", "query_mask", "response_tokens", "response_mask")
-        mine = types.SimpleNamespace(**sh.local_rows({k: getattr(ro, k) for k in fields}))
+        mine = types.SimpleNamespace(**distributed.local_rows({k: getattr(ro, k) for k in fields}))
         rows = train.response_token_lists(mine, include_query=include_prompt, drop_id=drop)
         samples = tokenizer.decode_batch(rows) if on == "text" else rows
         scores = np.asarray(reward(samples), np.float32).reshape(-1)  # [B_local]

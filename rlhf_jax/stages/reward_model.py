@@ -12,10 +12,9 @@ import jax
 import numpy as np
 
 from rlhf_jax import data as rdata
+from rlhf_jax import distributed, models, paths, train
 from rlhf_jax import eval as ev
 from rlhf_jax import lora as lora_lib
-from rlhf_jax import models, paths, train
-from rlhf_jax import sharding as sh
 from rlhf_jax.lora import peft as peft_io
 from rlhf_jax.run import handover, runner
 from rlhf_jax.stages.common import ADAPTER_DIR, Schedule, preference_loader
@@ -100,12 +99,14 @@ def train_reward_model(
         **schedule.fit_kwargs(),
     )
     if lora is None:
-        params = sh.to_host(state.params)
+        params = distributed.to_host(state.params)
     else:  # the merged reward model from here on (scores, normalisation, hand-over)
-        adapters, modules = sh.to_host(lora_lib.split_trained(state.params))
-        params = sh.to_host(lora_lib.merge({**state.frozen["base"], **modules}, adapters, lora))
+        adapters, modules = distributed.to_host(lora_lib.split_trained(state.params))
+        params = distributed.to_host(
+            lora_lib.merge({**state.frozen["base"], **modules}, adapters, lora)
+        )
         rm = models.RewardModel(cfg)
-        if sh.is_primary():
+        if distributed.is_primary():
             _save_adapter(
                 paths.as_path(workdir) / ADAPTER_DIR, cfg, adapters, modules["head"], lora
             )
@@ -128,7 +129,7 @@ def train_reward_model(
             params["head"] = {"kernel": head["kernel"] / std, "bias": (head["bias"] - mean) / std}
             info.update(score_mean_removed=mean, score_std_removed=std)
     handover.save_reward_model(workdir, cfg, params, tokenizer=tokenizer)
-    if sh.is_primary():
+    if distributed.is_primary():
         paths.write_text_atomic(
             paths.as_path(workdir) / INFO_FILE, json.dumps(info, indent=2) + "\n"
         )

@@ -29,7 +29,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlhf_jax import checkpoint, sharding  # noqa: E402
+from rlhf_jax import checkpoint, distributed, sharding  # noqa: E402
 
 
 def _load(dotted):
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--checkpoint-dir", default=None)
     args = p.parse_args()
 
-    sharding.init_distributed(
+    distributed.init_distributed(
         args.coordinator,
         args.num_processes,
         args.process_id,
