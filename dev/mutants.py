@@ -221,7 +221,7 @@ MUTANTS = (
     ),
     Mutant(
         "bandit-kl-sign",
-        "rlhf_jax/bandit.py",
+        "rlhf_jax/bandit/training.py",
         'total = rewards - beta * kl_estimate(logps, ref_logps, estimator="k1")  # [X, M]',
         'total = rewards + beta * kl_estimate(logps, ref_logps, estimator="k1")  # [X, M]',
         ("tests/test_bandit.py",),
@@ -229,7 +229,7 @@ MUTANTS = (
     ),
     Mutant(
         "bandit-exact-pg-kl-sign",
-        "rlhf_jax/bandit.py",
+        "rlhf_jax/bandit/training.py",
         "penalized = bandit.rewards - beta * (logps - ref_logps)  # [X, K]",
         "penalized = bandit.rewards + beta * (logps - ref_logps)  # [X, K]",
         ("tests/test_bandit.py",),
@@ -343,7 +343,7 @@ MUTANTS = (
     ),
     Mutant(
         "bandit-kl-in-reward-dropped",
-        "rlhf_jax/bandit.py",
+        "rlhf_jax/bandit/training.py",
         'kl_coef = beta if kl_in == "reward" else 0.0',
         "kl_coef = 0.0",
         ("tests/test_bandit.py",),
@@ -351,7 +351,7 @@ MUTANTS = (
     ),
     Mutant(
         "bandit-k3-as-k1",
-        "rlhf_jax/bandit.py",
+        "rlhf_jax/bandit/training.py",
         'kl = dict(ref_logps=ref, kl_coef=beta, kl_estimator="k3")',
         'kl = dict(ref_logps=ref, kl_coef=beta, kl_estimator="k1")',
         ("tests/test_bandit.py",),
