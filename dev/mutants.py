@@ -147,7 +147,7 @@ MUTANTS = (
     ),
     Mutant(
         "validate-skips-ranges",
-        "rlhf_jax/run/cli.py",
+        "rlhf_jax/run/checks.py",
         "        if rule is None or not (numeric or name in (rules or {})):\n",
         "        if True:\n",
         ("tests/test_drivers.py", "-k", "bad_input"),

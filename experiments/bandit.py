@@ -35,7 +35,7 @@ import numpy as np
 
 from rlhf_jax import bandit as bd
 from rlhf_jax import paths
-from rlhf_jax.run import cli
+from rlhf_jax.run import checks, cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +229,7 @@ def main(config: Config) -> list[dict]:
 def _cli(argv: Sequence[str] | None = None) -> Config:
     """`--preset NAME` (default, tiny) and any field as a flag, checked at the door."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
-    cli.validate(
+    checks.validate(
         config,
         {
             "label_noise": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),

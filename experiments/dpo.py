@@ -29,15 +29,15 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import data, lora, losses, models, pairs, stages
+from rlhf_jax import losses, models, pairs, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, handover
+from rlhf_jax.run import cli
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags):
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
     """DPO-family training on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/dpo"
@@ -65,11 +65,6 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     warmup_steps: int = 50
     log_every: int = 20
     checkpoint_every: int = 250
-    lora_rank: int = 0  # LoRA adapters of this rank, the base frozen and the reference (0: off)
-    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
-    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
-    lora_dropout: float = 0.0  # dropout on the adapters' input while training
-    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -103,33 +98,22 @@ def main(
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
     if loss_fn is not None:
         config = dataclasses.replace(config, custom_loss=_describe(loss_fn))
-    cli.validate(config, files=("pairs",))
-    if not config.init_from:
-        raise ConfigError(
-            "DPO starts from (and regularises towards) the SFT model: pass --init-from"
-        )
-    handover.resolve_init_folder(config.init_from)
-    cli.init_distributed(config)
-    mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.batch_size, mesh, microbatches=config.microbatches)
-    task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = data.task_tokenizer(task)
-    cfg = handover.init_config(config.init_from)
-    length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
-    handover.check_model(cfg, tok, max_length=length)
-    cfg = cli.memory_config(config, cfg)
-    lora_cfg = cli.lora_config(config, cfg)
+    start = cli.prepare_init(
+        config,
+        required="DPO starts from (and regularises towards) the SFT model: pass --init-from",
+        task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
+        files=("pairs",),
+    )
     records = None
     if config.pairs:  # read (and checked) before anything is written
         records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
-    cfg, params = handover.load_init_params(config.init_from)
-    cfg = cli.memory_config(config, cfg)
+    params = start.load_params()
     if records is None:
         records = pairs.task_preference_pairs(
-            task,
-            models.Transformer(cfg),
+            start.task,
+            models.Transformer(start.model_config),
             params,
             num_prompts=config.num_prompts,
             seed=config.seed,
@@ -147,12 +131,12 @@ def main(
     print(f"dpo ({name}, beta {config.beta}): {len(records)} training pairs")
     schedule = stages.Schedule.from_config(config)
     _, rows, _ = stages.train_dpo(
-        cfg,
+        start.model_config,
         params,
         records,
-        tok,
+        start.tokenizer,
         workdir=config.workdir,
-        mesh=mesh,
+        mesh=start.mesh,
         schedule=schedule,
         betas=config.beta,
         loss_type=config.loss_type if loss_fn is None else loss_fn,
@@ -161,7 +145,7 @@ def main(
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
-        lora=lora_cfg,
+        lora=start.lora,
         quantize=config.quantize,
     )
     if rows:

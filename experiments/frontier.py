@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.frontier import config as frontier_config
 from rlhf_jax.frontier.pipeline import run_frontier
-from rlhf_jax.run import cli
+from rlhf_jax.run import checks, cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ BATCH_FIELDS = (
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the command line `argv`; returns the summary (also written to summary.json)."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
-    cli.validate(
+    checks.validate(
         config,
         {
             "critic_free": (lambda a: a in ("grpo", "rloo"), "grpo and/or rloo"),

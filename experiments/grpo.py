@@ -61,7 +61,7 @@ GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags):
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
     """Critic-free RL on the addition task or the sentiment task."""
 
     workdir: str = "runs/grpo"
@@ -95,10 +95,6 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     eval_every: int = 100
     log_every: int = 20
     checkpoint_every: int = 100
-    lora_rank: int = 0  # LoRA adapters of this rank on the frozen start (0: full)
-    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
-    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
-    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -122,6 +118,10 @@ PRESETS = {
         checkpoint_every=3,
     ),
 }
+
+
+def _task(config: Config) -> ar.ArithmeticTask:
+    return ar.ArithmeticTask(digits=config.digits, noise=config.noise)
 
 
 def _model_config(config: Config, task: ar.ArithmeticTask) -> models.TransformerConfig:
@@ -218,55 +218,57 @@ def _check(config: Config, max_new_tokens: int) -> None:
         )
 
 
+RULES = {
+    "model": (lambda m: m in models.PRESETS, "a models.PRESETS name"),
+    "digits": (lambda d: 1 <= d <= 6, "in [1, 6]"),
+    "noise": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "group_size": (lambda g: g >= 2, ">= 2"),
+    "eval_prompts": (lambda n: n >= 1, ">= 1"),
+    "temperature": (lambda t: t > 0, "> 0 (the methods sample)"),
+    **cli.ON_POLICY_RULES,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the RL stage's metrics rows."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
-    cli.validate(
-        config,
-        {
-            "model": (lambda m: m in models.PRESETS, "a models.PRESETS name"),
-            "digits": (lambda d: 1 <= d <= 6, "in [1, 6]"),
-            "noise": (lambda x: 0 <= x < 1, "in [0, 1)"),
-            "group_size": (lambda g: g >= 2, ">= 2"),
-            "eval_prompts": (lambda n: n >= 1, ">= 1"),
-            "temperature": (lambda t: t > 0, "> 0 (the methods sample)"),
-        },
-    )
     if config.task == "sentiment":
         return _sentiment(config)
+
+    def check(cfg: models.TransformerConfig) -> None:
+        task = _task(config)
+        if cfg.vocab_size < ar.VOCAB_SIZE or cfg.max_len < task.prompt_length + task.answer_length:
+            raise ConfigError(
+                f"--init-from {config.init_from}: its model (vocabulary {cfg.vocab_size}, "
+                f"context {cfg.max_len}) cannot read {config.digits}-digit problems; train it "
+                "with this task"
+            )
+
+    start = cli.prepare_init(
+        config,
+        rules=RULES,
+        random_init=lambda _: _model_config(config, _task(config)),
+        task=lambda: _task(config),
+        tokenizer=None,  # the character tokenizer of the task: `check` reads the model
+        batch_fields=("prompts_per_step", "sft_batch_size"),
+        check=check,
+    )
     if config.reward != GROUND_TRUTH:
         raise ConfigError(
             "--reward applies to --task sentiment; the addition task's reward is the exact match"
         )
-    if config.init_from:
-        handover.resolve_init_folder(config.init_from)
-    task = ar.ArithmeticTask(digits=config.digits, noise=config.noise)
+    task, cfg, mesh = start.task, start.model_config, start.mesh
     _check(config, task.answer_length)
-    cli.init_distributed(config)
-    mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.prompts_per_step, mesh, name="prompts_per_step")
-    cli.check_batch(config.sft_batch_size, mesh, name="sft_batch_size")
-    cfg = handover.init_config(config.init_from) if config.init_from else None
-    cfg = cfg or _model_config(config, task)
-    cfg = cli.memory_config(config, cfg)
-    if cfg.vocab_size < ar.VOCAB_SIZE or cfg.max_len < task.prompt_length + task.answer_length:
-        raise ConfigError(
-            f"--init-from {config.init_from}: its model (vocabulary {cfg.vocab_size}, context "
-            f"{cfg.max_len}) cannot read {config.digits}-digit problems; train it with this task"
-        )
     rl = _rl_config(config, task.answer_length, ar.EOS, ar.PAD)
-    lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
     workdir = paths.as_path(config.workdir)  # local or cloud (gs://)
     model = models.Transformer(cfg)
-    if lora_cfg is not None:
-        model = lora.LoraTransformer(cfg, lora_cfg)  # also reads plain params
+    if start.lora is not None:
+        model = lora.LoraTransformer(cfg, start.lora)  # also reads plain params
     pass_at_1 = pass_at_1_fn(model, task, config.eval_prompts, config.seed)
 
-    if config.init_from:
-        cfg, params = handover.load_init_params(config.init_from)
-        cfg = cli.memory_config(config, cfg)
-    else:
+    params = start.load_params()
+    if not config.init_from:
         sft = stages.Schedule(
             steps=config.sft_steps, batch_size=config.sft_batch_size,
             learning_rate=config.sft_learning_rate, warmup_steps=min(50, config.sft_steps - 1),
@@ -275,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         opt = sft.optimizer()
         state, _ = runner.fit(
             train.make_sft_step(model, opt),
-            train.create_train_state(models.init_params(cfg, jax.random.key(config.seed)), opt, 0),
+            train.create_train_state(params, opt, 0),
             _demonstrations(task, config, sharding.process_batch_rows(config.sft_batch_size, mesh)),
             workdir=workdir / "sft",
             mesh=mesh,
@@ -289,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     params, rows = stages.train_critic_free(
         cfg, params, prompts, workdir=workdir, mesh=mesh,
         schedule=_schedule(config), rl=rl, reward_fn=ar.exact_match_reward,
-        kl_coef=config.kl_coef, seed=config.seed, lora=lora_cfg, quantize=config.quantize,
+        kl_coef=config.kl_coef, seed=config.seed, lora=start.lora, quantize=config.quantize,
         eval_fn=lambda state, step: {"pass_at_1": pass_at_1(_policy_params(state))},
     )  # fmt: skip
     after = pass_at_1(params)
@@ -302,29 +304,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 def _sentiment(config: Config) -> list[dict]:
     """--task sentiment: from an SFT model, on a reward model or the ground truth."""
-    if not config.init_from:
-        raise ConfigError(
+    start = cli.prepare_init(
+        config,
+        rules=RULES,
+        required=(
             "--task sentiment starts from (and regularises towards) the SFT model: pass "
             "--init-from (an experiments/sft.py workdir or an HF folder)"
-        )
-    handover.resolve_init_folder(config.init_from)
+        ),
+        task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
+        batch_fields=("prompts_per_step",),
+    )
     if config.reward != GROUND_TRUTH:
         handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
     _check(config, config.max_new_tokens)
-    cli.init_distributed(config)
-    mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.prompts_per_step, mesh, name="prompts_per_step")
-    task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = rdata.task_tokenizer(task)
-    cfg = handover.init_config(config.init_from)
-    handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
-    cfg = cli.memory_config(config, cfg)
+    task, tok, cfg, lora_cfg = start.task, start.tokenizer, start.model_config, start.lora
     rl = _rl_config(config, config.max_new_tokens, tok.eos_id, tok.pad_id)
-    lora_cfg = cli.lora_config(config, cfg)
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
-    cfg, params = handover.load_init_params(config.init_from)
-    cfg = cli.memory_config(config, cfg)
+    params = start.load_params()
     if config.reward == GROUND_TRUTH:
         reward = {"host_reward": task.reward_fn, "reward_on": "text"}
     else:
@@ -348,7 +345,7 @@ def _sentiment(config: Config) -> list[dict]:
         max_prompt_length=config.max_prompt_length, seed=config.seed,
     )  # fmt: skip
     _, rows = stages.train_critic_free(
-        cfg, params, loader, workdir=config.workdir, mesh=mesh, schedule=_schedule(config),
+        cfg, params, loader, workdir=config.workdir, mesh=start.mesh, schedule=_schedule(config),
         rl=rl, tokenizer=tok, kl_coef=config.kl_coef, seed=config.seed, eval_fn=eval_fn,
         lora=lora_cfg, quantize=config.quantize, **reward,
     )  # fmt: skip

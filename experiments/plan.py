@@ -61,7 +61,7 @@ from typing import Literal  # noqa: E402
 from rlhf_jax import paths, planner
 from rlhf_jax import sharding as sh  # noqa: E402
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli
+from rlhf_jax.run import checks, cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the rows."""
     config = cli.parse_config(Config, {"default": Config()}, argv, description=__doc__)
-    cli.validate(config)
+    checks.validate(config)
     spec = _spec(config)
     if config.run and config.topology != "local":
         raise ConfigError(f"--run times real steps: use --topology local, not {config.topology}")

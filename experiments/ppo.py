@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
 
-from rlhf_jax import data, lora, stages, train
+from rlhf_jax import stages, train
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.run import cli, handover
@@ -38,7 +37,7 @@ GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags):
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
     """PPO with a reward model or the ground-truth reward."""
 
     workdir: str = "runs/ppo"
@@ -64,10 +63,6 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     checkpoint_every: int = 50
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
-    lora_rank: int = 0  # LoRA adapters of this rank on policy and critic, bases frozen (0: off)
-    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
-    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
-    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the policy's base stored quantized
 
 
 PRESETS = {
@@ -89,28 +84,19 @@ PRESETS = {
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the metrics rows."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
-    cli.validate(config, {"temperature": (lambda t: t > 0, "> 0 (PPO samples)")})
-    if not config.init_from:
-        raise ConfigError(
-            "PPO starts from (and regularises towards) the SFT model: pass --init-from"
-        )
-    handover.resolve_init_folder(config.init_from)
+    start = cli.prepare_init(
+        config,
+        required="PPO starts from (and regularises towards) the SFT model: pass --init-from",
+        task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
+        rules={"temperature": (lambda t: t > 0, "> 0 (PPO samples)"), **cli.ON_POLICY_RULES},
+    )
     if config.reward != GROUND_TRUTH:
         handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
-    cli.init_distributed(config)
-    mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.batch_size, mesh)
     if config.batch_size % config.num_minibatches:
         raise ConfigError(
             f"--batch-size {config.batch_size} is not divisible by --num-minibatches "
             f"{config.num_minibatches}"
         )
-    task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = data.task_tokenizer(task)
-    cfg = handover.init_config(config.init_from)
-    handover.check_model(cfg, tok, max_length=config.max_prompt_length + config.max_new_tokens)
-    cfg = cli.memory_config(config, cfg)
-    lora_cfg = cli.lora_config(config, cfg)
     ppo = train.PPOConfig(  # checks its own ranges too
         kl_coef=config.kl_coef,
         kl_target=config.target_kl,
@@ -120,29 +106,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         missing_eos_penalty=config.missing_eos_penalty,
         temperature=config.temperature,
         max_new_tokens=config.max_new_tokens,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
+        eos_id=start.tokenizer.eos_id,
+        pad_id=start.tokenizer.pad_id,
     )
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
-    cfg, params = handover.load_init_params(config.init_from)
-    cfg = cli.memory_config(config, cfg)
-    reward = {"host_reward": task.reward_fn, "reward_on": "text"}  # PPO-GT: VADER on the host
+    params = start.load_params()
+    reward = {"host_reward": start.task.reward_fn, "reward_on": "text"}  # PPO-GT: VADER, host
     if config.reward != GROUND_TRUTH:
         reward = {"reward_model": handover.load_reward_model(config.reward)}
     schedule = stages.Schedule.from_config(config, decay=False)
     _, rows = stages.train_ppo(
-        cfg,
+        start.model_config,
         params,
-        task,
+        start.task,
         workdir=config.workdir,
-        mesh=mesh,
+        mesh=start.mesh,
         schedule=schedule,
         ppo=ppo,
         value_learning_rate=config.value_learning_rate,
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
-        lora=lora_cfg,
+        lora=start.lora,
         quantize=config.quantize,
         **reward,
     )

@@ -28,15 +28,15 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import data, lora, models, pairs, stages
+from rlhf_jax import models, pairs, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, handover
+from rlhf_jax.run import cli
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags):
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
     """Bradley-Terry reward model on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/reward_model"
@@ -64,11 +64,6 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     eval_every: int = 250
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
-    lora_rank: int = 0  # LoRA adapters of this rank on the frozen trunk, the head beside (0: off)
-    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
-    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
-    lora_dropout: float = 0.0  # dropout on the adapters' input while training
-    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen trunk stored quantized
 
 
 PRESETS = {
@@ -93,20 +88,12 @@ PRESETS = {
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the metrics rows."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
-    cli.validate(config, files=("pairs",))
-    if not config.init_from:
-        raise ConfigError("the reward model starts from the SFT model: pass --init-from")
-    handover.resolve_init_folder(config.init_from)
-    cli.init_distributed(config)
-    mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.batch_size, mesh, microbatches=config.microbatches)
-    task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = data.task_tokenizer(task)
-    cfg = handover.init_config(config.init_from)
-    length = max(config.max_length, config.max_prompt_length + config.max_new_tokens)
-    handover.check_model(cfg, tok, max_length=length)
-    cfg = cli.memory_config(config, cfg)
-    lora_cfg = cli.lora_config(config, cfg)
+    start = cli.prepare_init(
+        config,
+        required="the reward model starts from the SFT model: pass --init-from",
+        task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
+        files=("pairs",),
+    )
     records = test_records = None
     if config.pairs:  # read (and checked) before anything is written; the last tenth held out
         records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size + 1)
@@ -120,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         records, test_records = records[:-n_test], records[-n_test:]
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
-    cfg, lm_params = handover.load_init_params(config.init_from)
-    cfg = cli.memory_config(config, cfg)
+    lm_params = start.load_params()
     if records is None:
         sample = dict(
             seed=config.seed,
@@ -129,9 +115,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             completions_per_prompt=config.completions_per_prompt,
             max_prompt_length=config.max_prompt_length,
         )
-        policy = models.Transformer(cfg)
+        policy = models.Transformer(start.model_config)
         records = pairs.task_preference_pairs(
-            task,
+            start.task,
             policy,
             lm_params,
             num_prompts=config.num_prompts,
@@ -139,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             **sample,
         )
         test_records = pairs.task_preference_pairs(
-            task,
+            start.task,
             policy,
             lm_params,
             split="test",
@@ -155,18 +141,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"reward model: {len(records)} training pairs, {len(test_records)} held-out pairs")
     schedule = stages.Schedule.from_config(config)
     _, rows, info = stages.train_reward_model(
-        cfg,
+        start.model_config,
         lm_params,
         records,
         test_records,
-        tok,
+        start.tokenizer,
         workdir=config.workdir,
-        mesh=mesh,
+        mesh=start.mesh,
         schedule=schedule,
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
-        lora=lora_cfg,
+        lora=start.lora,
         quantize=config.quantize,
     )
     if "heldout_accuracy" in info:

@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
 
-import jax
-
-from rlhf_jax import data, lora, models, stages
+from rlhf_jax import models, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.run import cli, handover
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags):
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
     """Supervised fine-tuning on the synthetic reviews."""
 
     workdir: str = "runs/sft"
@@ -52,11 +49,6 @@ class Config(cli.DistributedFlags, cli.MemoryFlags):
     checkpoint_every: int = 500
     eval_every: int = 500
     eval_batches: int = 4  # held-out batches of the test split per evaluation (0: none)
-    lora_rank: int = 0  # LoRA adapters of this rank on the frozen model (0: full fine-tuning)
-    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
-    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
-    lora_dropout: float = 0.0  # dropout on the adapters' input while training
-    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -81,41 +73,29 @@ PRESETS = {
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the metrics rows."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
-    cli.validate(config, {"model": (lambda m: m in models.PRESETS, "a models.PRESETS name")})
-    if config.init_from:
-        handover.resolve_init_folder(config.init_from)
-    cli.init_distributed(config)
-    mesh = cli.resolve_mesh(config.mesh)
-    cli.check_batch(config.batch_size, mesh, microbatches=config.microbatches)
-    task = synthetic.load_task(synthetic.prepare(config.data_dir))
-    tok = data.task_tokenizer(task)
-    if config.init_from:
-        cfg = handover.init_config(config.init_from)
-    else:
-        depth = {} if config.n_layers is None else {"n_layers": config.n_layers}
-        cfg = handover.model_config(config.model, tok, **depth)
-    handover.check_model(cfg, tok, max_length=config.max_length)
-    cfg = cli.memory_config(config, cfg)
-    lora_cfg = cli.lora_config(config, cfg)
+    start = cli.prepare_init(
+        config,
+        rules={"model": (lambda m: m in models.PRESETS, "a models.PRESETS name")},
+        random_init=lambda tok: handover.model_config(
+            config.model, tok, **({} if config.n_layers is None else {"n_layers": config.n_layers})
+        ),
+        task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
+    )
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
-    if config.init_from:
-        cfg, params = handover.load_init_params(config.init_from)
-        cfg = cli.memory_config(config, cfg)
-    else:
-        params = models.init_params(cfg, jax.random.PRNGKey(config.seed))
+    params = start.load_params()
     schedule = stages.Schedule.from_config(config)
     _, rows = stages.train_sft(
-        task,
-        cfg,
+        start.task,
+        start.model_config,
         params,
         workdir=config.workdir,
-        mesh=mesh,
+        mesh=start.mesh,
         schedule=schedule,
         max_length=config.max_length,
         seed=config.seed,
         eval_batches=config.eval_batches,
-        lora=lora_cfg,
+        lora=start.lora,
         quantize=config.quantize,
     )
     if rows:

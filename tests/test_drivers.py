@@ -173,7 +173,7 @@ def test_dpo_memory_flags_change_how_not_what_it_computes(drivers, sft, tmp_path
     for key in ("loss", "rewards/margin", "logps/chosen", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in lean], [r[key] for r in plain], rtol=2e-5,
                                    atol=1e-5, err_msg=key)  # fmt: skip
-    with pytest.raises(cli.ConfigError, match="--microbatches 3: each microbatch"):
+    with pytest.raises(ConfigError, match="--microbatches 3: each microbatch"):
         drivers["dpo"].main(argv + ["--workdir", str(tmp_path / "bad"), "--microbatches", "3"])
     assert not (tmp_path / "bad").exists()
 
@@ -234,7 +234,7 @@ def test_dpo_tiny_with_lora_adapters(drivers, sft, tmp_path):
     moved = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(adapters))
     assert moved > 0  # B left zero
     bad = tmp_path / "bad"
-    with pytest.raises(cli.ConfigError, match="--lora-targets"):
+    with pytest.raises(ConfigError, match="--lora-targets"):
         drivers["dpo"].main(
             ["--preset", "tiny", "--workdir", str(bad), "--init-from", str(sft[0]),
              "--lora-rank", "4", "--lora-targets", "attention/query"]
@@ -256,7 +256,7 @@ def test_sft_with_qlora(drivers, sft, tmp_path):
     adapters, _ = peft_io.load_peft(str(wd / "adapter"), cfg)
     assert "layers_0" in adapters
     bad = tmp_path / "bad"
-    with pytest.raises(cli.ConfigError, match="--quantize int8 needs --lora-rank"):
+    with pytest.raises(ConfigError, match="--quantize int8 needs --lora-rank"):
         drivers["sft"].main(["--preset", "tiny", "--workdir", str(bad), "--quantize", "int8"])
     assert not bad.exists()
 
@@ -297,7 +297,7 @@ def test_reward_model_and_ppo_with_lora(drivers, sft, reward_model, tmp_path):
     cfg, _ = models.from_pretrained(str(ppo_dir / "hf"))
     assert "layers_0" in peft_io.load_peft(str(ppo_dir / "adapter"), cfg)[0]
     bad = tmp_path / "bad"
-    with pytest.raises(cli.ConfigError, match=r"--lora-dropout 1.5: must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"--lora-dropout 1.5: must be in \[0, 1\)"):
         drivers["reward_model"].main(
             argv + ["--workdir", str(bad), "--lora-rank", "4", "--lora-dropout", "1.5"]
         )
@@ -325,10 +325,10 @@ def test_grpo_sentiment_with_the_reward_model_and_dapo_on_the_ground_truth(
     for bad, flag in [(["--reward", str(tmp_path / "nope")], "--reward"),
                       (["--num-groups", "9"], "--num-groups")]:  # fmt: skip
         out = tmp_path / f"bad{flag}"
-        with pytest.raises(cli.ConfigError, match=flag):
+        with pytest.raises(ConfigError, match=flag):
             grpo.main(argv + ["--workdir", str(out), "--algo", "dapo", *bad])
         assert not out.exists()
-    with pytest.raises(cli.ConfigError, match="--init-from"):
+    with pytest.raises(ConfigError, match="--init-from"):
         grpo.main(["--preset", "tiny", "--task", "sentiment", "--workdir", str(tmp_path / "x")])
 
 

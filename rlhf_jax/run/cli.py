@@ -1,14 +1,17 @@
-"""The command line of every driver: presets and flags, the run configuration, input checks.
+"""The command line of every training driver: presets and flags, the start-up it shares, the run
+configuration.
 
-    config = parse_config(Config, PRESETS, argv)     # --preset NAME + tyro flags
-    validate(config, RULES)                          # every range, file and choice, first
-    mesh = resolve_mesh(config.mesh)                 # "impossible mesh for N devices"
-    local_batch = check_batch(config.batch_size, mesh)
-    write_run_config(config.workdir, config)         # only now: resume only with the same run
+    config = parse_config(Config, PRESETS, argv)         # --preset NAME + tyro flags
+    start = prepare_init(config, task=..., max_length=...)  # every check, nothing written yet
+    ...                                                   # the driver's own checks (read --pairs)
+    write_run_config(config.workdir, config)             # only now: resume only with the same run
+    params = start.load_params()                          # --init-from's weights, or a random init
 
-Errors a user can fix from the command line are `ConfigError`s (one line that names the flag or
-file and what to change); `run_cli` prints them, and bad records / missing files / too little
-data, as one line on stderr and exits with status 2, before anything is written.
+A driver's Config derives from the flag mixins it takes (`DistributedFlags`, `MemoryFlags`,
+`LoraFlags`); `prepare_init` reads them. Errors a user can fix from the command line are
+`ConfigError`s (one line that names the flag or file and what to change; the range table is
+`run.checks`); `run_cli` prints them, and bad records / missing files / too little data, as one
+line on stderr and exits with status 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ import dataclasses
 import json
 import os
 import sys
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
 import numpy as np
 
-from rlhf_jax import distributed
+from rlhf_jax import data, distributed, lora, models, paths
 from rlhf_jax import sharding as sh
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import checks, handover
+from rlhf_jax.run.checks import flag
 from rlhf_jax.run.handover import RUN_CONFIG
 
 # Config fields that may change when a run is resumed (everything else must match).
@@ -111,13 +115,11 @@ def run_cli(main: Callable[[Sequence[str] | None], Any]) -> None:
     """Runs `main(sys.argv[1:])`; an input error prints one line "error: ..." on stderr and exits
     with status 2 (no traceback): a `ConfigError`, a bad record (`data.BadRecordError`: its file
     and line), a missing file."""
-    from rlhf_jax.data import BadRecordError
-
     try:
         main(None)
     except ConfigError as e:
         _fail(str(e))
-    except BadRecordError as e:
+    except data.BadRecordError as e:
         _fail(
             f"{e.path}:{e.line}: {e.reason} (fix or remove this line, or pass --on-bad-record "
             "skip to skip bad lines with a report)"
@@ -129,141 +131,6 @@ def run_cli(main: Callable[[Sequence[str] | None], Any]) -> None:
 def _fail(message: str) -> None:
     print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks at the door: every range, choice and file of a driver's config, before anything is
-# written or sampled.
-
-Rule = tuple[Callable[[Any], bool], str]
-
-
-def _positive(v: Any) -> bool:
-    return v > 0
-
-
-def _at_least(n: int) -> Callable[[Any], bool]:
-    return lambda v: v >= n
-
-
-# Exact field names, then name suffixes: the ranges every driver shares.
-RANGES: dict[str, Rule] = {
-    "warmup_steps": (_at_least(0), ">= 0"),
-    "weight_decay": (_at_least(0), ">= 0"),
-    "max_length": (_at_least(2), ">= 2"),
-    "max_prompt_length": (_at_least(1), ">= 1"),
-    "max_new_tokens": (_at_least(1), ">= 1"),
-    "temperature": (_at_least(0), ">= 0"),
-    "completions_per_prompt": (_at_least(2), ">= 2"),
-    "beta": (_positive, "> 0"),
-    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    "kl_coef": (_at_least(0), ">= 0"),
-    "target_kl": (_positive, "> 0"),
-    "kl_horizon": (_positive, "> 0"),
-    "ppo_epochs": (_at_least(1), ">= 1"),
-    "num_minibatches": (_at_least(1), ">= 1"),
-    "ppo_minibatches": (_at_least(1), ">= 1"),
-    "eval_batches": (_at_least(0), ">= 0"),
-    "n_layers": (_at_least(1), ">= 1"),
-    "seed": (_at_least(0), ">= 0"),
-    "lora_rank": (_at_least(0), ">= 0 (0: full fine-tuning)"),
-    "lora_alpha": (_positive, "> 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "logits_chunk": (_at_least(1), ">= 1 (leave it out: the whole [B, T, V] at once)"),
-    "microbatches": (_at_least(1), ">= 1"),
-}
-SUFFIX_RANGES: dict[str, Rule] = {
-    "steps": (_at_least(1), ">= 1"),
-    "batch_size": (_at_least(1), ">= 1"),
-    "learning_rate": (_positive, "> 0"),
-    "_lr": (_positive, "> 0"),
-    "_every": (_at_least(1), ">= 1"),
-    "_prompts": (_at_least(1), ">= 1"),
-    "_betas": (_positive, "> 0"),
-    "_kl_coefs": (_at_least(0), ">= 0"),
-    "_alphas": (_at_least(0), ">= 0"),
-    "_ns": (_at_least(1), ">= 1"),
-    "_thresholds": (_positive, "> 0"),
-    "d_model": (_at_least(1), ">= 1"),
-    "n_heads": (_at_least(1), ">= 1"),
-}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a config field: `warmup_steps` -> `--warmup-steps`."""
-    return "--" + name.replace("_", "-")
-
-
-def _rule(name: str, rules: Mapping[str, Rule]) -> Rule | None:
-    if name in rules:
-        return rules[name]
-    if name in RANGES:
-        return RANGES[name]
-    for suffix, rule in SUFFIX_RANGES.items():
-        if name == suffix.lstrip("_") or name.endswith(suffix):
-            return rule
-    return None
-
-
-def validate(
-    config: Any,
-    rules: Mapping[str, Rule] | None = None,
-    *,
-    files: Sequence[str] = (),
-) -> None:
-    """Checks a driver's config before it writes or samples anything.
-
-    Every field with a rule (`rules`, then `RANGES`, then `SUFFIX_RANGES`; for a tuple field each
-    entry) must satisfy it, `Literal` fields must hold one of their values, `warmup_steps` must be
-    below `steps`, and each field named in `files` (when set) must be an existing path.
-
-    Raises:
-      ConfigError: the first violation, e.g. "--beta -1.0: must be > 0".
-    """
-    hints = typing.get_type_hints(type(config))
-    for field in dataclasses.fields(config):
-        name, value = field.name, getattr(config, field.name)
-        if value is None:
-            continue
-        choices = _literal_choices(hints.get(name))
-        if choices and value not in choices:
-            raise ConfigError(
-                f"{flag(name)} {value!r}: choose one of {', '.join(map(str, choices))}"
-            )
-        rule = _rule(name, rules or {})
-        numeric = isinstance(value, int | float | tuple | list) and not isinstance(value, bool)
-        if rule is None or not (numeric or name in (rules or {})):
-            continue  # the shared ranges are about numbers; a driver's own rules apply to any
-        ok, accepted = rule
-        for v in value if isinstance(value, tuple | list) else (value,):
-            if not ok(v):
-                shown = value if isinstance(value, tuple | list) else v
-                raise ConfigError(f"{flag(name)} {shown}: must be {accepted}")
-        if isinstance(value, tuple | list) and not value:
-            raise ConfigError(f"{flag(name)}: give at least one value")
-    steps, warmup = getattr(config, "steps", None), getattr(config, "warmup_steps", None)
-    if steps is not None and warmup is not None and warmup >= steps:
-        raise ConfigError(f"--warmup-steps {warmup}: must be < --steps ({steps})")
-    from rlhf_jax import paths  # local or cloud (gs://) paths alike
-
-    for name in files:
-        path = getattr(config, name)
-        try:
-            found = not path or paths.as_path(path).exists()
-        except (ValueError, ImportError) as e:  # an unknown URL scheme, no gcsfs for gs://
-            raise ConfigError(f"{flag(name)} {path}: {e}") from None
-        if not found:
-            raise ConfigError(f"{flag(name)} {path}: no such file or folder")
-
-
-def _literal_choices(hint: Any) -> tuple[Any, ...]:
-    """The values of a `Literal[...]` hint (also inside `X | None`), else ()."""
-    if typing.get_origin(hint) is typing.Literal:
-        return typing.get_args(hint)
-    for arg in typing.get_args(hint):
-        if typing.get_origin(arg) is typing.Literal:
-            return typing.get_args(arg)
-    return ()
 
 
 def _json_ready(value: Any) -> Any:
@@ -287,7 +154,6 @@ def write_run_config(
     Raises:
       ConfigError: the workdir holds a run whose config differs in other fields (named).
     """
-    from rlhf_jax import paths  # local or cloud (gs://) workdirs alike
 
     new = _json_ready(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config)
     path = paths.as_path(workdir) / RUN_CONFIG
@@ -318,6 +184,29 @@ class MemoryFlags:
     remat: Literal["keep", "none", "full", "dots"] = "keep"  # block remat ("keep": the model's)
     logits_chunk: int | None = None  # positions per log-prob chunk (None: whole [B, T, V] logits)
     scan_layers: Literal["keep", "on", "off"] = "keep"  # blocks as one lax.scan over the layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFlags:
+    """The LoRA / QLoRA flags every training driver takes (`lora_config` builds the adapters'
+    config from them; see docs/lora.md). With --lora-rank R only adapters of rank R train on the
+    frozen starting model, which is also the reference (adapters off): one copy of the base."""
+
+    lora_rank: int = 0  # LoRA adapters of this rank on the frozen model (0: full fine-tuning)
+    lora_alpha: float = 16.0  # the adapters' scale is alpha / rank
+    lora_targets: str = lora.DEFAULT_TARGETS  # regex over projection paths (layers_0/attn/q)
+    lora_dropout: float = 0.0  # dropout on the adapters' input while training
+    quantize: Literal["none", "int8", "nf4"] = "none"  # QLoRA: the frozen base stored quantized
+
+
+# The on-policy methods (PPO, critic-free) sample from the policy they train: LoRA dropout would
+# make the sampled and the trained policy differ (the library refuses it: `lora.check_no_dropout`).
+ON_POLICY_RULES: dict[str, checks.Rule] = {
+    "lora_dropout": (
+        lambda v: v == 0,
+        "0 for the on-policy methods (they sample the policy they train)",
+    ),
+}
 
 
 def memory_config(config: Any, model_config: Any) -> Any:
@@ -441,16 +330,13 @@ def check_batch(
 
 
 def lora_config(config: Any, model_config: Any) -> Any:
-    """The `lora.LoraConfig` of a driver's `--lora-rank` / `--lora-alpha` / `--lora-targets`
-    (and `--lora-dropout` where the driver has it; None for `--lora-rank 0`: full fine-tuning),
+    """The `lora.LoraConfig` of a driver's `LoraFlags` (None for `--lora-rank 0`: full fine-tuning),
     checked with `--quantize` against the model's projections before anything is written.
 
     Raises:
       ConfigError: a bad value, a target pattern that matches no projection, or `--quantize`
         without adapters or for kernels it cannot store, naming the flag.
     """
-    from rlhf_jax import lora, models
-
     quantize = getattr(config, "quantize", "none")
     if not getattr(config, "lora_rank", 0):
         if quantize != "none":
@@ -481,6 +367,115 @@ def lora_config(config: Any, model_config: Any) -> Any:
     return cfg
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What a training driver starts from, resolved and checked at the door by `prepare_init`.
+
+    Attributes:
+      mesh: the device mesh of `--mesh`.
+      model_config: the model's config (of `--init-from`, or the random init's), the memory flags
+        applied.
+      lora: the adapters' config of the `LoraFlags` (None: full fine-tuning).
+      init_from: the `--init-from` path (None: a random init), `init_folder` the HF folder it
+        resolved to.
+      task, tokenizer: the offline task the driver trains on and its tokenizer (None without one).
+      seed: the random init's seed.
+    """
+
+    mesh: jax.sharding.Mesh
+    model_config: models.TransformerConfig
+    lora: lora.LoraConfig | None = None
+    init_from: str | None = None
+    init_folder: Any = None
+    task: Any = None
+    tokenizer: Any = None
+    seed: int = 0
+
+    def load_params(self) -> Any:
+        """The initial parameters: `--init-from`'s (float32 NumPy), else a random init of
+        `model_config` from `seed`. Call it after `write_run_config`: it reads the weights."""
+        if self.init_from is None:
+            return models.init_params(self.model_config, jax.random.key(self.seed))
+        _, params = handover.load_init_params(self.init_from)
+        return params
+
+
+def prepare_init(
+    config: Any,
+    *,
+    required: str | None = None,
+    random_init: Callable[[Any], models.TransformerConfig] | None = None,
+    task: Callable[[], Any] | None = None,
+    tokenizer: Callable[[Any], Any] | None = data.task_tokenizer,
+    max_length: int | None = None,
+    rules: Mapping[str, checks.Rule] | None = None,
+    files: Sequence[str] = (),
+    batch_fields: Sequence[str] = ("batch_size",),
+    check: Callable[[models.TransformerConfig], None] | None = None,
+) -> Start:
+    """The start-up every training driver shares, in this order and before anything is written:
+
+    1. every range, choice and file of `config` (`checks.validate` with `rules`, `files`);
+    2. `--init-from` resolved to an HF folder or a finished stage's workdir (required unless
+       `random_init` is given; `required` is the error without it);
+    3. the processes joined (`DistributedFlags`), the mesh built and each of `batch_fields` split
+       over it (and over `--microbatches`);
+    4. the offline `task()` loaded (a zero-argument callable, so that a bad flag is reported
+       before the task is prepared) and its tokenizer, `tokenizer(task)` (the offline sentiment
+       task's by default; None: the model is not checked against a tokenizer);
+    5. the model's config, from `--init-from`'s config.json or `random_init(tokenizer)`, checked
+       against the tokenizer and `max_length` (`handover.check_model`) and by `check`;
+    6. the memory flags applied once (`MemoryFlags`), the LoRA config built and checked
+       (`LoraFlags`).
+
+    `max_length` is the tokens per row the model must hold (default: the larger of the config's
+    `max_length` and `max_prompt_length + max_new_tokens`, of those it has).
+
+    Returns:
+      The `Start`; `Start.load_params()` reads the weights once the workdir is written.
+    Raises:
+      ConfigError: the first problem, naming the flag or file and what to change.
+    """
+    checks.validate(config, rules, files=files)
+    init_from = getattr(config, "init_from", None) or None
+    if init_from is None and random_init is None:
+        raise ConfigError(required or "pass --init-from (an HF model folder or a stage's workdir)")
+    folder = None if init_from is None else handover.resolve_init_folder(init_from)
+    init_distributed(config)
+    mesh = resolve_mesh(getattr(config, "mesh", "data=-1"))
+    for name in batch_fields:
+        check_batch(
+            getattr(config, name), mesh, name=name, microbatches=getattr(config, "microbatches", 1)
+        )
+    loaded = None if task is None else task()
+    tokenizer = None if loaded is None or tokenizer is None else tokenizer(loaded)
+    if init_from is None:
+        model_config = random_init(tokenizer)
+    else:
+        model_config = handover.init_config(init_from)
+    if tokenizer is not None:
+        handover.check_model(model_config, tokenizer, max_length=max_length or _row_length(config))
+    if check is not None:
+        check(model_config)
+    model_config = memory_config(config, model_config)
+    return Start(
+        mesh=mesh,
+        model_config=model_config,
+        lora=lora_config(config, model_config),
+        init_from=None if init_from is None else str(init_from),
+        init_folder=folder,
+        task=loaded,
+        tokenizer=tokenizer,
+        seed=getattr(config, "seed", 0),
+    )
+
+
+def _row_length(config: Any) -> int:
+    """The longest row a driver's config asks the model to read."""
+    prompt, new = getattr(config, "max_prompt_length", 0), getattr(config, "max_new_tokens", 0)
+    return max(getattr(config, "max_length", 0), prompt + new)
+
+
 def read_pairs(
     path: str | os.PathLike,
     on_bad_record: str = "error",
@@ -491,8 +486,6 @@ def read_pairs(
     """Reads a preference JSONL for a driver: bad lines raise `data.BadRecordError` (file:line)
     or, with on_bad_record="skip", are skipped with one printed line (how many, first line
     numbers); fewer than `at_least` records is a ConfigError naming the flag and the numbers."""
-    from rlhf_jax import data
-
     records, report = data.read_jsonl_records(path, "preference", on_bad_record=on_bad_record)
     if report.num_skipped:
         first = ", ".join(map(str, report.skipped_lines[:5]))
