@@ -8,7 +8,7 @@ TEST_STAMP := $(VENV)/.installed-test
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test notebooks lint format clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(TEST_STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The three notebooks executed in place at their tiny settings (outputs and figures committed).
+notebooks: $(TEST_STAMP)
+	$(BIN)/python dev/notebooks.py
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check .
