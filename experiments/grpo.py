@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rules=RULES,
         random_init=lambda _: _model_config(config, _task(config)),
         task=lambda: _task(config),
-        tokenizer=None,  # the character tokenizer of the task: `check` reads the model
+        tokenizer_of=None,  # the task reads characters: `check` tests the model against it
         batch_fields=("prompts_per_step", "sft_batch_size"),
         check=check,
     )

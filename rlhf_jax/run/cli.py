@@ -406,7 +406,7 @@ def prepare_init(
     required: str | None = None,
     random_init: Callable[[Any], models.TransformerConfig] | None = None,
     task: Callable[[], Any] | None = None,
-    tokenizer: Callable[[Any], Any] | None = data.task_tokenizer,
+    tokenizer_of: Callable[[Any], Any] | None = data.task_tokenizer,
     max_length: int | None = None,
     rules: Mapping[str, checks.Rule] | None = None,
     files: Sequence[str] = (),
@@ -421,8 +421,8 @@ def prepare_init(
     3. the processes joined (`DistributedFlags`), the mesh built and each of `batch_fields` split
        over it (and over `--microbatches`);
     4. the offline `task()` loaded (a zero-argument callable, so that a bad flag is reported
-       before the task is prepared) and its tokenizer, `tokenizer(task)` (the offline sentiment
-       task's by default; None: the model is not checked against a tokenizer);
+       before the task is prepared) and its tokenizer, `tokenizer_of(task)` (the offline
+       sentiment task's by default; None: the model is not checked against a tokenizer);
     5. the model's config, from `--init-from`'s config.json or `random_init(tokenizer)`, checked
        against the tokenizer and `max_length` (`handover.check_model`) and by `check`;
     6. the memory flags applied once (`MemoryFlags`), the LoRA config built and checked
@@ -448,7 +448,7 @@ def prepare_init(
             getattr(config, name), mesh, name=name, microbatches=getattr(config, "microbatches", 1)
         )
     loaded = None if task is None else task()
-    tokenizer = None if loaded is None or tokenizer is None else tokenizer(loaded)
+    tokenizer = None if loaded is None or tokenizer_of is None else tokenizer_of(loaded)
     if init_from is None:
         model_config = random_init(tokenizer)
     else:
