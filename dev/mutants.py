@@ -47,7 +47,7 @@ class Mutant:
 
 
 STEP_TESTS = ("tests/test_step_gradients.py",)
-PPO_TESTS = ("tests/test_ppo_update.py", "tests/test_train_ppo.py")
+PPO_TESTS = ("tests/test_train_ppo_update.py", "tests/test_train_ppo.py")
 CRITIC_FREE_TESTS = ("tests/test_losses_critic_free.py",)
 FAMILY_TESTS = (
     "tests/test_families.py::test_logits_match_transformers",
@@ -281,7 +281,7 @@ MUTANTS = (
         "rlhf_jax/sampling.py",
         "scaled = logits / jnp.where(greedy, 1.0, t)  # [B, V]",
         "scaled = logits  # [B, V]",
-        ("tests/test_sampling.py", "tests/test_ppo_update.py"),
+        ("tests/test_sampling.py", "tests/test_train_ppo_update.py"),
         "the sampler draws at temperature 1 whatever it is told",
     ),
     Mutant(
@@ -289,7 +289,7 @@ MUTANTS = (
         "rlhf_jax/sampling.py",
         "return token, picked(scaled, token) - log_norm",
         "return token, picked(logits, token) - jax.nn.logsumexp(logits, axis=-1)",
-        ("tests/test_sampling.py", "tests/test_ppo_update.py"),
+        ("tests/test_sampling.py", "tests/test_train_ppo_update.py"),
         "the sampler reports log-probs of the untempered distribution",
     ),
     Mutant(
@@ -439,7 +439,7 @@ MUTANTS = (
         "rlhf_jax/models/projection.py",
         "return y + jnp.asarray(scale, y.dtype) * delta",
         "return y + delta",
-        ("tests/test_lora.py",),
+        ("tests/test_lora_adapters.py",),
         "the adapters' alpha / r scale is dropped",
     ),
     Mutant(
@@ -447,7 +447,7 @@ MUTANTS = (
         "rlhf_jax/lora/adapters.py",
         'ref = frozen.get("ref", {"base": base})',
         'ref = frozen.get("ref", {"base": base, "lora": params})',
-        ("tests/test_lora.py",),
+        ("tests/test_lora_adapters.py",),
         "the reference keeps the adapters on (the policy against itself)",
     ),
     Mutant(
@@ -536,7 +536,7 @@ MUTANTS = (
         "        kl = exact_kl(ref_logits, logits)\n",
         (
             "tests/test_losses_kl.py::test_chunked_logps_and_exact_kl_equal_numpy",
-            "tests/test_ppo_update.py::test_chunked_rollout_equals_the_full_logits_rollout",
+            "tests/test_train_ppo_update.py::test_chunked_rollout_equals_the_full_logits_rollout",
         ),
         "the chunked rollout KL is KL(pi_ref || pi) instead of KL(pi || pi_ref)",
     ),

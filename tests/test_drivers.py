@@ -2,9 +2,10 @@
 SFT workdir) -> ppo (--reward the reward-model workdir, and ground-truth); resume after a
 complete run, with more steps, and after SIGKILL (bit-identical); bad configurations.
 
-The synthetic task is prepared once into the repository's data/ (or $RLHF_JAX_DATA), as the
-drivers do by default. Drivers run in-process through `main(argv)`; only the killed run is a
-subprocess.
+The SFT run is the session's `tiny_sft_workdir` (conftest, shared with test_multihost_drivers.py)
+and read-only: a test that reruns it works on a copy. The synthetic task is prepared once into the
+repository's data/ (or $RLHF_JAX_DATA), as the drivers do by default. Drivers run in-process
+through `main(argv)`; only the killed run is a subprocess.
 """
 
 import importlib.util
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,10 +57,9 @@ def _check_outputs(workdir, rows, last_step):
 
 
 @pytest.fixture(scope="module")
-def sft(drivers, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("sft") / "run"
-    argv = ["--preset", "tiny", "--workdir", str(workdir)]
-    return workdir, argv, drivers["sft"].main(argv)
+def sft(tiny_sft_workdir):
+    """(workdir, argv, rows) of the session's tiny SFT run (conftest): read-only here."""
+    return tiny_sft_workdir
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,13 @@ def test_sft_tiny(sft):
     assert (cfg.d_model, cfg.n_layers) == (64, 1) and cfg.vocab_size % 128 == 0
 
 
-def test_rerun_of_a_complete_run_does_no_work(drivers, sft, monkeypatch):
-    workdir, argv, rows = sft
+def test_rerun_of_a_complete_run_does_no_work(drivers, sft, monkeypatch, tmp_path):
+    reference, argv, rows = sft
+    # On a copy: even a rerun that does no work republishes hf/, rewrites run_config.json,
+    # model_config.json and metrics.jsonl (same bytes) and adds a TensorBoard file.
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    argv = argv[:-1] + [str(workdir)]
     metrics = (workdir / "metrics.jsonl").read_bytes()
     ckpts = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     compiles = []

@@ -19,10 +19,11 @@ the same command in one process with 8 devices:
 - PPO with the ground-truth reward (the host-reward path: each host decodes and scores its own
   rollout rows) and GRPO on the sentiment task: one iteration each, equal to one process to 1e-5.
 
-The SFT run (in this process), the single-process references and the uninterrupted DPO run are
-module fixtures. Every subprocess runs under a timeout and every process of a launch is killed
-when the test fails, so nothing hangs. The workers share compiled programs through the session's
-compilation cache (see the sitecustomize: process 0 compiles, the others load).
+The SFT run is the session's `tiny_sft_workdir` (conftest, shared with test_drivers.py); the
+single-process references and the uninterrupted DPO run are module fixtures. Every subprocess
+runs under a timeout and every process of a launch is killed when the test fails, so nothing
+hangs. The workers share compiled programs through the session's compilation cache (see the
+sitecustomize: process 0 compiles, the others load).
 """
 
 import contextlib
@@ -38,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import drivers as driver_scripts
 from safetensors.numpy import load_file
 
 from rlhf_jax.run.metrics_writer import read_metrics
@@ -261,14 +261,9 @@ def site(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    """A tiny SFT run (in this process): the --init-from of every run here."""
-    workdir = tmp_path_factory.mktemp("sft") / "run"
-    driver_scripts.load("sft").main(
-        ["--preset", "tiny", "--workdir", str(workdir), "--steps", "10", "--warmup-steps", "2",
-         "--log-every", "10", "--checkpoint-every", "10"]
-    )  # fmt: skip
-    return workdir
+def sft(tiny_sft_workdir):
+    """The session's tiny SFT run (conftest; read-only): the --init-from of every run here."""
+    return tiny_sft_workdir.workdir
 
 
 @pytest.fixture(scope="module")

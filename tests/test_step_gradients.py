@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_lm
 from helpers.batches import preference_batch
 from helpers.step_reference import assert_sgd_step, lm_logps, log_sigmoid, side_logps
 
-from rlhf_jax.models import RewardModel, Transformer, get_config, init_params, init_reward_params
+from rlhf_jax.models import RewardModel, Transformer, init_reward_params
 from rlhf_jax.train import (
     attach_reference_logps,
     create_train_state,
@@ -28,7 +29,7 @@ from rlhf_jax.train import (
     make_unlikelihood_step,
 )
 
-CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=2, n_heads=2)
+CFG = tiny_lm.config(n_layers=2)  # the conftest's tiny(n_layers=2), module-level for helpers
 MODEL = Transformer(CFG)
 B, T = 5, 12
 LR = 1.0
@@ -54,14 +55,14 @@ def run_step(step, state, batch):
 
 
 @pytest.fixture(scope="module")
-def policy():
-    return init_params(CFG, jax.random.PRNGKey(0))
+def policy(tiny):
+    return tiny(n_layers=2).params
 
 
 @pytest.fixture(scope="module")
-def reference(policy):
+def reference(tiny, policy):
     """A reference that differs from the policy: another init, averaged with it."""
-    other = init_params(CFG, jax.random.PRNGKey(1))
+    other = tiny(seed=1, n_layers=2).params
     return jax.tree.map(lambda a, b: 0.5 * (a + b), policy, other)
 
 

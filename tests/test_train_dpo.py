@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_lm
 from helpers.batches import preference_batch as random_pairs
 
-from rlhf_jax.models import Transformer, get_config, init_params
+from rlhf_jax.models import Transformer
 from rlhf_jax.train import (
     attach_reference_logps,
     attach_reference_to_records,
@@ -22,7 +23,7 @@ from rlhf_jax.train import (
     unstack_state,
 )
 
-CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=1, n_heads=2)
+CFG = tiny_lm.config()  # the conftest's tiny_config, module-level for the helpers below
 MODEL = Transformer(CFG)
 B, T = 4, 10
 
@@ -67,9 +68,8 @@ def counted_jit(step, traces):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    policy = init_params(CFG, jax.random.PRNGKey(0))
-    ref = init_params(CFG, jax.random.PRNGKey(1))
+def setup(tiny, tiny_params):
+    policy, ref = tiny_params, tiny(seed=1).params
     # Plain SGD: params after a step are linear in the gradient, so comparisons of params are
     # well-conditioned (Adam's first step, g / (|g| + eps), amplifies rounding where g ~ eps).
     opt = optax.sgd(0.5)

@@ -8,15 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.models import (
-    RewardModel,
-    Transformer,
-    ValueModel,
-    get_config,
-    init_params,
-    init_reward_params,
-    init_value_params,
-)
+from rlhf_jax.models import RewardModel, ValueModel, init_reward_params, init_value_params
 from rlhf_jax.train import (
     PPOConfig,
     create_ppo_state,
@@ -25,7 +17,6 @@ from rlhf_jax.train import (
     reward_model_fn,
 )
 
-CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=1, n_heads=2)
 EOS, PAD, N = 3, 0, 6
 PPO = PPOConfig(
     kl_coef=0.1,
@@ -56,10 +47,11 @@ def host_reward(ro):
     )
 
 
-def policy_params():
-    """Random params nudged so that EOS is likely enough that some rows end early."""
-    p = init_params(CFG, jax.random.PRNGKey(0))
-    u = np.zeros((CFG.d_model,), np.float32)
+def policy_params(cfg, params):
+    """`params` nudged so that EOS is likely enough that some rows end early (new dicts: the
+    shared params stay as they are)."""
+    p = jax.tree.map(lambda x: x, params)
+    u = np.zeros((cfg.d_model,), np.float32)
     u[0] = 1.2
     p["final_norm"]["bias"] = jnp.asarray(u)
     p["embed"]["embedding"] = p["embed"]["embedding"].at[EOS].set(jnp.asarray(u))
@@ -67,17 +59,17 @@ def policy_params():
 
 
 @pytest.fixture(scope="module")
-def ppo():
+def ppo(tiny_config, tiny_model, tiny_params):
     # Plain SGD keeps params linear in the gradients, so fused vs host params compare tightly
     # (Adam's g / (|g| + eps) amplifies rounding where g ~ eps).
     opt = optax.sgd(0.3)
     fns = make_ppo(
-        Transformer(CFG),
-        ValueModel(CFG),
+        tiny_model,
+        ValueModel(tiny_config),
         opt,
         opt,
         PPO,
-        reward_fn=reward_model_fn(RewardModel(CFG)),
+        reward_fn=reward_model_fn(RewardModel(tiny_config)),
     )
     traces = {"rollout": 0, "score": 0, "update": 0, "rollout_and_score": 0}
 
@@ -95,8 +87,8 @@ def ppo():
         "rollout_and_score": jax.jit(counted("rollout_and_score", fns.rollout_and_score)),
         "step": jax.jit(fns.step, donate_argnums=0),
     }
-    pol = policy_params()
-    rm = init_reward_params(CFG, jax.random.PRNGKey(2))
+    pol = policy_params(tiny_config, tiny_params)
+    rm = init_reward_params(tiny_config, jax.random.PRNGKey(2))
 
     def new_state(ref_scale=None, value_head=False):
         """Fresh state; ref == policy unless ref_scale sharpens the reference's logits."""
@@ -105,10 +97,10 @@ def ppo():
         if ref_scale is not None:
             ref = jax.tree.map(jnp.copy, pol)
             ref["embed"] = {"embedding": pol["embed"]["embedding"] * ref_scale}
-        value = init_value_params(CFG, jax.random.PRNGKey(1), policy)
+        value = init_value_params(tiny_config, jax.random.PRNGKey(1), policy)
         if value_head:
             value["head"]["kernel"] = 0.3 * jax.random.normal(
-                jax.random.PRNGKey(3), (CFG.d_model, 1)
+                jax.random.PRNGKey(3), (tiny_config.d_model, 1)
             )
         reward = jax.tree.map(jnp.copy, rm)
         return create_ppo_state(
@@ -245,10 +237,10 @@ def test_host_path_does_not_recompile(ppo):
         assert traces[name] == 1 and jitted[name]._cache_size() == 1, name
 
 
-def test_reward_model_path_equals_host_path(ppo):
+def test_reward_model_path_equals_host_path(ppo, tiny_config):
     jitted, traces, new_state, rm = ppo
     fused, host = new_state(), new_state()
-    rm_fwd = jax.jit(RewardModel(CFG).apply)
+    rm_fwd = jax.jit(RewardModel(tiny_config).apply)
     for _ in range(2):
         fused, ro_fused = jitted["rollout_and_score"](fused, PROMPTS)
         host, ro = jitted["rollout"](host, PROMPTS)
@@ -267,7 +259,7 @@ def test_reward_model_path_equals_host_path(ppo):
     assert all(v.shape == () for v in metrics.values()) and "kl_exact" in metrics
 
 
-def test_host_reward_on_token_ids_or_on_text(ppo):
+def test_host_reward_on_token_ids_or_on_text(ppo, tiny_config, tiny_model):
     """`stages.make_host_reward_ppo_step`: the reward sees each row's prompt + response token ids
     (EOS kept) or their decoded text, and its scores are the ones the update reports; the same
     iteration as the compiled rollout -> score(host scores) -> update path."""
@@ -276,7 +268,7 @@ def test_host_reward_on_token_ids_or_on_text(ppo):
 
     jitted, _, new_state, _ = ppo
     opt = optax.sgd(0.3)
-    fns = make_ppo(Transformer(CFG), ValueModel(CFG), opt, opt, PPO)  # no JAX reward
+    fns = make_ppo(tiny_model, ValueModel(tiny_config), opt, opt, PPO)  # no JAX reward
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     _, ro = jitted["rollout"](new_state(), PROMPTS)
     want_rows = response_token_lists(ro, include_query=True)  # with EOS where emitted

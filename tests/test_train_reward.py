@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_lm
 from helpers.batches import preference_batch as random_pairs
 
-from rlhf_jax.models import RewardModel, get_config, init_reward_params
+from rlhf_jax.models import RewardModel, init_reward_params
 from rlhf_jax.train import create_train_state, make_optimizer, make_reward_step
 
-CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=1, n_heads=2)
+CFG = tiny_lm.config()  # the conftest's tiny_config, module-level for the helpers below
 RM = RewardModel(CFG)
 
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_lm
 
-from rlhf_jax.models import Transformer, get_config, init_params
 from rlhf_jax.train import (
     TrainState,
     create_train_state,
@@ -18,11 +18,10 @@ from rlhf_jax.train import (
     unstack_state,
 )
 
-CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=1, n_heads=2)
-MODEL = Transformer(CFG)
+VOCAB = tiny_lm.config().vocab_size  # the conftest's tiny_config's
 
 
-def demo_batch(seed, b=4, t=12, v=CFG.vocab_size):
+def demo_batch(seed, b=4, t=12, v=VOCAB):
     """Right-padded demonstrations: prompt of 2-4 tokens, response to a random length."""
     rs = np.random.RandomState(seed)
     tokens = np.zeros((b, t), np.int32)
@@ -53,16 +52,11 @@ def numpy_nll(logits, batch):
 
 
 @pytest.fixture(scope="module")
-def params():
-    return init_params(CFG, jax.random.PRNGKey(0))
-
-
-@pytest.fixture(scope="module")
-def sft():
+def sft(tiny_model):
     """One optimizer and one compiled, donating, trace-counting SFT step for the whole module."""
     opt = make_optimizer(1e-2)
     traces = []
-    step = make_sft_step(MODEL, opt)
+    step = make_sft_step(tiny_model, opt)
 
     def counted(state, batch):
         traces.append(1)
@@ -76,10 +70,10 @@ def fresh_state(params, opt):
     return create_train_state(jax.tree.map(jnp.copy, params), opt, 0)
 
 
-def test_sft_step_matches_numpy(params, sft):
-    opt, step, _ = sft
+def test_sft_step_matches_numpy(tiny_model, tiny_params, sft):
+    params, (opt, step, _) = tiny_params, sft
     batch = demo_batch(1)
-    logits = jax.jit(MODEL.apply)({"params": params}, batch["tokens"], batch["attention_mask"])
+    logits = jax.jit(tiny_model.apply)({"params": params}, batch["tokens"], batch["attention_mask"])
     rows = numpy_nll(logits, batch)
     want = np.sum([x for r in rows for x in r]) / sum(len(r) for r in rows)
     new_state, m = step(fresh_state(params, opt), batch)
@@ -90,7 +84,9 @@ def test_sft_step_matches_numpy(params, sft):
 
     # grad_norm is the norm of the raw gradient; update_norm the norm of the param change.
     def plain_loss(p):
-        lg = MODEL.apply({"params": p}, batch["tokens"], attention_mask=batch["attention_mask"])
+        lg = tiny_model.apply(
+            {"params": p}, batch["tokens"], attention_mask=batch["attention_mask"]
+        )
         lp = jax.nn.log_softmax(lg[:, :-1], -1)
         lp = jnp.take_along_axis(lp, batch["tokens"][:, 1:, None], -1)[..., 0]
         mask = batch["loss_mask"][:, 1:]
@@ -103,20 +99,21 @@ def test_sft_step_matches_numpy(params, sft):
     assert np.isfinite(float(m["grad_norm"]))
 
 
-def test_sft_example_reduction_matches_numpy(params):
+def test_sft_example_reduction_matches_numpy(tiny_model, tiny_params):
+    params = tiny_params
     batch = demo_batch(3)
-    logits = jax.jit(MODEL.apply)({"params": params}, batch["tokens"], batch["attention_mask"])
+    logits = jax.jit(tiny_model.apply)({"params": params}, batch["tokens"], batch["attention_mask"])
     want = np.mean([np.mean(r) for r in numpy_nll(logits, batch)])
-    m = jax.jit(make_sft_eval(MODEL, reduction="example"))(params, batch)
+    m = jax.jit(make_sft_eval(tiny_model, reduction="example"))(params, batch)
     np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
     with pytest.raises(ValueError, match="reduction"):
-        make_sft_step(MODEL, optax.sgd(1.0), reduction="sum")
+        make_sft_step(tiny_model, optax.sgd(1.0), reduction="sum")
 
 
-def test_sft_overfits_without_recompiling(params, sft):
+def test_sft_overfits_without_recompiling(tiny_params, sft):
     opt, step, traces = sft
     batch = demo_batch(2)
-    state = fresh_state(params, opt)
+    state = fresh_state(tiny_params, opt)
     losses = []
     for _ in range(20):
         state, m = step(state, batch)

@@ -11,7 +11,6 @@ import pytest
 from helpers.batches import preference_batch
 
 from rlhf_jax import losses
-from rlhf_jax.models import Transformer, get_config, init_params
 from rlhf_jax.train import (
     PPOConfig,
     TrainState,
@@ -23,9 +22,6 @@ from rlhf_jax.train import (
     paired_optimizer,
     stack_states,
 )
-
-CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=1, n_heads=2)
-MODEL = Transformer(CFG)
 
 
 def test_make_step_on_a_user_loss():
@@ -80,17 +76,18 @@ def hand_sigmoid(pc, pr, rc, rr, *, beta):
     return -jax.nn.log_sigmoid(beta * ((pc - rc) - (pr - rr)))
 
 
-def test_dpo_step_takes_a_loss_function_equal_to_the_builtin():
-    policy = init_params(CFG, jax.random.PRNGKey(0))
-    ref = init_params(CFG, jax.random.PRNGKey(1))
-    batch = preference_batch(0, 4, 10, CFG.vocab_size)
+def test_dpo_step_takes_a_loss_function_equal_to_the_builtin(
+    tiny, tiny_config, tiny_model, tiny_params
+):
+    policy, ref = tiny_params, tiny(seed=1).params
+    batch = preference_batch(0, 4, 10, tiny_config.vocab_size)
     opt = optax.sgd(0.5)
     runs = {}
     for name, loss in (("builtin", "sigmoid"), ("callable", hand_sigmoid)):
         state = create_train_state(
             jax.tree.map(jnp.copy, policy), opt, 0, frozen=ref, hparams={"beta": 0.3}
         )
-        runs[name] = jax.jit(make_dpo_step(MODEL, opt, loss_type=loss))(state, batch)
+        runs[name] = jax.jit(make_dpo_step(tiny_model, opt, loss_type=loss))(state, batch)
     (s1, m1), (s2, m2) = runs["builtin"], runs["callable"]
     assert set(m1) == set(m2)
     for k in m1:
@@ -103,20 +100,20 @@ def test_dpo_step_takes_a_loss_function_equal_to_the_builtin():
         return out, {"my_margin": (pc - rc) - (pr - rr)}
 
     state = create_train_state(policy, opt, 0, frozen=ref, hparams={"beta": 0.3})
-    _, m3 = jax.jit(make_dpo_step(MODEL, opt, loss_type=with_metrics))(state, batch)
+    _, m3 = jax.jit(make_dpo_step(tiny_model, opt, loss_type=with_metrics))(state, batch)
     np.testing.assert_allclose(m3["loss"], m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m3["my_margin"], m1["rewards/margin"] / 0.3, rtol=1e-5)
 
     def doubled(pc, pr, rc, rr, *, beta):  # no built-in: twice the loss, twice the gradient
         return 2.0 * hand_sigmoid(pc, pr, rc, rr, beta=beta)
 
-    _, m4 = jax.jit(make_dpo_step(MODEL, opt, loss_type=doubled))(state, batch)
+    _, m4 = jax.jit(make_dpo_step(tiny_model, opt, loss_type=doubled))(state, batch)
     np.testing.assert_allclose(m4["loss"], 2 * m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m4["grad_norm"], 2 * m1["grad_norm"], rtol=1e-5)
     with pytest.raises(ValueError, match="accepted values"):
-        make_dpo_step(MODEL, opt, loss_type="dpo-positive")
+        make_dpo_step(tiny_model, opt, loss_type="dpo-positive")
     with pytest.raises(ValueError, match="bind it in your loss function"):
-        make_dpo_step(MODEL, opt, loss_type=hand_sigmoid, label_smoothing=0.1)
+        make_dpo_step(tiny_model, opt, loss_type=hand_sigmoid, label_smoothing=0.1)
 
 
 def test_pairwise_loss_table_is_open():

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_lm
 from helpers.step_reference import assert_sgd_step, entropy, token_logps
 
-from rlhf_jax.models import Transformer, ValueModel, get_config, init_params, init_value_params
+from rlhf_jax.models import Transformer, ValueModel, init_value_params
 from rlhf_jax.train import PPOConfig, create_ppo_state, make_ppo_rollout, make_ppo_update
 
-CFG = get_config("tiny", vocab_size=48, max_len=32, d_model=32, n_layers=2, n_heads=2)
+CFG = tiny_lm.config(n_layers=2)  # the conftest's tiny(n_layers=2), module-level for helpers
 POLICY, VALUE = Transformer(CFG), ValueModel(CFG)
 EOS, PAD, N = 3, 0, 6
 TEMPERATURE = 0.7
@@ -96,10 +97,10 @@ def reference_loss(params, ro, cfg):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny):
     """A scored rollout at temperature 0.7 from policy P0 / critic V0, plus the state that
     sampled it."""
-    p0 = init_params(CFG, jax.random.PRNGKey(0))
+    p0 = tiny(n_layers=2).params
     ref = perturbed(p0, 1, 0.5)
     v0 = init_value_params(CFG, jax.random.PRNGKey(2), p0)
     v0["head"]["kernel"] = 0.5 * jax.random.normal(jax.random.PRNGKey(3), (CFG.d_model, 1))

@@ -1,0 +1,20 @@
+"""The tiny decoder that the step tests train, defined once.
+
+The conftest fixtures (`tiny_config`, `tiny_model`, `tiny_params`, the `tiny(...)` factory) build
+on `config`; module-level helpers that no fixture reaches (batch builders, reference losses,
+`pytest.mark.parametrize` arguments) call it too and get the same object.
+"""
+
+import functools
+
+from rlhf_jax.models import TransformerConfig, get_config
+
+# The "tiny" preset cut down: 1 layer, 2 heads, d_model 32, a 48-token vocabulary, 32 positions.
+SHAPES = dict(vocab_size=48, max_len=32, d_model=32, n_layers=1, n_heads=2)
+
+
+@functools.cache
+def config(**overrides) -> TransformerConfig:
+    """The tiny config with `overrides` of SHAPES (e.g. `n_layers=2`); a frozen dataclass, one
+    object per set of overrides."""
+    return get_config("tiny", **{**SHAPES, **overrides})
