@@ -146,6 +146,22 @@ MUTANTS = (
         "the step contract does not pass the frozen (reference) params to the loss",
     ),
     Mutant(
+        "prepare-init-skips-memory-flags",
+        "rlhf_jax/run/cli.py",
+        "    model_config = memory_config(config, model_config)\n",
+        "    model_config = model_config\n",
+        ("tests/test_run_start.py",),
+        "the drivers parse --remat / --logits-chunk / --scan-layers but the model never gets them",
+    ),
+    Mutant(
+        "logps-targets-off-by-one",
+        "rlhf_jax/train/logps.py",
+        "return slice(start, start + length), tokens[:, start + 1 : start + 1 + length]",
+        "return slice(start, start + length), tokens[:, start : start + length]",
+        (*STEP_TESTS, "tests/test_train_sft.py"),
+        "every step's log-probs score the token at the position, not the next one",
+    ),
+    Mutant(
         "validate-skips-ranges",
         "rlhf_jax/run/checks.py",
         "        if rule is None or not (numeric or name in (rules or {})):\n",

@@ -41,14 +41,16 @@ def chunk_options(config: Any, temperature: float = 1.0) -> dict[str, Any]:
                 temperature=temperature, pin=pin)  # fmt: skip
 
 
-def _window(t: int, start: int, length: int | None) -> slice:
+def _window(tokens: jax.Array, start: int, length: int | None) -> tuple[slice, jax.Array]:
+    """(the positions start .. start + n - 1, the [B, n] tokens they predict) of [B, T] rows."""
+    t = tokens.shape[1]
     length = t - 1 - start if length is None else length
     if start < 0 or length < 1 or start + length > t - 1:
         raise ValueError(
             f"positions {start} .. {start + length - 1} are not inside the {t - 1} positions "
             f"that predict a token of a {t}-token row"
         )
-    return slice(start, start + length)
+    return slice(start, start + length), tokens[:, start + 1 : start + 1 + length]
 
 
 def target_logps(
@@ -77,8 +79,7 @@ def target_logps(
       ([B, n] float32 log-probs, [B, n] bool argmax hits, [B, n] float32 entropies).
     """
     tokens = jnp.asarray(tokens)
-    window = _window(tokens.shape[1], start, length)
-    targets = tokens[:, window.start + 1 : window.stop + 1]  # [B, n]
+    window, targets = _window(tokens, start, length)  # targets [B, n]
     cfg = model.config
     variables = {"params": params}
     if cfg.logits_chunk is None:
@@ -113,8 +114,7 @@ def logps_and_exact_kl(
       ([B, n] policy log-probs, [B, n] reference log-probs, [B, n] exact KL), float32.
     """
     tokens = jnp.asarray(tokens)
-    window = _window(tokens.shape[1], start, length)
-    targets = tokens[:, window.start + 1 : window.stop + 1]  # [B, n]
+    window, targets = _window(tokens, start, length)  # targets [B, n]
     cfg = model.config
     if cfg.logits_chunk is None:
         logits = model.apply({"params": params}, tokens, attention_mask=mask)[:, window]
