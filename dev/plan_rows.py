@@ -1,8 +1,8 @@
-"""The README's planner table rows from `experiments/plan.py --out FILE.json` files.
+"""The planner table rows of docs/planner.md from `experiments/plan.py --out FILE.json` files.
 
     .venv/bin/python dev/plan_rows.py rows/*.json
 
-One Markdown row per compiled program, in the README's columns: model, algo, weights, layers
+One Markdown row per compiled program, in docs/planner.md's columns: model, algo, weights, layers
 (scanned or unrolled), topology (chips), batch x tokens, microbatches, program, args / temp GB,
 total / HBM GB, fits, and the roofline tokens/s and MFU upper bounds ("—" where the compiler
 refused the program).
@@ -22,7 +22,7 @@ def _weights(r: dict) -> str:
 
 
 def row(r: dict) -> str:
-    """One README row of a plan.py JSON row."""
+    """One docs/planner.md row of a plan.py JSON row."""
     algo = r["algo"]
     if algo not in ("sft", "reward", "dpo", "ppo"):
         algo = f"{algo} (G={r['group_size']})"

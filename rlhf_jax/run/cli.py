@@ -65,8 +65,7 @@ class DistributedFlags:
     With none given, `--distributed auto` reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
     JAX_PROCESS_ID and otherwise runs as one process. `--distributed detect` lets jax find the
     cluster (TPU VM pods, SLURM, Open MPI: `jax.distributed.initialize()` with no arguments);
-    `--distributed off` is one process whatever the environment says. See the README's "Running
-    on several hosts".
+    `--distributed off` is one process whatever the environment says. See docs/pods.md.
     """
 
     distributed: Literal["auto", "detect", "off"] = "auto"  # how the processes find each other
