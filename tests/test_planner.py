@@ -209,19 +209,22 @@ def test_rl_and_lora_programs_compile_with_the_sampler():
     assert rows[0]["tokens"] == 8 * 2 * 24 and rows[1]["tokens"] == 8 * 2 * 8  # G = 2
 
 
-def test_the_fused_rl_iteration_keeps_each_devices_rows():
+@pytest.mark.parametrize("chunk", [64, None], ids=["chunked", "whole_logits"])
+def test_the_fused_rl_iteration_keeps_each_devices_rows(chunk):
     """GRPO's one-program iteration (sample, then the forwards of the sampled rows, then the
     update) on fsdp=8: every device computes only its own rows. Without the row constraints
     (`sharding.constrain`) sharding propagation followed the FSDP-split width of the weights after
     the sampler's loop and every device held every row's logits (0.59 GB here; Gemma-2-9B GRPO on
     v6e-16 asked for 68 GB per chip for two layers' worth), more than the one chunk of logits for
-    all rows that this bound allows."""
-    vocab, chunk = 32768, 64
+    all rows that this bound allows. With chunked log-probs the vocabulary-parallel chunk
+    (`sharding.vocab_parallel`) also splits the rows; with the whole logits (N = 64 positions,
+    the bound's chunk) only the row constraints do (1.1 GB of temporaries without them)."""
+    vocab, n = 32768, 64
     spec = _spec(algo="grpo", mesh="data=1,fsdp=8", batch=8, group_size=4, seq_len=128,
-                 max_new_tokens=64, logits_chunk=chunk, remat="full",
+                 max_new_tokens=n, logits_chunk=chunk, remat="full",
                  model_overrides=TINY[:-1] + (("n_layers", 1), ("vocab_size", vocab)))  # fmt: skip
     (row,) = planner.plan(spec, names=["step"])
-    all_rows_chunk = 8 * 4 * chunk * vocab * 4  # [P*G, chunk, V] float32 logits on one device
+    all_rows_chunk = 8 * 4 * (chunk or n) * vocab * 4  # [P*G, chunk, V] float32 on one device
     assert row["temp_gb"] * 1e9 < all_rows_chunk, row["temp_gb"]
 
 
