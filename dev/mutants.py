@@ -580,6 +580,9 @@ MUTANTS = (
         ("tests/test_multihost_drivers.py",),
         "a hand-over does not gather parameters split across hosts before the primary writes",
     ),
+    # --- issue 26: random streams, critic-free update, temperatures ---
+    # --- issue 26: logged metrics ---
+    # --- issue 26: configuration, checkpoints, quantization, files, remat ---
 )
 
 # name -> why it is accepted (an equivalent mutant, or one no test can see by design).
