@@ -6,7 +6,10 @@
 - an adapter PEFT wrote (random A and B, a per-module rank, rsLoRA scaling) loads into ours with
   PEFT's logits;
 - the merged model exported with `save_pretrained` is a plain HF folder whose transformers logits
-  are the adapted model's.
+  are the adapted model's;
+- without PyTorch: every `LoraConfig` field (rank, alpha, dropout, the targeted projections)
+  survives save -> load, and a hand-written PEFT folder (rsLoRA or not, per-module rank and
+  alpha) loads with PEFT's update `s B A`, its dropout reaching the model.
 """
 
 import json
@@ -118,3 +121,122 @@ def test_bad_adapter_folders_are_refused_with_the_reason(checkpoint, tmp_path):
     path.write_text(json.dumps({**cfg_json, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         peft_io.load_peft(str(tmp_path / "ok"), cfg)
+
+
+# --- adapter_config.json <-> LoraConfig, without PyTorch: written and read back by hand -------
+
+TINY_FAMILIES = {
+    "llama": models.get_config("llama-tiny", vocab_size=64, max_len=16, n_layers=2),
+    "gpt2": models.get_config("tiny", vocab_size=64, max_len=16, n_layers=2),
+}
+
+
+def _effective(adapters, lora_cfg):
+    """{module path: (alpha / r) B A} as our kernel-shaped arrays, in NumPy."""
+    out = {}
+    for path, node in _adapter_nodes(adapters):
+        a, b = np.asarray(node["a"], np.float64), np.asarray(node["b"], np.float64)
+        out[path] = lora_cfg.scale * np.tensordot(a, b, axes=1)
+    return out
+
+
+def _adapter_nodes(tree, prefix=()):
+    if set(tree) == {"a", "b"}:
+        yield "/".join(prefix), tree
+        return
+    for key, sub in tree.items():
+        yield from _adapter_nodes(sub, (*prefix, key))
+
+
+@pytest.mark.parametrize(
+    "family, lora_cfg, hf_targets, rank_pattern",
+    [
+        ("llama", lora.LoraConfig(rank=3, alpha=5.0, dropout=0.05, targets=r"attn/(q|v)$"),
+         ["q_proj", "v_proj"], {}),
+        ("llama", lora.LoraConfig(rank=2, alpha=7.0, targets=r"layers_1/mlp/(up|down)$"),
+         ["down_proj", "up_proj"], {}),
+        ("gpt2", lora.LoraConfig(rank=2, alpha=7.0, dropout=0.1),  # fused q/k/v: rank 3r
+         ["c_attn", "c_fc", "c_proj"], {"c_attn": 6}),
+    ],
+)  # fmt: skip
+def test_every_lora_config_field_survives_save_and_load(
+    family, lora_cfg, hf_targets, rank_pattern, tmp_path
+):
+    cfg = TINY_FAMILIES[family]
+    base = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    adapters = lora.init_adapters(base, lora_cfg, jax.random.key(1))
+    rs = np.random.RandomState(0)
+    adapters = jax.tree.map(lambda x: np.asarray(x) + rs.normal(size=x.shape) * 0.3, adapters)
+    peft_io.save_peft(str(tmp_path), cfg, adapters, lora_cfg)
+    written = json.loads((tmp_path / peft_io.CONFIG_FILE).read_text())
+    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (
+        lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout,
+    )  # fmt: skip
+    assert written["target_modules"] == hf_targets and written["use_rslora"] is False
+    assert written["rank_pattern"] == rank_pattern
+    # The same scale alpha / r for a fused module of rank 3r: alpha_pattern 3 alpha.
+    assert written["alpha_pattern"] == {k: lora_cfg.alpha * v / lora_cfg.rank
+                                        for k, v in rank_pattern.items()}  # fmt: skip
+
+    back, back_cfg = peft_io.load_peft(str(tmp_path), cfg)
+    assert (back_cfg.rank, back_cfg.alpha, back_cfg.dropout) == (
+        lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout,
+    )  # fmt: skip
+    # The loaded targets select exactly the projections that were adapted, here and under a
+    # reward model's trunk.
+    assert lora.target_modules(base, back_cfg) == lora.target_modules(base, lora_cfg)
+    trunk = {"transformer": base, "head": {"kernel": np.zeros((cfg.d_model, 1))}}
+    assert lora.target_modules(trunk, back_cfg) == lora.target_modules(trunk, lora_cfg)
+    want, got = _effective(adapters, lora_cfg), _effective(back, back_cfg)
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("use_rslora", [True, False])
+def test_a_hand_written_peft_folder_loads_with_its_scales(use_rslora, tmp_path):
+    """PEFT's update of a module is s B A with s = alpha / r, or alpha / sqrt(r) with rsLoRA,
+    alpha and r the module's own (alpha_pattern, rank_pattern); B [out, r], A [r, in]."""
+    from safetensors.numpy import save_file
+
+    cfg = TINY_FAMILIES["llama"]
+    d, h, dh, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
+    rs = np.random.RandomState(2)
+    prefix = "base_model.model.model.layers.0."
+    modules = {  # HF module: (rank, alpha, in features, out features, our kernel's shape)
+        "self_attn.q_proj": (4, 6.0, d, h * dh, (d, h, dh)),
+        "mlp.up_proj": (2, 3.0, d, f, (d, f)),
+    }
+    tensors, want = {}, {}
+    for name, (r, alpha, n_in, n_out, shape) in modules.items():
+        a = rs.normal(size=(r, n_in)).astype(np.float32)
+        b = rs.normal(size=(n_out, r)).astype(np.float32)
+        tensors[f"{prefix}{name}.lora_A.weight"] = a
+        tensors[f"{prefix}{name}.lora_B.weight"] = b
+        s = alpha / (np.sqrt(r) if use_rslora else r)
+        want[name] = (s * (b.astype(np.float64) @ a)).T.reshape(shape)  # [in, out] kernels
+    save_file(tensors, str(tmp_path / peft_io.WEIGHTS_FILE))
+    (tmp_path / peft_io.CONFIG_FILE).write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 6.0, "lora_dropout": 0.1,
+        "target_modules": ["q_proj", "up_proj"], "rank_pattern": {"up_proj": 2},
+        "alpha_pattern": {"up_proj": 3.0}, "use_rslora": use_rslora, "bias": "none",
+    }))  # fmt: skip
+
+    adapters, lora_cfg = peft_io.load_peft(str(tmp_path), cfg)
+    assert (lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout) == (4, 6.0, 0.1)
+    got = _effective(adapters, lora_cfg)
+    assert set(got) == {"layers_0/attn/q", "layers_0/mlp/up"}
+    for ours, name in (("layers_0/attn/q", "self_attn.q_proj"), ("layers_0/mlp/up", "mlp.up_proj")):
+        np.testing.assert_allclose(got[ours], want[name], rtol=1e-5, atol=1e-6, err_msg=ours)
+    base = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    assert lora.target_modules(base, lora_cfg) == [
+        ("layers_0", "attn", "q"),
+        ("layers_0", "mlp", "up"),
+    ]
+    # The loaded dropout is the model's: it reaches the adapters' collection, and the on-policy
+    # methods refuse the adapter.
+    assert float(lora.lora_collection(adapters, lora_cfg)["layers_0"]["attn"]["q"]["dropout"]) == (
+        pytest.approx(0.1)
+    )
+    with pytest.raises(ValueError, match="LoRA dropout 0.1"):
+        lora.check_no_dropout(lora.LoraTransformer(cfg, lora_cfg), "PPO")

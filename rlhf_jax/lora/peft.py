@@ -17,6 +17,7 @@ adapter gives each of q, k, v the whole A (rank R) and its rows of B.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -152,7 +153,8 @@ def _scale(peft_cfg: dict, name: str, rank: int) -> float:
 def load_peft(path: str, config: TransformerConfig) -> tuple[dict, Any]:
     """Reads a PEFT LoRA folder for the HF model of `config.family` into our adapters and a
     `lora.LoraConfig` (rank, alpha and dropout of `adapter_config.json`; a module whose own scale
-    differs, by `rank_pattern` / `alpha_pattern` / rsLoRA, has it folded into its B).
+    differs, by `rank_pattern` / `alpha_pattern` / rsLoRA, has it folded into its B; targets: a
+    pattern that selects exactly the projections the folder adapts).
 
     Raises:
       ValueError: not a LoRA adapter, DoRA, a bias or `modules_to_save` we cannot represent, or
@@ -200,7 +202,11 @@ def load_peft(path: str, config: TransformerConfig) -> tuple[dict, Any]:
         )
     if not adapters:
         raise ValueError(f"{path}: no LoRA tensors for a {config.family!r} model")
-    return adapters, lora_cfg
+    adapted = sorted(
+        m for _, modules in _kernel_entries(config) for m in modules if _has(adapters, m)
+    )
+    targets = "(^|/)(" + "|".join(map(re.escape, adapted)) + ")$"  # also under a model's trunk
+    return adapters, dataclasses.replace(lora_cfg, targets=targets)
 
 
 def _in_shape(config: TransformerConfig, module: str) -> tuple[int, ...]:
