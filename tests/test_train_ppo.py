@@ -304,3 +304,41 @@ def test_host_reward_on_token_ids_or_on_text(ppo, tiny_config, tiny_model):
         make_host_reward_ppo_step(fns, on_text, mesh=mesh, on="text")
     with pytest.raises(ValueError, match="on must be one of"):
         make_host_reward_ppo_step(fns, on_text, mesh=mesh, on="ids")
+
+
+def test_update_logs_its_rollout_and_both_kl_coefs(ppo):
+    """The update's rollout statistics, by their definitions from the rollout it trained on:
+    score the raw reward, score_penalized after the missing-EOS penalty, rlhf_reward the return
+    of the per-token rewards (penalised score - kl_coef * sum_t k3); kl_coef is the coefficient
+    that shaped those rewards, kl_coef_next the controller's next one (the new state's)."""
+    jitted, _, new_state, _ = ppo
+    state, ro = jitted["rollout"](new_state(ref_scale=4.0, value_head=True), PROMPTS)
+    state, ro = jitted["score"](state, ro.replace(scores=jnp.asarray(host_reward(ro))))
+    want_coef, _ = expected_coef(0.1, ro)
+    fields = (ro.logps, ro.ref_logps, ro.advantages, ro.returns)
+    lp, ref, adv, ret = (np.asarray(x, np.float64) for x in fields)
+    live, has_eos = np.asarray(ro.response_mask) > 0, np.asarray(ro.has_eos)
+    scores = np.asarray(ro.scores, np.float64)
+    penalized = scores - 1.0 * (has_eos == 0)
+    log_r = ref - lp
+    k1 = np.where(live, -log_r, 0.0).sum(1)
+    k3 = np.where(live, np.exp(log_r) - 1 - log_r, 0.0).sum(1)
+    state, m = jitted["update"](state, ro)
+    want = {
+        "score": scores.mean(),
+        "score_penalized": penalized.mean(),
+        "rlhf_reward": np.mean(penalized - 0.1 * k3),
+        "kl_k1": k1.mean(),
+        "kl_k3": k3.mean(),
+        "advantage_mean": adv[live].mean(),
+        "return_mean": ret[live].mean(),
+        "response_length": live.sum(1).mean(),
+        "eos_rate": has_eos.mean(),
+        "kl_coef": 0.1,
+        "kl_coef_next": want_coef,
+    }
+    for k, v in want.items():
+        np.testing.assert_allclose(m[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(m["kl_coef_next"], state.kl_coef, rtol=1e-7)
+    assert abs(want["kl_coef_next"] - 0.1) > 1e-4 and 0 < has_eos.mean() < 1
+    assert abs(want["rlhf_reward"] - want["score_penalized"]) > 1e-3

@@ -193,6 +193,21 @@ def test_update_gradient_and_clip_fractions(setup):
     assert 0.1 < v_active.mean() < 0.9
     np.testing.assert_allclose(m["value_clipfrac"], v_active.mean(), atol=1e-6)
     np.testing.assert_allclose(m["entropy"], entropy(aux["logits"])[mask].mean(), rtol=1e-5)
+    # value_error: the current values' squared error over the response tokens (not clipped, not
+    # halved); each tree's gradient and update norms from the hand gradients (SGD: lr x |g|).
+    np.testing.assert_allclose(m["value_error"], np.mean((v - ret) ** 2), rtol=1e-5)
+    norms = {
+        name: np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(g)))
+        for name, g in (("policy", g_p), ("value", g_v))
+    }
+    lrs = {"policy": LR_POLICY, "value": LR_VALUE}
+    for name in ("policy", "value"):
+        np.testing.assert_allclose(m[f"{name}_grad_norm"], norms[name], rtol=1e-4)
+        np.testing.assert_allclose(m[f"{name}_update_norm"], lrs[name] * norms[name], rtol=1e-4)
+    np.testing.assert_allclose(m["grad_norm"], np.hypot(norms["policy"], norms["value"]), 1e-4)
+    steps = (LR_POLICY * norms["policy"], LR_VALUE * norms["value"])
+    np.testing.assert_allclose(m["update_norm"], np.hypot(*steps), rtol=1e-4)
+    assert abs(norms["policy"] - norms["value"]) > 1e-2 * norms["value"]  # swapped groups show
 
 
 def test_later_epoch_ratio_is_against_the_rollout_policy(setup):

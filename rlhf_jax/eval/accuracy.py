@@ -70,7 +70,8 @@ def preference_accuracy(
     (ties count as wrong), and the mean margin r(chosen) - r(rejected) (`preference_scores`).
 
     Returns:
-      {"accuracy": float, "margin": float, "pairs": number of pairs}.
+      {"accuracy": float, "margin": float, "pairs": number of pairs} ("pairs" is informational:
+      a constant of the run, logged so that a reader sees what the accuracy was measured on).
     """
     chosen, rejected = preference_scores(
         reward_model,

@@ -79,7 +79,9 @@ def fit(
     - Logging: at each log step (and the last) the metrics of that step are written to
       `WORKDIR/metrics.jsonl` and TensorBoard (`MetricsWriter`) as `{"step", "loss", ...}`, and the
       tqdm bar shows the loss. `eval_fn(state, step) -> dict` runs every `eval_every` steps (and
-      at the last), its values merged into that step's row as `eval/<name>`.
+      at the last), its values merged into that step's row as `eval/<name>`. The row of step t
+      holds what update t returned (its loss and gradient norms are those of the params before
+      it, as every step defines them), and its `eval/` values those of the state after it.
     - Checkpoints every `checkpoint_every` steps and at the end, with the loader's state; the
       last `keep` are kept.
 

@@ -351,7 +351,11 @@ def make_critic_free_score(cfg: CriticFreeConfig):
     sampling (if on: the rollout keeps `num_groups` groups), the advantages, and the sampled
     batch's metrics in `rollout.stats` (`reward`, `reward_std_in_group` (mean over groups; 0
     means no signal), `response_length`, and with dynamic sampling `groups_informative` (of
-    those sampled) and `groups_kept` (informative share of the kept slots))."""
+    those sampled) and `groups_kept` (informative share of the kept slots)).
+
+    `reward` and `reward_std_in_group` (the population std, ddof 0) read the raw task reward;
+    `reward_shaped` (with the overlong penalty) and the two group shares read the reward the
+    advantages use; `response_length` averages every sampled completion."""
 
     def score(state, ro: CriticFreeRollout):
         g = cfg.group_size

@@ -367,7 +367,15 @@ def make_ppo_score(cfg: PPOConfig) -> Callable[[PPOState, Rollout], tuple[PPOSta
 
 
 def rollout_metrics(ro: Rollout, cfg: PPOConfig, kl_coef: jax.Array) -> Metrics:
-    """Scalar statistics of a scored rollout (means over sequences of per-sequence sums)."""
+    """Scalar statistics of a scored rollout, each a mean over the B sequences unless noted.
+
+    score: the raw reward; score_penalized: after the missing-EOS penalty; rlhf_reward: the
+    sum of the per-token rewards (penalised score - kl_coef * sum_t k_t); kl_k1 / kl_k3 /
+    kl_exact: per-sequence sums over the response of log(pi / pi_ref), r - 1 - log r with
+    r = pi_ref / pi, and the full-vocabulary KL; kl_coef: the coefficient passed (the one that
+    shaped the rewards); response_length, eos_rate; advantage_mean / return_mean: means over the
+    response tokens.
+    """
     mask = ro.response_mask
     k1 = masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k1"), mask)
     k3 = masked_seq_sum(losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k3"), mask)

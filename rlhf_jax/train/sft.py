@@ -38,7 +38,9 @@ def make_sft_loss(model: nn.Module, *, reduction: str = "token") -> LossFn:
     over examples (every demonstration weighs the same).
 
     Metrics: loss, nll_token (token-weighted NLL, whatever the reduction), accuracy (argmax ==
-    target over masked tokens), num_tokens.
+    target over masked tokens), num_tokens. Under `make_step(microbatches=k)` each is the mean
+    over the k microbatches: num_tokens is then the tokens of one microbatch (on average), and
+    nll_token / accuracy the mean of the microbatches' token means.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; accepted values: {_REDUCTIONS}")
