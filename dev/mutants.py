@@ -14,7 +14,8 @@ baseline makes every "caught" meaningless. Exit status 1 if any mutant survived 
 `ACCEPTED_SURVIVORS`, or the baseline failed.
 
 The mutants are listed in the tables beside this file (`mutants_methods.py`, `mutants_models.py`,
-`mutants_streams.py`, `mutants_metrics.py`, `mutants_config.py`; a `Mutant` is `mutant_spec.py`);
+`mutants_streams.py`, `mutants_metrics.py`, `mutants_config.py`, `mutants_own.py`; a `Mutant` is
+`mutant_spec.py`);
 `tests/test_mutants_table.py` checks that each still applies and names tests that exist.
 
 A tool to run before closing an issue that touches a step, loss, the sampler or the checkpoint
@@ -42,9 +43,10 @@ from mutants_config import CONFIG  # noqa: E402
 from mutants_methods import METHODS  # noqa: E402
 from mutants_metrics import METRICS  # noqa: E402
 from mutants_models import MODELS  # noqa: E402
+from mutants_own import OWN  # noqa: E402
 from mutants_streams import STREAMS  # noqa: E402
 
-MUTANTS = (*METHODS, *MODELS, *STREAMS, *METRICS, *CONFIG)
+MUTANTS = (*METHODS, *MODELS, *STREAMS, *METRICS, *CONFIG, *OWN)
 
 # name -> why it is accepted (an equivalent mutant, or one no test can see by design).
 ACCEPTED_SURVIVORS: dict[str, str] = {}

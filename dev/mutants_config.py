@@ -375,7 +375,7 @@ CONFIG = (
     ),
     Mutant(
         "microbatch-check-skipped-at-two",
-        "rlhf_jax/run/cli.py",
+        "rlhf_jax/run/checks.py",
         "    if microbatches > 1:\n",
         "    if microbatches > 2:\n",
         ("tests/test_run_checks.py::test_check_batch_at_each_boundary",),
@@ -383,7 +383,7 @@ CONFIG = (
     ),
     Mutant(
         "coordinator-port-65536-accepted",
-        "rlhf_jax/run/cli.py",
+        "rlhf_jax/run/checks.py",
         "0 < int(port) < 65536",
         "0 < int(port) <= 65536",
         ("tests/test_run_checks.py::test_init_distributed_at_each_boundary",),
@@ -391,7 +391,7 @@ CONFIG = (
     ),
     Mutant(
         "process-id-equal-count-accepted",
-        "rlhf_jax/run/cli.py",
+        "rlhf_jax/run/checks.py",
         "if count is not None and index is not None and index >= count:",
         "if count is not None and index is not None and index > count:",
         ("tests/test_run_checks.py::test_init_distributed_at_each_boundary",),
@@ -399,7 +399,7 @@ CONFIG = (
     ),
     Mutant(
         "timeouts-zero-accepted",
-        "rlhf_jax/run/cli.py",
+        "rlhf_jax/run/checks.py",
         "        if getattr(config, name, 1) < 1:\n",
         "        if getattr(config, name, 1) < 0:\n",
         ("tests/test_run_checks.py::test_init_distributed_at_each_boundary",),

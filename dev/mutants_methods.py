@@ -237,8 +237,8 @@ METHODS = (
     Mutant(
         "host-reward-drops-prompt",
         "rlhf_jax/stages/ppo.py",
-        "rows = train.response_token_lists(mine, include_query=include_prompt, drop_id=drop)",
-        "rows = train.response_token_lists(mine, include_query=False, drop_id=drop)",
+        '        with_prompt = include_prompt and on != "rows"\n',
+        "        with_prompt = False\n",
         ("tests/test_train_ppo.py",),
         "a host reward sees the completions without their prompts",
     ),

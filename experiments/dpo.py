@@ -4,13 +4,19 @@
     .venv/bin/python experiments/dpo.py --init-from runs/sft --beta 0.1 --loss-type sigmoid
     .venv/bin/python experiments/dpo.py --init-from runs/sft --loss-type ipo --precompute-reference
     .venv/bin/python experiments/dpo.py --init-from runs/sft --pairs my_pairs.jsonl
+    .venv/bin/python experiments/dpo.py --init-from MODEL --dataset prefs.jsonl --lora-rank 16
+    .venv/bin/python experiments/dpo.py --init-from runs/sft --loss my_losses:dpo_positive
 
 The policy and the frozen reference both start from --init-from (the SFT workdir or an HF folder of
 any supported family). The pairs are sampled from that model and labelled by the ground truth
 exactly as in reward_model.py (same seed, same pairs), or read from --pairs (a JSONL of prompt,
-chosen, rejected). --loss-type is one of sigmoid (DPO), ipo, hinge, robust, simpo, orpo; --beta and
---label-smoothing as in TRL. With --precompute-reference the reference log-probs are computed once
-(`train.compute_reference_logps`) and stored with the pairs, and training holds no reference model.
+chosen, rejected), or --dataset (a .jsonl / .parquet file or tfds:NAME of preference rows in TRL's
+formats, text or conversational, explicit or implicit prompt; tokenized with --init-from's own
+tokenizer and chat template; docs/your_data.md). --loss-type is one of sigmoid (DPO), ipo,
+hinge, robust, simpo, orpo, or --loss module:function names your own pairwise loss
+`fn(pc, pr, rc, rr, *, beta)` (docs/custom_loss.md); --beta and --label-smoothing as in TRL. With
+--precompute-reference the reference log-probs are computed once (`train.compute_reference_logps`)
+and stored with the pairs, and training holds no reference model.
 
 Writes into WORKDIR: run_config.json, pairs.jsonl (reused on rerun), reference_logps.npz (with
 --precompute-reference), metrics.jsonl (step, loss, rewards/accuracy, rewards/margin, logps/...,
@@ -29,15 +35,15 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from rlhf_jax import losses, models, pairs, stages
+from rlhf_jax import losses, models, pairs, plugins, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli
+from rlhf_jax.run import checks, cli, dataset
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
     """DPO-family training on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/dpo"
@@ -56,6 +62,7 @@ class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative / robust DPO label-noise epsilon
+    loss: str | None = None  # module:function (or file.py:function): a pairwise loss instead
     custom_loss: str | None = None  # set by main(loss_fn=...): the function trained instead
     precompute_reference: bool = False  # reference log-probs once, no reference model in training
     steps: int = 1000
@@ -96,17 +103,37 @@ def main(
     config (`custom_loss`), so a rerun with another function is refused like any other change.
     """
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
-    if loss_fn is not None:
+    if loss_fn is not None and config.loss:
+        raise ConfigError("--loss given with main(loss_fn=...): pass one of them")
+    if config.loss:  # imported at the door: a bad name is one line, before anything is written
+        try:
+            loss_fn = plugins.load_callable(config.loss, flag="--loss")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif loss_fn is not None:
         config = dataclasses.replace(config, custom_loss=_describe(loss_fn))
     start = cli.prepare_init(
         config,
         required="DPO starts from (and regularises towards) the SFT model: pass --init-from",
         task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
         files=("pairs",),
+        task_data=not (config.pairs or config.dataset),  # read with the model's own tokenizer
     )
     records = None
+    if config.pairs and config.dataset:
+        raise ConfigError("--pairs and --dataset both given: pass one (--dataset reads any format)")
     if config.pairs:  # read (and checked) before anything is written
-        records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size)
+        records = checks.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size)
+    if config.dataset:  # read, checked and tokenized with the model's tokenizer, before writing
+        records = dataset.load(
+            config, start.tokenizer, kinds=("preference",), max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+        )  # fmt: skip
+        if len(records) < config.batch_size:
+            raise ConfigError(
+                f"--dataset {config.dataset}: {len(records)} pairs, fewer than one batch of "
+                f"--batch-size {config.batch_size}"
+            )
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     params = start.load_params()
@@ -127,7 +154,7 @@ def main(
                 f"{len(records)} sampled pairs, fewer than one batch of --batch-size "
                 f"{config.batch_size}; raise --num-prompts"
             )
-    name = config.custom_loss or config.loss_type
+    name = config.loss or config.custom_loss or config.loss_type
     print(f"dpo ({name}, beta {config.beta}): {len(records)} training pairs")
     schedule = stages.Schedule.from_config(config)
     _, rows, _ = stages.train_dpo(
@@ -147,6 +174,7 @@ def main(
         seed=config.seed,
         lora=start.lora,
         quantize=config.quantize,
+        base_model=start.base_model,
     )
     if rows:
         last = rows[-1]

@@ -79,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     if len(set(config.seeds)) != len(config.seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, config.seeds))}: repeated seed")
-    cli.init_distributed(config)
-    mesh = cli.resolve_mesh(config.mesh)
+    checks.init_distributed(config)
+    mesh = checks.resolve_mesh(config.mesh)
     for name in (*BATCH_FIELDS, "ft_batch_size"):
-        cli.check_batch(getattr(config, name), mesh, name=name)
+        checks.check_batch(getattr(config, name), mesh, name=name)
     cli.write_run_config(config.workdir, config)
     return run_frontier(config, mesh)
 

@@ -1,6 +1,6 @@
 """Critic-free RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++) on the offline verifiable-reward
-task (multi-digit addition, exact-match reward) or on the offline sentiment task (a learned reward
-model or the ground-truth VADER reward).
+task (multi-digit addition, exact-match reward), on the offline sentiment task (a learned reward
+model or the ground-truth VADER reward), or on your prompts with Python rewards (--dataset).
 
     .venv/bin/python experiments/grpo.py --preset tiny --workdir runs/grpo_tiny   # seconds
     .venv/bin/python experiments/grpo.py --workdir runs/grpo                    # ~1.5 min on CPU
@@ -8,6 +8,9 @@ model or the ground-truth VADER reward).
     .venv/bin/python experiments/grpo.py --algo dapo --num-groups 16 --prompts-per-step 32
     .venv/bin/python experiments/grpo.py --task sentiment --init-from runs/sft --reward runs/rm
     .venv/bin/python experiments/grpo.py --task sentiment --init-from runs/sft --reward ground-truth
+    .venv/bin/python experiments/grpo.py --init-from MODEL --dataset gsm8k.jsonl \\
+        --columns prompt=question --reward-fn my_rewards:format_ok my_rewards:exact_match \\
+        --reward-weights 0.5 1.0
 
 Arithmetic. Stage 1 (WORKDIR/sft/, skipped with --init-from): a small decoder from random init
 learns addition from noisy demonstrations (`data.arithmetic`: a fraction --noise of the answers has
@@ -24,7 +27,15 @@ reward-model workdir (reward_model.py; scored inside the one compiled iteration)
 compiled update). Every --eval-every steps: the mean ground-truth reward and the exact KL to the
 SFT model on --eval-prompts held-out prompts (eval/reward, eval/kl).
 
-Both: with --kl-coef > 0 the starting model is the frozen reference and --kl-in puts β k3 in the
+Your data. --dataset (prompt-only or prompt-completion rows in TRL's formats, text or
+conversational; docs/your_data.md) with --init-from a model folder: the prompts are the dataset's,
+tokenized with the folder's own tokenizer and chat template, and the reward is --reward-fn,
+Python functions with TRL's signature `fn(prompts, completions, **columns) -> list[float | None]`
+that see the dataset's other columns (e.g. a ground-truth `answer`), summed with --reward-weights
+(None: not applicable, counts 0); each one's mean is logged as rewards/<name>, every scored row
+goes to WORKDIR/completions.jsonl. --reward REWARD_MODEL_WORKDIR scores instead.
+
+All: with --kl-coef > 0 the starting model is the frozen reference and --kl-in puts β k3 in the
 loss (GRPO) or β k1 in the reward (Eq. 3). DAPO's dynamic sampling (on for dapo, or
 --dynamic-sampling True) trains on the first --num-groups groups whose rewards differ (default:
 every informative group of the batch); --overlong-cache L turns on DAPO's overlong penalty over
@@ -54,21 +65,24 @@ from rlhf_jax import eval as ev
 from rlhf_jax.data import arithmetic as ar
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, handover, runner
+from rlhf_jax.run import cli, dataset, handover, runner
+from rlhf_jax.run import rewards as rw
 from rlhf_jax.sampling import SamplingConfig, generate
 
 GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
-    """Critic-free RL on the addition task or the sentiment task."""
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+    """Critic-free RL on the addition task, the sentiment task, or --dataset's prompts."""
 
     workdir: str = "runs/grpo"
     algo: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] = "grpo"
     task: Literal["arithmetic", "sentiment"] = "arithmetic"
     data_dir: str = tasks.default_data_dir(__file__)  # sentiment: the prepared synthetic task
     reward: str = GROUND_TRUTH  # sentiment: a reward-model workdir, or "ground-truth" (VADER)
+    reward_fn: tuple[str, ...] = ()  # --dataset: Python rewards, module:function or file.py:fn
+    reward_weights: tuple[float, ...] = ()  # one per --reward-fn (default 1 each)
     max_new_tokens: int = 24  # sentiment (arithmetic: the answer length)
     max_prompt_length: int = 8  # sentiment
     digits: int = 2  # operands of 1..digits digits
@@ -232,6 +246,13 @@ RULES = {
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the command line `argv`; returns the RL stage's metrics rows."""
     config = cli.parse_config(Config, PRESETS, argv, description=__doc__)
+    if config.dataset:
+        return _dataset(config)
+    if config.reward_fn or config.reward_weights:
+        raise ConfigError(
+            "--reward-fn / --reward-weights apply to --dataset (the offline tasks have their own "
+            "reward)"
+        )
     if config.task == "sentiment":
         return _sentiment(config)
 
@@ -292,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         cfg, params, prompts, workdir=workdir, mesh=mesh,
         schedule=_schedule(config), rl=rl, reward_fn=ar.exact_match_reward,
         kl_coef=config.kl_coef, seed=config.seed, lora=start.lora, quantize=config.quantize,
+        base_model=start.base_model,
         eval_fn=lambda state, step: {"pass_at_1": pass_at_1(_policy_params(state))},
     )  # fmt: skip
     after = pass_at_1(params)
@@ -347,7 +369,7 @@ def _sentiment(config: Config) -> list[dict]:
     _, rows = stages.train_critic_free(
         cfg, params, loader, workdir=config.workdir, mesh=start.mesh, schedule=_schedule(config),
         rl=rl, tokenizer=tok, kl_coef=config.kl_coef, seed=config.seed, eval_fn=eval_fn,
-        lora=lora_cfg, quantize=config.quantize, **reward,
+        lora=lora_cfg, quantize=config.quantize, base_model=start.base_model, **reward,
     )  # fmt: skip
     last = rows[-1] if rows else {}
     if "eval/reward" in last:
@@ -360,3 +382,46 @@ def _sentiment(config: Config) -> list[dict]:
 
 if __name__ == "__main__":
     cli.run_cli(main)
+
+
+def _dataset(config: Config) -> list[dict]:
+    """--dataset: a researcher's prompts (prompt-only or prompt-completion rows; other columns go
+    to the rewards), Python rewards (--reward-fn, weighted) or a reward model (--reward)."""
+    start = cli.prepare_init(
+        config,
+        rules=RULES,
+        required="--dataset trains your model: pass --init-from (an HF folder with its tokenizer)",
+        batch_fields=("prompts_per_step",),
+    )
+    tok, cfg = start.tokenizer, start.model_config
+    learned = config.reward != GROUND_TRUTH
+    functions = rw.from_flags(config, learned=learned)  # imported at the door
+    if learned:
+        handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
+    prompts = dataset.load(
+        config, tok, kinds=("prompt_only", "prompt_completion"),
+        max_length=config.max_prompt_length + config.max_new_tokens,
+        max_prompt_length=config.max_prompt_length,
+    )  # fmt: skip
+    _check(config, config.max_new_tokens)
+    rl = _rl_config(config, config.max_new_tokens, tok.eos_id, tok.pad_id)
+    cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
+
+    params = start.load_params()
+    if learned:
+        reward = {"reward_model": handover.load_reward_model(config.reward)}
+    else:
+        reward = rw.host_reward(functions, prompts, tok, config.workdir)
+    loader = rw.prompt_rows_loader(
+        prompts, batch_size=_schedule(config).local_batch_size,
+        max_prompt_length=config.max_prompt_length, pad_id=tok.pad_id, seed=config.seed,
+    )  # fmt: skip
+    _, rows = stages.train_critic_free(
+        cfg, params, loader, workdir=config.workdir, mesh=start.mesh, schedule=_schedule(config),
+        rl=rl, tokenizer=tok, kl_coef=config.kl_coef, seed=config.seed, lora=start.lora,
+        quantize=config.quantize, base_model=start.base_model, **reward,
+    )  # fmt: skip
+    if rows:
+        means = ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.startswith("rewards/"))
+        print(f"{config.algo}: step {rows[-1]['step']} {means}; wrote {config.workdir}")
+    return rows

@@ -4,6 +4,8 @@
         --reward runs/rm_tiny --workdir runs/ppo_tiny
     .venv/bin/python experiments/ppo.py --init-from runs/sft --reward runs/rm --kl-coef 0.05
     .venv/bin/python experiments/ppo.py --init-from runs/sft --reward ground-truth --target-kl 6
+    .venv/bin/python experiments/ppo.py --init-from MODEL --dataset gsm8k.jsonl \\
+        --columns prompt=question --reward-fn my_rewards:exact_match my_rewards:format_ok
 
 The policy and the frozen reference start from --init-from (the SFT workdir or an HF folder of any
 supported family); each iteration samples completions of a batch of training prefixes, scores them,
@@ -13,6 +15,13 @@ whole iteration is one compiled program) or `ground-truth` (PPO-GT: VADER on the
 computed on the host between the compiled rollout and the compiled score + update; the critic
 starts from the policy). --kl-coef is the initial KL coefficient; --target-kl makes it adaptive
 (Ziegler et al. 2019).
+
+With --dataset (prompt-only or prompt-completion rows in TRL's formats, text or conversational;
+docs/your_data.md) the prompts are the dataset's, tokenized with --init-from's own tokenizer and
+chat template, and the reward is --reward-fn: Python functions with TRL's signature
+`fn(prompts, completions, **columns) -> list[float | None]` that see the dataset's other columns,
+summed with --reward-weights; each one's mean is logged as rewards/<name> and every scored row
+goes to WORKDIR/completions.jsonl (or --reward, a reward-model workdir).
 
 Writes into WORKDIR: run_config.json, metrics.jsonl (step, loss, score, kl_exact, kl_k1, kl_k3,
 kl_coef, clipfrac, approx_kl, entropy, value_error, ...), tensorboard/, checkpoints/, and when
@@ -31,14 +40,15 @@ from collections.abc import Sequence
 from rlhf_jax import stages, train
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, handover
+from rlhf_jax.run import cli, dataset, handover
+from rlhf_jax.run import rewards as rw
 
 GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
-    """PPO with a reward model or the ground-truth reward."""
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+    """PPO with a reward model or the ground-truth reward, or on --dataset with Python rewards."""
 
     workdir: str = "runs/ppo"
     data_dir: str = tasks.default_data_dir(__file__)  # prepared synthetic task (cached)
@@ -46,6 +56,8 @@ class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
         None  # the SFT workdir (or an HF folder of any family): policy and reference
     )
     reward: str = GROUND_TRUTH  # a reward-model workdir, or "ground-truth" (PPO-GT)
+    reward_fn: tuple[str, ...] = ()  # --dataset: Python rewards, module:function or file.py:fn
+    reward_weights: tuple[float, ...] = ()  # one per --reward-fn (default 1 each)
     kl_coef: float = 0.05  # initial KL coefficient beta
     target_kl: float | None = None  # adaptive KL controller target (per sequence); None: fixed
     kl_horizon: float = 10000.0
@@ -87,11 +99,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     start = cli.prepare_init(
         config,
         required="PPO starts from (and regularises towards) the SFT model: pass --init-from",
-        task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
+        task=None
+        if config.dataset
+        else lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
         rules={"temperature": (lambda t: t > 0, "> 0 (PPO samples)"), **cli.ON_POLICY_RULES},
     )
-    if config.reward != GROUND_TRUTH:
+    learned = config.reward != GROUND_TRUTH
+    functions = prompts = None
+    if config.dataset:  # a researcher's prompts: Python rewards (or a reward model) on them
+        functions = rw.from_flags(config, learned=learned)
+    elif config.reward_fn or config.reward_weights:
+        raise ConfigError("--reward-fn / --reward-weights apply to --dataset")
+    if learned:
         handover.resolve_init_folder(config.reward, kind="reward", flag="--reward")
+    if config.dataset:
+        prompts = dataset.load(
+            config, start.tokenizer, kinds=("prompt_only", "prompt_completion"),
+            max_length=config.max_prompt_length + config.max_new_tokens,
+            max_prompt_length=config.max_prompt_length,
+        )  # fmt: skip
     if config.batch_size % config.num_minibatches:
         raise ConfigError(
             f"--batch-size {config.batch_size} is not divisible by --num-minibatches "
@@ -112,10 +138,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     params = start.load_params()
-    reward = {"host_reward": start.task.reward_fn, "reward_on": "text"}  # PPO-GT: VADER, host
-    if config.reward != GROUND_TRUTH:
-        reward = {"reward_model": handover.load_reward_model(config.reward)}
     schedule = stages.Schedule.from_config(config, decay=False)
+    if learned:
+        reward = {"reward_model": handover.load_reward_model(config.reward)}
+    elif functions is not None:
+        reward = rw.host_reward(functions, prompts, start.tokenizer, config.workdir)
+    else:
+        reward = {"host_reward": start.task.reward_fn, "reward_on": "text"}  # PPO-GT: VADER
+    loader = None
+    if prompts is not None:
+        loader = rw.prompt_rows_loader(
+            prompts, batch_size=schedule.local_batch_size,
+            max_prompt_length=config.max_prompt_length, pad_id=start.tokenizer.pad_id,
+            seed=config.seed,
+        )  # fmt: skip
     _, rows = stages.train_ppo(
         start.model_config,
         params,
@@ -129,11 +165,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         seed=config.seed,
         lora=start.lora,
         quantize=config.quantize,
+        base_model=start.base_model,
+        prompts=loader,
+        tokenizer=start.tokenizer,
         **reward,
     )
     if rows:
         last = rows[-1]
-        print(f"ppo: step {last['step']} score {last['score']:.3f} kl {last['kl_exact']:.3f}")
+        means = "".join(f", {k} {v:.3f}" for k, v in last.items() if k.startswith("rewards/"))
+        print(
+            f"ppo: step {last['step']} score {last['score']:.3f} kl {last['kl_exact']:.3f}{means}"
+        )
     return rows
 
 

@@ -4,13 +4,16 @@
         --workdir runs/rm_tiny
     .venv/bin/python experiments/reward_model.py --init-from runs/sft --workdir runs/rm
     .venv/bin/python experiments/reward_model.py --init-from runs/sft --pairs my_pairs.jsonl
+    .venv/bin/python experiments/reward_model.py --init-from MODEL --dataset prefs.parquet
 
 As in the DPO paper's IMDb setup: `completions_per_prompt` completions are sampled from the SFT
 model (--init-from, an SFT workdir or an HF folder of any family) for each of the first
 `num_prompts` training prefixes, all pairs of a prompt are labelled by the ground-truth reward
 (VADER), and the reward model (the SFT trunk plus a linear head on the last token) is trained on
 them. Held-out pairs come from test prefixes the same way. With --pairs the pairs are read from a
-JSONL file (prompt, chosen, rejected) and its last tenth is held out.
+JSONL file (prompt, chosen, rejected) and its last tenth is held out; --dataset reads preference
+rows in any of TRL's formats (a .jsonl / .parquet file or tfds:NAME, text or conversational),
+tokenized with --init-from's own tokenizer and chat template, its last tenth held out likewise.
 
 Writes into WORKDIR: run_config.json, pairs.jsonl and pairs_test.jsonl (reused on rerun),
 metrics.jsonl (step, loss, accuracy, margin, ..., eval/accuracy = held-out pair accuracy),
@@ -31,12 +34,12 @@ from typing import Literal
 from rlhf_jax import models, pairs, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli
+from rlhf_jax.run import checks, cli, dataset
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
     """Bradley-Terry reward model on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/reward_model"
@@ -93,14 +96,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         required="the reward model starts from the SFT model: pass --init-from",
         task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
         files=("pairs",),
+        task_data=not (config.pairs or config.dataset),  # read with the model's own tokenizer
     )
     records = test_records = None
-    if config.pairs:  # read (and checked) before anything is written; the last tenth held out
-        records = cli.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size + 1)
+    if config.pairs and config.dataset:
+        raise ConfigError("--pairs and --dataset both given: pass one (--dataset reads any format)")
+    if config.pairs or config.dataset:  # read before anything is written; the last tenth held out
+        if config.dataset:  # tokenized with the model's own tokenizer
+            records = dataset.load(
+                config, start.tokenizer, kinds=("preference",), max_length=config.max_length,
+                max_prompt_length=config.max_prompt_length,
+            )  # fmt: skip
+        else:
+            records = checks.read_pairs(
+                config.pairs, config.on_bad_record, at_least=config.batch_size + 1
+            )
         n_test = max(1, len(records) // 10)
         if len(records) - n_test < config.batch_size:
             raise ConfigError(
-                f"--pairs {config.pairs}: {len(records)} valid pairs leave "
+                f"{'--pairs' if config.pairs else '--dataset'} {config.pairs or config.dataset}: "
+                f"{len(records)} valid pairs leave "
                 f"{len(records) - n_test} for training after {n_test} held out, fewer than one "
                 f"batch of --batch-size {config.batch_size}"
             )
@@ -154,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         seed=config.seed,
         lora=start.lora,
         quantize=config.quantize,
+        base_model=start.base_model,
     )
     if "heldout_accuracy" in info:
         print(f"reward model: held-out pair accuracy {info['heldout_accuracy']:.3f}")

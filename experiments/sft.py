@@ -3,6 +3,7 @@
     .venv/bin/python experiments/sft.py --preset tiny --workdir runs/sft_tiny   # seconds on CPU
     .venv/bin/python experiments/sft.py --workdir runs/sft                      # the default run
     .venv/bin/python experiments/sft.py --init-from PATH/gpt2 ...               # start from HF
+    .venv/bin/python experiments/sft.py --init-from MODEL --dataset chats.jsonl  # your own data
 
 Trains a decoder (GPT-2-shaped by default; `--model` takes any family's preset) on the synthetic
 task's full reviews (`data/` of the repo or $RLHF_JAX_DATA, prepared on first use): every token
@@ -17,21 +18,30 @@ and when finished hf/ (a Hugging Face folder of the family, with the tokenizer) 
 model_config.json: the --init-from of reward_model.py, dpo.py and ppo.py. With --lora-rank R
 (an --init-from model, usually) only LoRA adapters train on the frozen model (--quantize
 int8|nf4: stored quantized, QLoRA); adapter/ holds them in PEFT's format, hf/ the merged model.
+
+With --dataset (a .jsonl / .parquet file or tfds:NAME in TRL's formats: language modeling, `text`
+or conversational `messages`, or prompt-completion) it trains on those rows instead, tokenized
+with the --init-from folder's own tokenizer and chat template: the loss covers the completion
+(prompt-completion), the assistant turns (--assistant-only-loss) or every token. --columns
+renames columns, --truncation says how over-long rows are cut (reported); --eval-dataset gives
+held-out rows. See docs/your_data.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 from rlhf_jax import models, stages
 from rlhf_jax.data import synthetic, tasks
-from rlhf_jax.run import cli, handover
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.run import cli, dataset, handover
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
-    """Supervised fine-tuning on the synthetic reviews."""
+class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+    """Supervised fine-tuning on the synthetic reviews, or on --dataset."""
 
     workdir: str = "runs/sft"
     data_dir: str = tasks.default_data_dir(__file__)  # prepared synthetic task (cached)
@@ -49,6 +59,9 @@ class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags):
     checkpoint_every: int = 500
     eval_every: int = 500
     eval_batches: int = 4  # held-out batches of the test split per evaluation (0: none)
+    eval_dataset: str | None = None  # held-out rows of --dataset's format (evaluated whole)
+    assistant_only_loss: bool = False  # conversational --dataset: train on assistant turns only
+    truncation: Literal["left", "right", "error"] = "right"  # an over-long row loses its end
     seed: int = 0
     mesh: str = "data=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
 
@@ -80,7 +93,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             config.model, tok, **({} if config.n_layers is None else {"n_layers": config.n_layers})
         ),
         task=lambda: synthetic.load_task(synthetic.prepare(config.data_dir)),
+        task_data=not config.dataset,  # a dataset is read with the model's own tokenizer
     )
+    rows = eval_rows = None
+    if config.dataset:  # read, checked and tokenized before anything is written
+        load = dict(
+            kinds=("language_modeling", "prompt_completion"),
+            max_length=config.max_length,
+            max_prompt_length=config.max_length - 1,
+            assistant_only=config.assistant_only_loss,
+        )
+        rows = dataset.load(config, start.tokenizer, **load)
+        if config.eval_dataset:
+            eval_rows = dataset.load(
+                config, start.tokenizer, flag="--eval-dataset", path=config.eval_dataset, **load
+            )
+    elif config.eval_dataset or config.assistant_only_loss:
+        raise ConfigError(
+            "--eval-dataset / --assistant-only-loss apply to --dataset (the offline task has none)"
+        )
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     params = start.load_params()
@@ -97,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         eval_batches=config.eval_batches,
         lora=start.lora,
         quantize=config.quantize,
+        base_model=start.base_model,
+        rows=rows,
+        eval_rows=eval_rows,
+        tokenizer=start.tokenizer,
     )
     if rows:
         print(f"sft: step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}; wrote {config.workdir}")

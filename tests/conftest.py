@@ -12,6 +12,8 @@ Shared fixtures, each at the widest scope that is safe:
   for the hand-over, pairs, reference and task-loader tests.
 - `tiny_sft_workdir` (session, one build shared by the xdist workers): the SFT driver's tiny
   preset run to the end; read-only for every test.
+- `user_model_folder` (session): a researcher's own HF folder (tests/helpers/user_model.py), a
+  tiny Qwen2 with a byte-level BPE tokenizer and ChatML template; read-only.
 """
 
 import json
@@ -216,3 +218,17 @@ def tiny_sft_workdir(tmp_path_factory):
     after = _stat_tree(run.workdir)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"a test wrote into the shared {run.workdir} (copy it first): {changed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A researcher's own model folder (tests/helpers/user_model.py): a tiny Qwen2 with a byte-level
+# BPE tokenizer and a ChatML template, saved by transformers.
+
+
+@pytest.fixture(scope="session")
+def user_model_folder(tmp_path_factory):
+    """The folder of `helpers.user_model.build` (once per session and xdist worker): read-only
+    for every test (copy it to change a file)."""
+    from helpers import user_model
+
+    return user_model.build(tmp_path_factory.mktemp("user_model") / "model")

@@ -16,7 +16,16 @@ FLOORS = {
     "driver library": ("run",),
     "training": ("train", "eval", "lora"),
     "models and data": ("models", "sampling", "data", "bandit"),
-    "base": ("losses", "sharding", "distributed", "checkpoint", "paths", "errors", "chunking"),
+    "base": (
+        "losses",
+        "sharding",
+        "distributed",
+        "checkpoint",
+        "paths",
+        "errors",
+        "chunking",
+        "plugins",
+    ),
 }
 LEVEL = {part: -i for i, parts in enumerate(FLOORS.values()) for part in parts}
 # What a part may import besides its own floor and the floors below, and what it must never.

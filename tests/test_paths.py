@@ -265,7 +265,10 @@ def test_sft_then_dpo_with_the_workdir_in_a_bucket(gcs):
         "checkpoints", "hf", "metrics.jsonl", "model_config.json", "run_config.json",
         "tensorboard",
     ]  # fmt: skip
-    assert _ls(f"{sft_dir}/hf") == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert _ls(f"{sft_dir}/hf") == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
     assert _ls(f"{sft_dir}/checkpoints") == ["2"]
     assert json.loads(paths.as_path(f"{sft_dir}/run_config.json").read_text())["steps"] == 2
 

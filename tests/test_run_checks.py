@@ -1,5 +1,5 @@
 """The checks at the door at their exact boundaries, both sides of each (`run.checks.validate`,
-`run.cli.check_batch` / `init_distributed` / `lora_config`, `lora.LoraConfig`,
+`run.checks.check_batch` / `init_distributed` / `lora_config`, `lora.LoraConfig`,
 `train.state.HPARAM_RANGES`, `stages.Schedule`, `train.make_optimizer`).
 
 Every boundary comes from the documented range: "in [0, 0.5)" refuses 0.5 and accepts 0,
@@ -168,12 +168,12 @@ def test_cli_lora_config_refuses_dropout_one_and_accepts_just_below():
     ],
 )
 def test_check_batch_at_each_boundary(mesh, batch, microbatches, ok):
-    mesh = cli.resolve_mesh(mesh)
+    mesh = checks.resolve_mesh(mesh)
     if ok:
-        assert cli.check_batch(batch, mesh, microbatches=microbatches) == batch
+        assert checks.check_batch(batch, mesh, microbatches=microbatches) == batch
     else:
         with pytest.raises(ConfigError, match="--microbatches|--batch-size"):
-            cli.check_batch(batch, mesh, microbatches=microbatches)
+            checks.check_batch(batch, mesh, microbatches=microbatches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +208,10 @@ def test_init_distributed_at_each_boundary(monkeypatch, flags, ok):
     config = _Dist(**flags)
     if not ok:
         with pytest.raises(ConfigError):
-            cli.init_distributed(config)
+            checks.init_distributed(config)
         assert calls == []  # refused before any connection
         return
-    cli.init_distributed(config)
+    checks.init_distributed(config)
     if config.distributed == "off":
         assert calls == []
         return

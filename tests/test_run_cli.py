@@ -9,7 +9,7 @@ import pytest
 from helpers.run_inputs import RunConfig
 
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, handover
+from rlhf_jax.run import checks, cli, handover
 
 
 def test_parse_config_presets_and_overrides():
@@ -35,13 +35,13 @@ def test_write_run_config_allows_steps_and_names_other_differences(tmp_path):
 
 def test_resolve_mesh_and_check_batch():
     assert jax.device_count() == 8
-    mesh = cli.resolve_mesh("data=2,fsdp=4")
+    mesh = checks.resolve_mesh("data=2,fsdp=4")
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert dict(cli.resolve_mesh("tensor=2").shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert dict(checks.resolve_mesh("tensor=2").shape) == {"data": 4, "fsdp": 1, "tensor": 2}
     with pytest.raises(ConfigError, match="impossible mesh for 8 devices: .*product is 8"):
-        cli.resolve_mesh("data=3")
+        checks.resolve_mesh("data=3")
     with pytest.raises(ConfigError, match="impossible mesh for 8 devices: bad mesh spec"):
-        cli.resolve_mesh("model=8")
-    assert cli.check_batch(16, mesh) == 16
+        checks.resolve_mesh("model=8")
+    assert checks.check_batch(16, mesh) == 16
     with pytest.raises(ConfigError, match="--batch-size: batch size 12 .* multiple of 8"):
-        cli.check_batch(12, mesh)
+        checks.check_batch(12, mesh)

@@ -48,3 +48,29 @@ def test_models_round_trip_through_workdirs_and_hf_folders(tmp_path, word_lm, wo
         handover.check_model(dataclasses.replace(cfg, vocab_size=8), word_tokenizer, max_length=32)
     with pytest.raises(ConfigError, match="rows of 33 tokens exceed the model's context"):
         handover.check_model(cfg, word_tokenizer, max_length=33)
+
+
+def test_the_hf_folder_carries_the_tokenizers_special_token_ids(tmp_path, word_lm):
+    """config.json and generation_config.json hold the BOS / EOS / pad ids of the tokenizer
+    saved beside the weights, as `transformers` reads them."""
+    import json
+
+    import transformers
+    from helpers.run_inputs import make_tokenizer
+
+    from rlhf_jax import data
+
+    cfg, params = word_lm
+    plain = make_tokenizer()
+    tok = data.Tokenizer(plain.backend, eos_token="<|endoftext|>", pad_token="good",
+                         bos_token="the", chat_template="{{ messages[0]['content'] }}")  # fmt: skip
+    folder = handover.save_lm(tmp_path / "run", cfg, params, tokenizer=tok)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    assert tok.bos_id is not None and len(set(ids.values())) == 3
+    config = json.loads((folder / "config.json").read_text())
+    assert {k: config[k] for k in ids} == ids
+    generation = transformers.GenerationConfig.from_pretrained(str(folder))
+    assert {k: getattr(generation, k) for k in ids} == ids
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == tuple(ids.values())
+    assert hf.chat_template == tok.chat_template

@@ -1,4 +1,5 @@
-"""Data: preference records, tokenizers, TFDS builders, grain loaders (and the synthetic task).
+"""Data: preference records, tokenizers, chat templates, TRL's dataset formats (`formats`,
+`encode`), TFDS builders, grain loaders (and the synthetic task).
 
 Records and tokenization are imported eagerly (light); the TFDS and grain names load their module
 on first use, so `import rlhf_jax.data` stays fast. The offline sentiment task is the submodule
@@ -7,6 +8,8 @@ on first use, so `import rlhf_jax.data` stays fast. The offline sentiment task i
 
 import importlib
 
+from rlhf_jax.data.encode import Truncation, encode_dataset
+from rlhf_jax.data.formats import Dataset, load_dataset
 from rlhf_jax.data.records import (
     HH_ASSISTANT_TAG,
     RECORD_KINDS,
@@ -76,6 +79,7 @@ def __dir__():
 __all__ = [
     "BadRecordError",
     "DEFAULT_BUCKETS",
+    "Dataset",
     "DemonstrationRecord",
     "HH_ASSISTANT_TAG",
     "PreferenceRecord",
@@ -84,12 +88,15 @@ __all__ = [
     "ReadReport",
     "Record",
     "Tokenizer",
+    "Truncation",
     "bucket_length",
     "collate_demonstrations",
     "collate_preferences",
     "collate_prompts",
+    "encode_dataset",
     "hh_rlhf_to_preference",
     "iter_jsonl_objects",
+    "load_dataset",
     "load_tokenizer",
     "read_demonstration_jsonl",
     "read_hh_rlhf_jsonl",

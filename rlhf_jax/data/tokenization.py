@@ -35,6 +35,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from rlhf_jax import paths
+from rlhf_jax.data import encode, tokenizer_files
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -59,12 +60,17 @@ _BPE_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` with the end-of-sequence and padding ids the pipeline needs.
+    """A `tokenizers.Tokenizer` with the special tokens and chat template the pipeline needs.
 
     Args:
       backend: the Hugging Face tokenizer.
       eos_token: the end-of-sequence token; default: the first of `EOS_CANDIDATES` in the vocab.
-      pad_token: the padding token; default: the first of `PAD_CANDIDATES` in the vocab, else EOS.
+      pad_token: the padding token; default: the first of `PAD_CANDIDATES` in the vocab, else EOS
+        (the documented fallback: padding is masked everywhere, so any id serves).
+      bos_token: the beginning-of-sequence token, or None (no BOS).
+      chat_template: the Jinja chat template, or None.
+      config: the other fields of the `tokenizer_config.json` it was read with (written back by
+        `save`).
     """
 
     def __init__(
@@ -73,6 +79,9 @@ class Tokenizer:
         *,
         eos_token: str | None = None,
         pad_token: str | None = None,
+        bos_token: str | None = None,
+        chat_template: str | None = None,
+        config: Mapping[str, Any] | None = None,
     ):
         self.backend = backend
         self.eos_token = eos_token or _first_in_vocab(backend, EOS_CANDIDATES)
@@ -82,8 +91,12 @@ class Tokenizer:
                 "end-of-sequence token"
             )
         self.pad_token = pad_token or _first_in_vocab(backend, PAD_CANDIDATES) or self.eos_token
+        self.bos_token = bos_token
         self.eos_id = self._token_id(self.eos_token, "eos_token")
         self.pad_id = self._token_id(self.pad_token, "pad_token")
+        self.bos_id = None if bos_token is None else self._token_id(bos_token, "bos_token")
+        self.chat_template = chat_template
+        self.config = dict(config or {})
 
     def _token_id(self, token: str, what: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -93,8 +106,10 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, added tokens included (the embedding needs at least this many rows)."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """One more than the largest id, added tokens included (the embedding needs at least this
+        many rows)."""
+        ids = self.backend.get_vocab(with_added_tokens=True).values()
+        return max(ids, default=-1) + 1
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without any special tokens added."""
@@ -115,16 +130,25 @@ class Tokenizer:
         )
 
     def save(self, path: str | os.PathLike) -> str:
-        """Writes `tokenizer.json` into the folder `path` (created; local or cloud, atomically);
-        returns the file path."""
-        file = paths.as_path(path) / "tokenizer.json"
-        paths.write_text_atomic(file, self.backend.to_str(pretty=True))
-        return os.fspath(file)
+        """Writes `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template) and
+        `special_tokens_map.json` into the folder `path` (local or cloud, each atomically), as
+        `transformers.AutoTokenizer.from_pretrained(path)` reads them; returns tokenizer.json's
+        path."""
+        tokenizer_files.write_files(path, self)
+        return os.fspath(paths.as_path(path) / "tokenizer.json")
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """True when both map every token to the same id and share EOS and padding: token ids of
+        one are the other's."""
+        return self.backend.get_vocab(with_added_tokens=True) == other.backend.get_vocab(
+            with_added_tokens=True
+        ) and (self.eos_id, self.pad_id) == (other.eos_id, other.pad_id)
 
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}:{self.eos_id}, "
-            f"pad={self.pad_token!r}:{self.pad_id})"
+            f"pad={self.pad_token!r}:{self.pad_id}, bos={self.bos_token!r}:{self.bos_id}, "
+            f"chat_template={'yes' if self.chat_template else 'no'})"
         )
 
 
@@ -152,14 +176,18 @@ def _byte_level_bpe(vocab_file: str, merges_file: str) -> tokenizers.Tokenizer:
 def load_tokenizer(
     path: str | os.PathLike, *, eos_token: str | None = None, pad_token: str | None = None
 ) -> Tokenizer:
-    """Loads a tokenizer from a `tokenizer.json` or from a GPT-2-style BPE file pair.
+    """Loads a tokenizer from a `tokenizer.json` or from a GPT-2-style BPE file pair, with the
+    special tokens and chat template of the folder's `tokenizer_config.json` when it has one
+    (`data.tokenizer_files`: a Hugging Face model folder brings its own).
 
     Args:
       path: a `tokenizer.json` file; or a folder holding `tokenizer.json`, or `vocab.json` +
         `merges.txt`, or `encoder.json` + `vocab.bpe` (OpenAI's names for the same pair); or the
         vocab file of such a pair.
-      eos_token: the end-of-sequence token; default: the first of `EOS_CANDIDATES` present.
-      pad_token: the padding token; default: the first of `PAD_CANDIDATES` present, else EOS.
+      eos_token: the end-of-sequence token; default: the folder config's, else the first of
+        `EOS_CANDIDATES` present.
+      pad_token: the padding token; default: the folder config's, else the first of
+        `PAD_CANDIDATES` present, else EOS.
 
     Returns:
       A `Tokenizer`.
@@ -194,7 +222,17 @@ def load_tokenizer(
             backend = _byte_level_bpe(*(os.path.join(path, f) for f in pair))
     else:
         raise FileNotFoundError(f"no tokenizer file or folder at {path}")
-    return Tokenizer(backend, eos_token=eos_token, pad_token=pad_token)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = tokenizer_files.read_config(folder)
+    token = tokenizer_files.token_string
+    return Tokenizer(
+        backend,
+        eos_token=eos_token or token(config.get("eos_token")),
+        pad_token=pad_token or token(config.get("pad_token")),
+        bos_token=token(config.get("bos_token")),
+        chat_template=tokenizer_files.read_chat_template(folder, config),
+        config={k: v for k, v in config.items() if k not in tokenizer_files.SPECIAL_TOKENS},
+    )
 
 
 def _load_cloud_tokenizer(path: str | os.PathLike, **tokens: Any) -> Tokenizer:
@@ -205,7 +243,7 @@ def _load_cloud_tokenizer(path: str | os.PathLike, **tokens: Any) -> Tokenizer:
         names = next((p for p in _BPE_FILE_PAIRS if src.name == p[0]), (src.name,))
     else:
         folder, local_name = src, ""
-        names = ("tokenizer.json", *(name for pair in _BPE_FILE_PAIRS for name in pair))
+        names = (*tokenizer_files.FILES, *(name for pair in _BPE_FILE_PAIRS for name in pair))
     with tempfile.TemporaryDirectory(prefix="rlhf_jax_tokenizer_") as tmp:
         for name in names:
             if (folder / name).is_file():
@@ -391,11 +429,14 @@ def collate_preferences(
     """A preference batch: `{chosen,rejected}_{tokens,attention_mask,loss_mask}`, int32 [B, T].
 
     `records` are `PreferenceRecord`s or mappings with prompt/chosen/rejected (str or UTF-8
-    bytes). T is the bucket of the longest row over both sides. When every record is a mapping
-    carrying `reference_chosen_logps` and `reference_rejected_logps`, they are added as float32 [B].
+    bytes), or the token rows of `data.encode_dataset` (prompt_ids/chosen_ids/rejected_ids). T
+    is the bucket of the longest row over both sides. When every record is a mapping carrying
+    `reference_chosen_logps` and `reference_rejected_logps`, they are added as float32 [B].
     """
-    triples = [(_text(r, "prompt"), _text(r, "chosen"), _text(r, "rejected")) for r in records]
-    rows = _preference_rows(triples, tokenizer, max_length, max_prompt_length)
+    rows = encode.pair_rows(records)  # rows of `data.encode_dataset`: already token ids
+    if rows is None:
+        triples = [(_text(r, "prompt"), _text(r, "chosen"), _text(r, "rejected")) for r in records]
+        rows = _preference_rows(triples, tokenizer, max_length, max_prompt_length)
     longest = max(len(side[0]) for row in rows for side in row)
     batch = _collate_preference_rows(
         rows, bucket_length(longest, buckets, max_length), tokenizer.pad_id
@@ -417,15 +458,18 @@ def collate_demonstrations(
 ) -> dict[str, np.ndarray]:
     """A demonstration batch: `{"tokens", "attention_mask", "loss_mask"}`, int32 [B, T].
 
-    `records` are `DemonstrationRecord`s or mappings with prompt/response (str or UTF-8 bytes).
+    `records` are `DemonstrationRecord`s or mappings with prompt/response (str or UTF-8 bytes),
+    or the token rows of `data.encode_dataset` (tokens/loss_mask).
     """
     _check_lengths(max_length, max_prompt_length)
-    prompts = tokenizer.encode_batch([_text(r, "prompt") for r in records])
-    responses = tokenizer.encode_batch([_text(r, "response") for r in records])
-    rows = [
-        _row(p[-max_prompt_length:], r, tokenizer.eos_id, max_length)
-        for p, r in zip(prompts, responses)
-    ]
+    rows = encode.token_rows(records)
+    if rows is None:
+        prompts = tokenizer.encode_batch([_text(r, "prompt") for r in records])
+        responses = tokenizer.encode_batch([_text(r, "response") for r in records])
+        rows = [
+            _row(p[-max_prompt_length:], r, tokenizer.eos_id, max_length)
+            for p, r in zip(prompts, responses)
+        ]
     length = bucket_length(max(len(r[0]) for r in rows), buckets, max_length)
     return _stack_rows(rows, length, tokenizer.pad_id)
 

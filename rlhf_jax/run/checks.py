@@ -7,20 +7,34 @@ A field's rule is the driver's own (`rules`), else its exact name in `RANGES`, e
 in `SUFFIX_RANGES`; the hyperparameters a step reads from its state (beta, label smoothing, the KL
 coefficient, unlikelihood's alpha) take their ranges from `train.state.HPARAM_RANGES`, the one
 table the library checks them by. Errors are `ConfigError`s naming the flag and what it accepts.
+`init_distributed`, `resolve_mesh` and `check_batch` check the processes, the mesh and the batch
+split before anything connects or is placed; `read_pairs` reads a driver's preference file at the
+door (bad lines: an error naming file and
+line, or skipped with a report; too few pairs: an error naming the flag).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rlhf_jax import paths
+import jax
+import numpy as np
+
+from rlhf_jax import data, distributed, paths
+from rlhf_jax import sharding as sh
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.train.state import HPARAM_RANGES
 
 Rule = tuple[Callable[[Any], bool], str]
+
+# How long a silent peer may stay silent before every other process aborts. jax's default is 100 s;
+# a shorter one turns a dead host (preempted VM, OOM-killed process) into a clear error on every
+# other host quickly, and a longer one tolerates long pauses (a checkpoint to a slow bucket).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 
 
 def _positive(v: Any) -> bool:
@@ -146,3 +160,134 @@ def _literal_choices(hint: Any) -> tuple[Any, ...]:
         if typing.get_origin(arg) is typing.Literal:
             return typing.get_args(arg)
     return ()
+
+
+def init_distributed(config: Any) -> bool:
+    """Joins the run's processes from a driver's `DistributedFlags` (fields absent: environment
+    only); call it after `validate` and before anything touches a device or writes.
+
+    Returns:
+      True when `jax.distributed` is initialized (several processes or detection).
+    Raises:
+      ConfigError: a bad flag or combination, naming it (checked before any connection).
+    """
+    mode = getattr(config, "distributed", "auto")
+    address = getattr(config, "coordinator_address", "") or None
+    count = getattr(config, "num_processes", 0) or None
+    index = getattr(config, "process_id", -1)
+    index = None if index is None or index < 0 else index
+    given = [
+        flag(n) for n, v in
+        (("coordinator_address", address), ("num_processes", count), ("process_id", index))
+        if v is not None
+    ]  # fmt: skip
+    if mode == "off":
+        if given:
+            raise ConfigError(f"{', '.join(given)} given with --distributed off: drop one of them")
+        return False
+    if address is not None:
+        host, sep, port = address.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                f"--coordinator-address {address!r}: must be HOST:PORT (e.g. 10.0.0.2:8476)"
+            )
+    if count is not None and count < 1:
+        raise ConfigError(f"--num-processes {count}: must be >= 1")
+    if count is not None and index is not None and index >= count:
+        raise ConfigError(f"--process-id {index}: must be < --num-processes ({count})")
+    for name in ("heartbeat_timeout_s", "initialization_timeout_s"):
+        if getattr(config, name, 1) < 1:
+            raise ConfigError(f"{flag(name)} {getattr(config, name)}: must be >= 1")
+    try:
+        return distributed.init_distributed(
+            address,
+            count,
+            index,
+            heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", DEFAULT_HEARTBEAT_TIMEOUT_S),
+            initialization_timeout_s=getattr(config, "initialization_timeout_s", 300),
+            cluster_detection=mode == "detect",
+        )
+    except ValueError as e:
+        raise ConfigError(f"{e} (--coordinator-address / --num-processes / --process-id)") from None
+
+
+def resolve_mesh(spec: str) -> jax.sharding.Mesh:
+    """The ("data", "fsdp", "tensor") mesh of a `--mesh` spec such as "data=2,fsdp=4,tensor=1".
+
+    Axes left out default to data=-1 (all remaining devices), fsdp=1, tensor=1; the mesh always
+    spans all devices.
+    Raises:
+      ConfigError: "impossible mesh for N devices: ..." with what would work.
+    """
+    n = jax.device_count()
+    try:
+        return sh.make_mesh(**sh.parse_mesh_spec(spec))
+    except ValueError as e:
+        raise ConfigError(f"impossible mesh for {n} devices: {e} (--mesh)") from None
+
+
+def check_batch(
+    batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_size", microbatches: int = 1
+) -> int:
+    """Checks that the global `batch_size` splits over the mesh's batch axes and the hosts (and,
+    with `microbatches` K > 1, that each of the K microbatches still splits over the mesh).
+
+    Returns:
+      The number of rows each host loads (`batch_size // jax.process_count()`).
+    Raises:
+      ConfigError: saying which multiple to choose.
+    """
+    try:
+        sh.check_batch_divisible(batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
+    if batch_size % jax.process_count():
+        raise ConfigError(
+            f"--{name.replace('_', '-')} {batch_size} is not divisible by the "
+            f"{jax.process_count()} processes"
+        )
+    rows = sh.process_batch_rows(batch_size, mesh)
+    mine = batch_size // jax.process_count()
+    start = jax.process_index() * mine
+    if not np.array_equal(rows, np.arange(start, start + mine)):
+        # The loaders give host i the i-th block of each global batch (`data.make_dataset`).
+        raise ConfigError(
+            f"--mesh: this host's devices hold rows other than block {jax.process_index()} of "
+            "the batch (the mesh does not list the hosts' devices in order); build the mesh "
+            "over jax.devices() in their order"
+        )
+    if microbatches > 1:
+        try:
+            if batch_size % microbatches:
+                raise ValueError(f"batch size {batch_size} is not divisible by {microbatches}")
+            sh.check_batch_divisible(batch_size // microbatches, mesh)
+        except ValueError as e:
+            raise ConfigError(
+                f"--microbatches {microbatches}: each microbatch must split over the mesh "
+                f"({e}); choose a divisor of --{name.replace('_', '-')} {batch_size} that leaves "
+                "whole rows per device"
+            ) from None
+    return batch_size // jax.process_count()
+
+
+def read_pairs(
+    path: str | os.PathLike,
+    on_bad_record: str = "error",
+    *,
+    at_least: int = 1,
+    flag_name: str = "--pairs",
+) -> list[Any]:
+    """Reads a preference JSONL for a driver: bad lines raise `data.BadRecordError` (file:line)
+    or, with on_bad_record="skip", are skipped with one printed line (how many, first line
+    numbers); fewer than `at_least` records is a ConfigError naming the flag and the numbers."""
+    records, report = data.read_jsonl_records(path, "preference", on_bad_record=on_bad_record)
+    if report.num_skipped:
+        first = ", ".join(map(str, report.skipped_lines[:5]))
+        more = ", ..." if report.num_skipped > 5 else ""
+        print(f"{flag_name} {path}: skipped {report.num_skipped} bad lines (lines {first}{more})")
+    if len(records) < at_least:
+        raise ConfigError(
+            f"{flag_name} {path}: {len(records)} valid pairs, fewer than the {at_least} needed "
+            "(one batch of --batch-size; give more pairs or a smaller --batch-size)"
+        )
+    return records

@@ -25,13 +25,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
-import numpy as np
 
 from rlhf_jax import data, distributed, lora, models, paths
-from rlhf_jax import sharding as sh
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.run import checks, handover
-from rlhf_jax.run.checks import flag
+from rlhf_jax.run.checks import (
+    DEFAULT_HEARTBEAT_TIMEOUT_S,
+    check_batch,
+    init_distributed,
+    resolve_mesh,
+)
 from rlhf_jax.run.handover import RUN_CONFIG
 
 # Config fields that may change when a run is resumed (everything else must match).
@@ -50,12 +53,6 @@ RESUMABLE_FIELDS = (
     "heartbeat_timeout_s",
     "initialization_timeout_s",
 )
-
-
-# How long a silent peer may stay silent before every other process aborts. jax's default is 100 s;
-# a shorter one turns a dead host (preempted VM, OOM-killed process) into a clear error on every
-# other host quickly, and a longer one tolerates long pauses (a checkpoint to a slow bucket).
-DEFAULT_HEARTBEAT_TIMEOUT_S = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,114 +217,6 @@ def memory_config(config: Any, model_config: Any) -> Any:
     return dataclasses.replace(model_config, **changes) if changes else model_config
 
 
-def init_distributed(config: Any) -> bool:
-    """Joins the run's processes from a driver's `DistributedFlags` (fields absent: environment
-    only); call it after `validate` and before anything touches a device or writes.
-
-    Returns:
-      True when `jax.distributed` is initialized (several processes or detection).
-    Raises:
-      ConfigError: a bad flag or combination, naming it (checked before any connection).
-    """
-    mode = getattr(config, "distributed", "auto")
-    address = getattr(config, "coordinator_address", "") or None
-    count = getattr(config, "num_processes", 0) or None
-    index = getattr(config, "process_id", -1)
-    index = None if index is None or index < 0 else index
-    given = [
-        flag(n) for n, v in
-        (("coordinator_address", address), ("num_processes", count), ("process_id", index))
-        if v is not None
-    ]  # fmt: skip
-    if mode == "off":
-        if given:
-            raise ConfigError(f"{', '.join(given)} given with --distributed off: drop one of them")
-        return False
-    if address is not None:
-        host, sep, port = address.rpartition(":")
-        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-            raise ConfigError(
-                f"--coordinator-address {address!r}: must be HOST:PORT (e.g. 10.0.0.2:8476)"
-            )
-    if count is not None and count < 1:
-        raise ConfigError(f"--num-processes {count}: must be >= 1")
-    if count is not None and index is not None and index >= count:
-        raise ConfigError(f"--process-id {index}: must be < --num-processes ({count})")
-    for name in ("heartbeat_timeout_s", "initialization_timeout_s"):
-        if getattr(config, name, 1) < 1:
-            raise ConfigError(f"{flag(name)} {getattr(config, name)}: must be >= 1")
-    try:
-        return distributed.init_distributed(
-            address,
-            count,
-            index,
-            heartbeat_timeout_s=getattr(config, "heartbeat_timeout_s", DEFAULT_HEARTBEAT_TIMEOUT_S),
-            initialization_timeout_s=getattr(config, "initialization_timeout_s", 300),
-            cluster_detection=mode == "detect",
-        )
-    except ValueError as e:
-        raise ConfigError(f"{e} (--coordinator-address / --num-processes / --process-id)") from None
-
-
-def resolve_mesh(spec: str) -> jax.sharding.Mesh:
-    """The ("data", "fsdp", "tensor") mesh of a `--mesh` spec such as "data=2,fsdp=4,tensor=1".
-
-    Axes left out default to data=-1 (all remaining devices), fsdp=1, tensor=1; the mesh always
-    spans all devices.
-    Raises:
-      ConfigError: "impossible mesh for N devices: ..." with what would work.
-    """
-    n = jax.device_count()
-    try:
-        return sh.make_mesh(**sh.parse_mesh_spec(spec))
-    except ValueError as e:
-        raise ConfigError(f"impossible mesh for {n} devices: {e} (--mesh)") from None
-
-
-def check_batch(
-    batch_size: int, mesh: jax.sharding.Mesh, *, name: str = "batch_size", microbatches: int = 1
-) -> int:
-    """Checks that the global `batch_size` splits over the mesh's batch axes and the hosts (and,
-    with `microbatches` K > 1, that each of the K microbatches still splits over the mesh).
-
-    Returns:
-      The number of rows each host loads (`batch_size // jax.process_count()`).
-    Raises:
-      ConfigError: saying which multiple to choose.
-    """
-    try:
-        sh.check_batch_divisible(batch_size, mesh)
-    except ValueError as e:
-        raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
-    if batch_size % jax.process_count():
-        raise ConfigError(
-            f"--{name.replace('_', '-')} {batch_size} is not divisible by the "
-            f"{jax.process_count()} processes"
-        )
-    rows = sh.process_batch_rows(batch_size, mesh)
-    mine = batch_size // jax.process_count()
-    start = jax.process_index() * mine
-    if not np.array_equal(rows, np.arange(start, start + mine)):
-        # The loaders give host i the i-th block of each global batch (`data.make_dataset`).
-        raise ConfigError(
-            f"--mesh: this host's devices hold rows other than block {jax.process_index()} of "
-            "the batch (the mesh does not list the hosts' devices in order); build the mesh "
-            "over jax.devices() in their order"
-        )
-    if microbatches > 1:
-        try:
-            if batch_size % microbatches:
-                raise ValueError(f"batch size {batch_size} is not divisible by {microbatches}")
-            sh.check_batch_divisible(batch_size // microbatches, mesh)
-        except ValueError as e:
-            raise ConfigError(
-                f"--microbatches {microbatches}: each microbatch must split over the mesh "
-                f"({e}); choose a divisor of --{name.replace('_', '-')} {batch_size} that leaves "
-                "whole rows per device"
-            ) from None
-    return batch_size // jax.process_count()
-
-
 def lora_config(config: Any, model_config: Any) -> Any:
     """The `lora.LoraConfig` of a driver's `LoraFlags` (None for `--lora-rank 0`: full fine-tuning),
     checked with `--quantize` against the model's projections before anything is written.
@@ -377,7 +266,8 @@ class Start:
       lora: the adapters' config of the `LoraFlags` (None: full fine-tuning).
       init_from: the `--init-from` path (None: a random init), `init_folder` the HF folder it
         resolved to.
-      task, tokenizer: the offline task the driver trains on and its tokenizer (None without one).
+      task: the offline task the driver trains on (None without one).
+      tokenizer: the model's tokenizer: `--init-from`'s own, else the task's (None: neither).
       seed: the random init's seed.
     """
 
@@ -389,6 +279,15 @@ class Start:
     task: Any = None
     tokenizer: Any = None
     seed: int = 0
+
+    @property
+    def base_model(self) -> str | None:
+        """The HF folder `--init-from` resolved to, absolute (a LoRA adapter's base, loadable from
+        any working directory); None: a random init."""
+        if self.init_folder is None:
+            return None
+        folder = str(self.init_folder)
+        return folder if "://" in folder else os.path.abspath(folder)
 
     def load_params(self) -> Any:
         """The initial parameters: `--init-from`'s (float32 NumPy), else a random init of
@@ -411,6 +310,7 @@ def prepare_init(
     files: Sequence[str] = (),
     batch_fields: Sequence[str] = ("batch_size",),
     check: Callable[[models.TransformerConfig], None] | None = None,
+    task_data: bool = True,
 ) -> Start:
     """The start-up every training driver shares, in this order and before anything is written:
 
@@ -422,9 +322,14 @@ def prepare_init(
     4. the offline `task()` loaded (a zero-argument callable, so that a bad flag is reported
        before the task is prepared) and its tokenizer, `tokenizer_of(task)` (the offline
        sentiment task's by default; None: the model is not checked against a tokenizer);
-    5. the model's config, from `--init-from`'s config.json or `random_init(tokenizer)`, checked
-       against the tokenizer and `max_length` (`handover.check_model`) and by `check`;
-    6. the memory flags applied once (`MemoryFlags`), the LoRA config built and checked
+    5. the tokenizer: `--init-from`'s own when its folder has one (`tokenizer.json` and its
+       `tokenizer_config.json`: special tokens, chat template), else the task's; with
+       `task_data` (the run trains on the task's token ids) a model whose tokenizer is not the
+       task's is refused;
+    6. the model's config, from `--init-from`'s config.json (a supported `model_type`) or
+       `random_init(tokenizer)`, checked against the tokenizer and `max_length`
+       (`handover.check_model`) and by `check`;
+    7. the memory flags applied once (`MemoryFlags`), the LoRA config built and checked
        (`LoraFlags`).
 
     `max_length` is the tokens per row the model must hold (default: the larger of the config's
@@ -448,12 +353,28 @@ def prepare_init(
         )
     loaded = None if task is None else task()
     tokenizer = None if loaded is None or tokenizer_of is None else tokenizer_of(loaded)
+    own = None if folder is None else _folder_tokenizer(init_from, folder)
+    if own is not None and task_data and loaded is not None:
+        if tokenizer is None or not own.same_as(tokenizer):
+            raise ConfigError(
+                f"--init-from {init_from}: its tokenizer (vocabulary {own.vocab_size}) is not the "
+                "offline task's, and this run trains on the task's token ids; start from a model "
+                "trained on this task"
+                + (", or give the data as text" if "pairs" in _fields(config) else "")
+            )
+    tokenizer = own or tokenizer
     if init_from is None:
         model_config = random_init(tokenizer)
     else:
-        model_config = handover.init_config(init_from)
+        try:
+            model_config = handover.init_config(init_from)
+        except ValueError as e:  # an unsupported model_type, a config.json it cannot read
+            raise ConfigError(f"--init-from {init_from}: {e}") from None
     if tokenizer is not None:
-        handover.check_model(model_config, tokenizer, max_length=max_length or _row_length(config))
+        handover.check_model(
+            model_config, tokenizer, max_length=max_length or _row_length(config),
+            tokenizer_name="the task tokenizer" if own is None else f"{init_from}'s tokenizer",
+        )  # fmt: skip
     if check is not None:
         check(model_config)
     model_config = memory_config(config, model_config)
@@ -469,30 +390,23 @@ def prepare_init(
     )
 
 
+def _fields(config: Any) -> set[str]:
+    return (
+        {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    )
+
+
+def _folder_tokenizer(init_from: Any, folder: Any) -> Any:
+    """The tokenizer an `--init-from` folder brings (None: it has no tokenizer files)."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return None
+    try:
+        return data.load_tokenizer(folder)
+    except ValueError as e:  # no end-of-sequence token, a special token not in the vocabulary
+        raise ConfigError(f"--init-from {init_from}: its tokenizer: {e}") from None
+
+
 def _row_length(config: Any) -> int:
     """The longest row a driver's config asks the model to read."""
     prompt, new = getattr(config, "max_prompt_length", 0), getattr(config, "max_new_tokens", 0)
     return max(getattr(config, "max_length", 0), prompt + new)
-
-
-def read_pairs(
-    path: str | os.PathLike,
-    on_bad_record: str = "error",
-    *,
-    at_least: int = 1,
-    flag_name: str = "--pairs",
-) -> list[Any]:
-    """Reads a preference JSONL for a driver: bad lines raise `data.BadRecordError` (file:line)
-    or, with on_bad_record="skip", are skipped with one printed line (how many, first line
-    numbers); fewer than `at_least` records is a ConfigError naming the flag and the numbers."""
-    records, report = data.read_jsonl_records(path, "preference", on_bad_record=on_bad_record)
-    if report.num_skipped:
-        first = ", ".join(map(str, report.skipped_lines[:5]))
-        more = ", ..." if report.num_skipped > 5 else ""
-        print(f"{flag_name} {path}: skipped {report.num_skipped} bad lines (lines {first}{more})")
-    if len(records) < at_least:
-        raise ConfigError(
-            f"{flag_name} {path}: {len(records)} valid pairs, fewer than the {at_least} needed "
-            "(one batch of --batch-size; give more pairs or a smaller --batch-size)"
-        )
-    return records

@@ -32,6 +32,7 @@ MODEL_CONFIG = "model_config.json"
 HF_DIR = "hf"
 REWARD_DIR = "reward_model"
 HEAD_FILE = "head.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 # What readers test a hand-over folder for (`_is_hf_folder`), written last on a cloud workdir.
 _COMPLETE = ("config.json", HEAD_FILE)
 
@@ -49,10 +50,17 @@ def _write_model_config(workdir: epath.Path, config: models.TransformerConfig) -
 
 
 def _hf_folder(folder: epath.Path, config, params, tokenizer) -> None:
+    """An HF folder `transformers` loads whole: weights and config.json, and with a tokenizer its
+    files (special tokens, chat template) and generation_config.json (bos / eos / pad ids)."""
     ids = {}
     if tokenizer is not None:
         tokenizer.save(folder)
-        ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        ids = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
+        paths.write_text_atomic(folder / GENERATION_CONFIG, json.dumps(ids, indent=2) + "\n")
     models.save_pretrained(str(folder), config, params, **ids)
 
 
@@ -109,14 +117,20 @@ def model_config(
 
 
 def check_model(
-    config: models.TransformerConfig, tokenizer: rdata.Tokenizer, *, max_length: int
+    config: models.TransformerConfig,
+    tokenizer: rdata.Tokenizer,
+    *,
+    max_length: int,
+    tokenizer_name: str = "the task tokenizer",
 ) -> None:
-    """Raises a ConfigError when the model cannot read the task's rows: an embedding with fewer
-    rows than the tokenizer's ids, or a context shorter than `max_length` tokens."""
+    """Raises a ConfigError when the model cannot read the run's rows: an embedding with fewer
+    rows than the tokenizer's ids (`tokenizer_name` says which tokenizer), or a context shorter
+    than `max_length` tokens."""
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(
-            f"the model's vocabulary ({config.vocab_size}) is smaller than the task tokenizer's "
-            f"({tokenizer.vocab_size}); --init-from a model trained with this task's tokenizer"
+            f"the model's vocabulary ({config.vocab_size}) is smaller than {tokenizer_name}'s "
+            f"({tokenizer.vocab_size} ids): its embedding has no row for the larger ids; "
+            "--init-from a model trained with this tokenizer"
         )
     if max_length > config.max_len:
         raise ConfigError(

@@ -16,7 +16,7 @@ Each stage trains with `runner.fit` (resumable: rerun the same call), and a sing
 its model for the next stage (`handover`).
 """
 
-from rlhf_jax.stages.common import Schedule, preference_loader, prompt_loader
+from rlhf_jax.stages.common import Schedule, check_vocab, preference_loader, prompt_loader
 from rlhf_jax.stages.critic_free import train_critic_free
 from rlhf_jax.stages.dpo import train_dpo
 from rlhf_jax.stages.ppo import (
@@ -31,6 +31,7 @@ from rlhf_jax.stages.sft import train_sft
 __all__ = [
     "HostReward",
     "Schedule",
+    "check_vocab",
     "make_host_reward_ppo_step",
     "make_host_reward_step",
     "train_critic_free",

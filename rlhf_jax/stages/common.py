@@ -99,6 +99,17 @@ class Schedule:
         }
 
 
+def check_vocab(cfg: Any, tokenizer: Any, *, name: str = "tokenizer") -> None:
+    """Raises a ValueError, naming the arguments, when the model of `cfg` has no embedding row for
+    some id of `tokenizer` (out-of-range ids would give NaN logits, not an error)."""
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"{name} has {tokenizer.vocab_size} ids but cfg.vocab_size is {cfg.vocab_size}: the "
+            f"model's embedding has no row for ids >= {cfg.vocab_size}; pass the tokenizer the "
+            "model was trained with (or a cfg whose vocab_size holds every id)"
+        )
+
+
 def preference_loader(
     records: Sequence[Any],
     tokenizer: rdata.Tokenizer,
@@ -135,13 +146,23 @@ def prompt_loader(task: Any, *, batch_size: int, max_prompt_length: int, seed: i
 
 
 def save_adapted(
-    workdir: Any, cfg: Any, base: Any, adapters: Any, lora: Any, tokenizer: Any = None
+    workdir: Any,
+    cfg: Any,
+    base: Any,
+    adapters: Any,
+    lora: Any,
+    tokenizer: Any = None,
+    base_model: str | None = None,
 ) -> Any:
-    """A LoRA run's hand-over: the adapters in PEFT's format (`WORKDIR/adapter/`) and the merged
-    model (`WORKDIR/hf/`, a quantized base dequantized first); returns the merged params."""
+    """A LoRA run's hand-over: the adapters in PEFT's format (`WORKDIR/adapter/`, naming
+    `base_model` as their base) and the merged model (`WORKDIR/hf/`, a quantized base dequantized
+    first); returns the merged params."""
     merged = lora_lib.merge(base, adapters, lora)
     adapters = distributed.to_host(adapters)  # every process: a collective when they span hosts
     if distributed.is_primary():
-        peft_io.save_peft(str(paths.as_path(workdir) / ADAPTER_DIR), cfg, adapters, lora)
+        peft_io.save_peft(
+            str(paths.as_path(workdir) / ADAPTER_DIR), cfg, adapters, lora,
+            base_model_name_or_path=base_model,
+        )  # fmt: skip
     handover.save_lm(workdir, cfg, merged, tokenizer=tokenizer)
     return merged

@@ -19,7 +19,7 @@ import jax
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import models, sweeps, train
 from rlhf_jax.run import handover, runner
-from rlhf_jax.stages.common import Schedule, save_adapted
+from rlhf_jax.stages.common import Schedule, check_vocab, save_adapted
 from rlhf_jax.stages.ppo import HostReward, make_host_reward_step
 
 
@@ -44,6 +44,7 @@ def train_critic_free(
     progress: bool = True,
     lora: Any = None,
     quantize: str = "none",
+    base_model: str | None = None,
 ) -> tuple[Any, list[dict]]:
     """A critic-free run from `params` on the prompt batches of `loader` (`schedule.batch_size`
     prompts per iteration, each sampled `rl.group_size` times).
@@ -59,6 +60,10 @@ def train_critic_free(
     then the adapters (the policy is `{"base": frozen["base"], "lora": params}`); a single run
     also writes `WORKDIR/adapter/` (PEFT) and hf/ holds the merged model.
 
+    Args:
+      base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
+        adapter_config.json (`base_model_name_or_path`).
+
     Returns:
       (final policy params (stacked over kl_coefs for a sweep), metrics rows).
     """
@@ -67,6 +72,7 @@ def train_critic_free(
         raise ValueError("pass exactly one of reward_fn, reward_model and host_reward")
     if kl_coefs is not None and host_reward is not None:
         raise ValueError("a KL-coefficient sweep needs a reward on the device (one program)")
+    check_vocab(cfg, tokenizer)
     opt = schedule.optimizer()
     model = models.Transformer(cfg) if lora is None else lora_lib.LoraTransformer(cfg, lora)
     trained, base = params, None
@@ -107,6 +113,6 @@ def train_critic_free(
     )
     if lora is not None:
         base = state.frozen["base"]
-        return save_adapted(workdir, cfg, base, state.params, lora, tokenizer), rows
+        return save_adapted(workdir, cfg, base, state.params, lora, tokenizer, base_model), rows
     handover.save_lm(workdir, cfg, state.params, tokenizer=tokenizer)
     return state.params, rows

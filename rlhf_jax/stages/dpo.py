@@ -16,7 +16,7 @@ from rlhf_jax import distributed, losses, models, paths, sweeps, train
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
 from rlhf_jax.run import handover, runner
-from rlhf_jax.stages.common import Schedule, preference_loader, save_adapted
+from rlhf_jax.stages.common import Schedule, check_vocab, preference_loader, save_adapted
 
 REFERENCE_CACHE = "reference_logps.npz"
 TIMING_FILE = "timing.json"
@@ -44,6 +44,7 @@ def train_dpo(
     progress: bool = True,
     lora: Any = None,
     quantize: str = "none",
+    base_model: str | None = None,
 ) -> tuple[Any, list[dict], dict[str, Any]]:
     """Trains the policy from `params` (also the reference) with `train.make_dpo_step`.
 
@@ -64,10 +65,14 @@ def train_dpo(
 
     Args:
       eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state for several betas).
+      base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
+        adapter_config.json (`base_model_name_or_path`).
+
     Returns:
       (final params (stacked over betas for a sweep; merged with the adapters under `lora`),
       metrics rows, info: pairs, timing).
     """
+    check_vocab(cfg, tokenizer)
     sweep = not isinstance(betas, int | float)
     beta_list = [float(b) for b in betas] if sweep else [float(betas)]
     model = models.Transformer(cfg)
@@ -125,7 +130,11 @@ def train_dpo(
         )
         if lora is not None:
             base = state.frozen["base"]
-            return save_adapted(workdir, cfg, base, state.params, lora, tokenizer), rows, info
+            return (
+                save_adapted(workdir, cfg, base, state.params, lora, tokenizer, base_model),
+                rows,
+                info,
+            )
         handover.save_lm(workdir, cfg, state.params, tokenizer=tokenizer)
         return state.params, rows, info
 

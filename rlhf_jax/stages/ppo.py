@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import data as rdata
@@ -22,12 +23,14 @@ from rlhf_jax import distributed, models, sweeps, train
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import sharding as sh
 from rlhf_jax.run import handover, runner
-from rlhf_jax.stages.common import Schedule, prompt_loader, save_adapted
+from rlhf_jax.stages.common import Schedule, check_vocab, prompt_loader, save_adapted
 
 # A host reward: one sample per row -> [B] scores. A sample is the decoded prompt + completion
-# (on="text", EOS dropped) or its token ids (on="tokens", as sampled: EOS kept when emitted).
+# (on="text", EOS dropped), its token ids (on="tokens", as sampled: EOS kept when emitted), or
+# (dataset row index, completion ids without EOS, prompt ids) (on="rows": `run.rewards.RowReward`,
+# called with the iteration too; its per-function values are logged as rewards/<name>).
 HostReward = Callable[[list[Any]], Any]
-REWARD_ON = ("text", "tokens")
+REWARD_ON = ("text", "tokens", "rows")
 
 
 def make_host_reward_step(
@@ -56,7 +59,7 @@ def make_host_reward_step(
     """
     if on not in REWARD_ON:
         raise ValueError(f"on must be one of {REWARD_ON}, got {on!r}")
-    if on == "text" and tokenizer is None:
+    if on in ("text", "rows") and tokenizer is None:
         raise ValueError("a text reward needs the tokenizer that decodes the samples")
 
     def score_update(state, ro):
@@ -69,15 +72,24 @@ def make_host_reward_step(
             compiled["rollout"] = sh.compile_step(
                 fns.rollout, mesh, state, batch, batch_output=True
             )
+        iteration = int(jax.device_get(state.step)) + 1
         state, ro = compiled["rollout"](state, batch)
-        drop = tokenizer.eos_id if on == "text" else None
+        drop = tokenizer.eos_id if on in ("text", "rows") else None
         # Each host scores the rows its devices hold (all of them on one host); the scores are
         # assembled into one global array like a batch.
         fields = ("query_tokens", "query_mask", "response_tokens", "response_mask")
         mine = types.SimpleNamespace(**distributed.local_rows({k: getattr(ro, k) for k in fields}))
-        rows = train.response_token_lists(mine, include_query=include_prompt, drop_id=drop)
-        samples = tokenizer.decode_batch(rows) if on == "text" else rows
-        scores = np.asarray(reward(samples), np.float32).reshape(-1)  # [B_local]
+        with_prompt = include_prompt and on != "rows"
+        rows = train.response_token_lists(mine, include_query=with_prompt, drop_id=drop)
+        if on == "rows":  # prompt-major: G consecutive rollout rows per prompt of the batch
+            index = np.asarray(distributed.local_rows({"index": batch["index"]})["index"])
+            group = len(rows) // len(index)
+            query = [q[m > 0].tolist() for q, m in zip(mine.query_tokens, mine.query_mask)]
+            samples = [(int(index[r // group]), ids, query[r]) for r, ids in enumerate(rows)]
+            scores = reward(samples, iteration)
+        else:
+            scores = reward(tokenizer.decode_batch(rows) if on == "text" else rows)
+        scores = np.asarray(scores, np.float32).reshape(-1)  # [B_local]
         if scores.shape[0] != len(rows):
             raise ValueError(
                 f"the host reward returned {scores.shape[0]} scores for {len(rows)} rows"
@@ -85,7 +97,14 @@ def make_host_reward_step(
         ro = ro.replace(scores=sh.shard_batch(scores, mesh))
         if "update" not in compiled:
             compiled["update"] = sh.compile_step(score_update, mesh, state, ro)
-        return compiled["update"](state, ro)
+        state, metrics = compiled["update"](state, ro)
+        if on == "rows":  # each function's mean over the rows it applies to, all hosts' rows
+            means = {
+                f"rewards/{name}": jnp.nanmean(sh.shard_batch(values.astype(np.float32), mesh))
+                for name, values in zip(reward.rewards.names, reward.values)
+            }
+            metrics = {**metrics, **means}
+        return state, metrics
 
     return step
 
@@ -113,8 +132,13 @@ def train_ppo(
     progress: bool = True,
     lora: Any = None,
     quantize: str = "none",
+    base_model: str | None = None,
+    prompts: Any = None,
+    tokenizer: Any = None,
 ) -> tuple[Any, list[dict]]:
-    """PPO from `params` (policy and frozen reference) on the task's training prompts.
+    """PPO from `params` (policy and frozen reference) on the task's training prompts, or on the
+    batches of `prompts` (a loader, e.g. `stages.rewards.prompt_rows_loader` of a dataset, with
+    its `tokenizer`; `task` may then be None).
 
     Exactly one reward: `reward_model` = (its config, its params) scores inside the compiled
     iteration (`train.reward_model_fn`), and the critic starts from its trunk; or `host_reward`
@@ -132,6 +156,9 @@ def train_ppo(
       schedule: steps, prompts per iteration (batch_size), the policy's learning rate and its
         warmup / decay, intervals; the critic uses the same schedule at `value_learning_rate`.
       eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state with `kl_coefs`).
+      base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
+        adapter_config.json (`base_model_name_or_path`).
+
     Returns:
       (final policy params (stacked over kl_coefs for a sweep), metrics rows).
     """
@@ -139,7 +166,8 @@ def train_ppo(
         raise ValueError("pass exactly one of reward_model and host_reward")
     if kl_coefs is not None and host_reward is not None:
         raise ValueError("a KL-coefficient sweep needs the reward model (one compiled program)")
-    tok = rdata.task_tokenizer(task)
+    tok = tokenizer or rdata.task_tokenizer(task)
+    check_vocab(cfg, tok, name="tokenizer" if tokenizer is not None else "the task's tokenizer")
     popt = schedule.optimizer()
     vopt = dataclasses.replace(schedule, learning_rate=value_learning_rate).optimizer()
     rng_value = jax.random.PRNGKey(seed)
@@ -172,7 +200,7 @@ def train_ppo(
             reward_params=reward_params,
         )
 
-    loader = prompt_loader(
+    loader = prompts or prompt_loader(
         task, batch_size=schedule.local_batch_size, max_prompt_length=max_prompt_length, seed=seed
     )
     common = dict(workdir=workdir, mesh=mesh, eval_fn=eval_fn, progress=progress)
@@ -197,6 +225,8 @@ def train_ppo(
         **schedule.fit_kwargs(),
     )  # fmt: skip
     if lora is not None:
-        return save_adapted(workdir, cfg, ref_params, state.policy_params, lora, tok), rows
+        return save_adapted(
+            workdir, cfg, ref_params, state.policy_params, lora, tok, base_model
+        ), rows
     handover.save_lm(workdir, cfg, state.policy_params, tokenizer=tok)
     return state.policy_params, rows

@@ -17,7 +17,7 @@ from rlhf_jax import eval as ev
 from rlhf_jax import lora as lora_lib
 from rlhf_jax.lora import peft as peft_io
 from rlhf_jax.run import handover, runner
-from rlhf_jax.stages.common import ADAPTER_DIR, Schedule, preference_loader
+from rlhf_jax.stages.common import ADAPTER_DIR, Schedule, check_vocab, preference_loader
 
 INFO_FILE = "reward_model_eval.json"
 
@@ -39,6 +39,7 @@ def train_reward_model(
     progress: bool = True,
     lora: Any = None,
     quantize: str = "none",
+    base_model: str | None = None,
 ) -> tuple[Any, list[dict], dict[str, Any]]:
     """Trains a `RewardModel` (trunk = `lm_params`, head ~ N(0, 1/sqrt(D+1)) from PRNGKey(seed))
     on `train_pairs`; evaluates the held-out accuracy on `test_pairs` every
@@ -53,10 +54,15 @@ def train_reward_model(
     With `normalize`, the head is rescaled so that the scores of the held-out pairs have mean 0
     and standard deviation 1 (a fixed reward scale for PPO).
 
+    Args:
+      base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
+        adapter_config.json (`base_model_name_or_path`).
+
     Returns:
       (params, metrics rows, info: heldout_accuracy, heldout_margin, heldout_pairs, train_pairs,
       train_accuracy_last_log, and with `normalize` the mean/std removed).
     """
+    check_vocab(cfg, tokenizer)
     rm = models.RewardModel(cfg)
     params = models.init_reward_params(cfg, jax.random.PRNGKey(seed), lm_params)
     opt = schedule.optimizer()
@@ -108,8 +114,9 @@ def train_reward_model(
         rm = models.RewardModel(cfg)
         if distributed.is_primary():
             _save_adapter(
-                paths.as_path(workdir) / ADAPTER_DIR, cfg, adapters, modules["head"], lora
-            )
+                paths.as_path(workdir) / ADAPTER_DIR, cfg, adapters, modules["head"], lora,
+                base_model,
+            )  # fmt: skip
     info: dict[str, Any] = {
         "train_pairs": len(train_pairs),
         "train_accuracy_last_log": float(rows[-1]["accuracy"]) if rows else float("nan"),
@@ -136,8 +143,12 @@ def train_reward_model(
     return params, rows, info
 
 
-def _save_adapter(path: Any, cfg: Any, adapters: Any, head: Any, lora: Any) -> None:
-    """The trunk's adapters in PEFT's format plus the head trained beside them."""
-    peft_io.save_peft(str(path), cfg, adapters["transformer"], lora)
+def _save_adapter(
+    path: Any, cfg: Any, adapters: Any, head: Any, lora: Any, base_model: str | None
+) -> None:
+    """The trunk's adapters in PEFT's format (naming `base_model`) plus the head beside them."""
+    peft_io.save_peft(
+        str(path), cfg, adapters["transformer"], lora, base_model_name_or_path=base_model
+    )
     head = {k: np.ascontiguousarray(jax.device_get(v), np.float32) for k, v in head.items()}
     paths.save_safetensors(path / handover.HEAD_FILE, head)

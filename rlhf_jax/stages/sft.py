@@ -1,8 +1,10 @@
-"""The SFT stage: a language model trained on the offline task's reviews (the "SFT" policy)."""
+"""The SFT stage: a language model trained on the offline task's reviews (the "SFT" policy), or on
+a researcher's encoded dataset (`data.encode_dataset` rows)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -11,7 +13,7 @@ from rlhf_jax import data as rdata
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import models, train
 from rlhf_jax.run import handover, runner
-from rlhf_jax.stages.common import Schedule, save_adapted
+from rlhf_jax.stages.common import Schedule, check_vocab, save_adapted
 
 
 def train_sft(
@@ -28,6 +30,10 @@ def train_sft(
     progress: bool = True,
     lora: Any = None,
     quantize: str = "none",
+    base_model: str | None = None,
+    rows: Sequence[Any] | None = None,
+    eval_rows: Sequence[Any] | None = None,
+    tokenizer: Any = None,
 ) -> tuple[Any, list[dict]]:
     """Trains `params` (a `Transformer` of `cfg`) on the task's full reviews and writes
     `WORKDIR/hf/` for the next stage (`handover.save_lm`); resumes from `WORKDIR/checkpoints`.
@@ -41,10 +47,18 @@ def train_sft(
     `quantize` "int8" / "nf4": QLoRA); the run writes them in PEFT's format (`WORKDIR/adapter/`)
     and the merged model as `WORKDIR/hf/`.
 
+    Args:
+      base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
+        adapter_config.json (`base_model_name_or_path`).
+      rows, eval_rows, tokenizer: a researcher's data instead of the task (`task` may be None):
+        the token rows of `data.encode_dataset` (tokens, loss_mask) to train on and, when given,
+        to evaluate on every `schedule.eval_every` steps; `tokenizer` is written with the model.
+
     Returns:
       (final params (merged under `lora`), metrics rows).
     """
-    tok = rdata.task_tokenizer(task)
+    tok = tokenizer or rdata.task_tokenizer(task)
+    check_vocab(cfg, tok, name="tokenizer" if tokenizer is not None else "the task's tokenizer")
     model = models.Transformer(cfg)
     opt = schedule.optimizer()
     if lora is None:
@@ -63,20 +77,15 @@ def train_sft(
         def policy_of(state):
             return {"base": state.frozen["base"], "lora": state.params}
 
-    lengths = dict(max_length=max_length, max_prompt_length=max_length - 1)
-    loader = rdata.task_loaders(
-        task, "demonstration", batch_size=schedule.local_batch_size, seed=seed, **lengths
-    )
+    lengths = dict(max_length=max_length, max_prompt_length=max_length - 1, tokenizer=tok)
+    batch = dict(batch_size=schedule.local_batch_size, **lengths)
+    loader = rdata.task_loaders(task, "demonstration", seed=seed, records=rows, **batch)
     eval_fn = None
+    if rows is not None:
+        eval_batches = max(1, len(eval_rows) // schedule.local_batch_size) if eval_rows else 0
     if eval_batches:
         held_out = rdata.task_loaders(
-            task,
-            "demonstration",
-            batch_size=schedule.local_batch_size,
-            seed=0,
-            split="test",
-            shuffle=False,
-            **lengths,
+            task, "demonstration", seed=0, split="test", shuffle=False, records=eval_rows, **batch
         )
         eval_set = [next(held_out) for _ in range(eval_batches)]
         sft_eval = jax.jit(train.make_sft_eval(model))
@@ -99,6 +108,8 @@ def train_sft(
         **schedule.fit_kwargs(),
     )
     if lora is not None:
-        return save_adapted(workdir, cfg, state.frozen["base"], state.params, lora, tok), rows
+        return save_adapted(
+            workdir, cfg, state.frozen["base"], state.params, lora, tok, base_model
+        ), rows
     handover.save_lm(workdir, cfg, state.params, tokenizer=tok)
     return state.params, rows
