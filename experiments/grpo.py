@@ -380,10 +380,6 @@ def _sentiment(config: Config) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    cli.run_cli(main)
-
-
 def _dataset(config: Config) -> list[dict]:
     """--dataset: a researcher's prompts (prompt-only or prompt-completion rows; other columns go
     to the rewards), Python rewards (--reward-fn, weighted) or a reward model (--reward)."""
@@ -425,3 +421,7 @@ def _dataset(config: Config) -> list[dict]:
         means = ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.startswith("rewards/"))
         print(f"{config.algo}: step {rows[-1]['step']} {means}; wrote {config.workdir}")
     return rows
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)

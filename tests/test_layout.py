@@ -199,3 +199,18 @@ def test_the_checks_see_what_they_check():
     assert ("rlhf_jax.losses._common", "", 0) not in _imports("rlhf_jax.losses.dpo")
     assert any(t == "rlhf_jax.losses._common" for t, _, _ in _imports("rlhf_jax.losses.dpo"))
     assert LEVEL["run"] > LEVEL["train"] > LEVEL["models"] > LEVEL["losses"]
+
+
+def test_every_driver_ends_with_its_main_guard():
+    """A script's `if __name__ == "__main__":` block is its last statement: a function defined
+    after it does not exist yet when the command runs (in-process tests would not notice)."""
+    late = []
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        body = ast.parse(path.read_text()).body
+        guards = [
+            i for i, node in enumerate(body)
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+        ]  # fmt: skip
+        if guards and guards[-1] != len(body) - 1:
+            late.append(f"{path.name}: {ast.unparse(body[guards[-1] + 1])[:60]}")
+    assert not late, late

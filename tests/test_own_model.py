@@ -294,6 +294,26 @@ def test_grpo_logs_each_weighted_reward_as_recomputed_from_its_completions(grpo_
     )
 
 
+def test_ppo_on_the_dataset_with_a_python_reward(user_model_folder, grpo_gsm_run, tmp_path):
+    """PPO takes the same dataset and rewards (the host reward step GRPO uses)."""
+    gsm = grpo_gsm_run[0].parent / "gsm.jsonl"
+    argv = [
+        "--preset", "tiny", "--workdir", str(tmp_path / "run"), "--init-from",
+        str(user_model_folder), "--dataset", str(gsm), "--columns", "prompt=question",
+        "--reward-fn", str(HELPERS / "gsm_rewards.py") + ":format_ok", "--steps", "1",
+        "--batch-size", "8", "--max-new-tokens", "4", "--max-prompt-length", "32",
+        "--log-every", "1",
+    ]  # fmt: skip
+    (row,) = driver_scripts.load("ppo").main(argv)
+    logged = [
+        json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().split("\n") if x
+    ]
+    assert len(logged) == 8 and {c["iteration"] for c in logged} == {1}
+    fmt, _ = _recompute([], [c["completion"] for c in logged], [None] * 8)
+    assert row["rewards/format_ok"] == pytest.approx(np.mean(fmt), abs=1e-6)
+    assert row["score"] == pytest.approx(np.mean(fmt), abs=1e-6)  # weight 1: the score
+
+
 @pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "ppo", "grpo"])
 def test_every_drivers_help_shows_the_model_and_data_flags(name, capsys):
     with pytest.raises(SystemExit) as info:
