@@ -251,4 +251,20 @@ OWN = (
         (f"{_OWN}::test_dpo_on_text_pairs_trains_and_exports_the_models_own_tokenizer",),
         "dpo.py --loss module:function trains --loss-type instead",
     ),
+    Mutant(
+        "plan-state-floor-skipped",
+        "rlhf_jax/planner/report.py",
+        "        if chip is not None and state > chip.hbm_bytes:",
+        "        if False:",
+        ("tests/test_planner.py::test_a_state_over_the_chips_hbm_is_reported_without_compiling",),
+        "a 70B row on four v5e chips compiles for minutes before it says NO",
+    ),
+    Mutant(
+        "plan-folder-config-ignored",
+        "rlhf_jax/planner/programs.py",
+        '    return models.config_from_pretrained(folder or ".", **overrides)\n',
+        '    return models.get_config("tiny", **overrides)\n',
+        ("tests/test_planner.py::test_plan_reads_a_model_folder_and_names_a_bad_model",),
+        "plan.py --model PATH plans another model than the folder's",
+    ),
 )

@@ -9,6 +9,7 @@ abstract inputs (nothing allocated), with a per-chip table of memory, fit and ro
     .venv/bin/python experiments/plan.py --model gemma-2-9b --algo grpo --group-size 8 \\
         --topology v6e:4x4 --batch 32 --seq-len 1024 --max-new-tokens 512
     .venv/bin/python experiments/plan.py --model tiny --algo sft --topology local --run
+    .venv/bin/python experiments/plan.py --model path/to/hf_folder --algo dpo --topology v5e:2x2
 
 --topology is a TPU slice CHIP:SHAPE (v4, v5e, v5p, v6e; e.g. v5e:2x2, v5p:4x4x4; compiled from
 this host through libtpu: `pip install -e '.[tpu-plan]'`), `cpu:N` (N host devices; the flag
@@ -32,7 +33,9 @@ log-probs, or the LoRA base).
 One row per compiled program (the step; for RL also the sampler alone): per-chip argument,
 temporary and output bytes and their total against the chip's HBM, fits, XLA's FLOPs and bytes,
 the model FLOPs, the roofline step time and the tokens/s and MFU it implies as upper bounds
-(`rlhf_jax.planner`). --out writes the rows as JSON.
+(`rlhf_jax.planner`). --out writes the rows as JSON. --model is a preset or a Hugging Face folder
+(its config.json is read; no weights). A program whose parameters and optimizer state alone
+(as the partition rules place them) exceed a chip's HBM is reported at once, not compiled.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from rlhf_jax.run import checks, cli
 class Config:
     """Compile an algorithm's steps for a target and print their per-chip memory and speed."""
 
-    model: str = "llama-3.2-1b"  # a preset of rlhf_jax.models.get_config
+    model: str = "llama-3.2-1b"  # a preset of rlhf_jax.models.get_config, or an HF folder
     algo: str = "dpo"  # sft, reward, dpo, ppo, grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp
     topology: str = "cpu:8"  # CHIP:SHAPE (v5e:2x2, v5p:4x4x4, ...), cpu:N or local
     mesh: str = "data=1,fsdp=-1"  # data=D,fsdp=F,tensor=T (-1: the remaining devices)
@@ -149,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         mesh = sh.make_mesh(**sh.parse_mesh_spec(config.mesh), devices=devices)
     except ValueError as e:
         raise ConfigError(f"--topology/--mesh: {e}") from None
-    cfg = planner.model_config(spec)
+    try:  # an unknown preset, a folder without config.json, an unsupported model_type
+        cfg = planner.model_config(spec)
+    except (ValueError, KeyError, OSError) as e:
+        raise ConfigError(f"--model {config.model}: {e.args[0] if e.args else e}") from None
     print(
         f"{config.model} ({cfg.num_params() / 1e9:.2f}B params) {config.algo} on "
         f"{config.topology} ({chip_name}, {len(devices)} devices), mesh {dict(mesh.shape)}, "
@@ -162,7 +168,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = []
     for row in planner.plan(spec, run_steps=run_steps):
         if row.get("error"):
-            print(f"{row['program']}: the compiler ran out of memory: {row['error']}")
+            what = (
+                "does not fit" if row.get("compiled") is False else "the compiler ran out of memory"
+            )
+            print(f"{row['program']}: {what}: {row['error']}")
         rows.append({**row, **dataclasses.asdict(config), "mesh_shape": row["mesh"]})
     print_table(rows)
     if chip is not None:
@@ -170,6 +179,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"peak {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, HBM {chip.hbm_bandwidth / 1e9:.0f} "
             f"GB/s per chip ({chip.source}); roofline = max(FLOPs / peak, bytes / bandwidth)"
         )
+    print(
+        "XLA TFLOP: what the compiler counts per chip (a scanned loop's body once, so less than "
+        "the work with --scan-layers); model TFLOP: 6N + attention per trained token (2N per "
+        "sampled one). The roofline takes the larger, and tokens/s and MFU are upper bounds from "
+        "it: MFU = model FLOPs / (roofline time x peak), so when the model FLOPs set the roofline "
+        "it reads 100 %, a bound, not a measurement (--topology local --run measures)."
+    )
     if config.out:
         paths.write_text_atomic(config.out, json.dumps(rows, indent=1))
     return rows

@@ -299,3 +299,53 @@ def test_plan_cli_prints_the_table_and_names_bad_flags(capsys):
     ):
         with pytest.raises(ConfigError, match=match):
             plan.main(argv + bad)
+
+
+def test_plan_reads_a_model_folder_and_names_a_bad_model(user_model_folder, tmp_path, capsys):
+    """--model PATH: the folder's config.json (no weights); an unknown preset, a folder without
+    config.json and an unsupported model_type are one ConfigError naming --model."""
+    import json
+    import shutil
+
+    plan = driver_scripts.load("plan")
+    argv = ["--algo", "sft", "--topology", "cpu:8", "--batch", "8", "--seq-len", "32"]
+    (row,) = plan.main(["--model", str(user_model_folder), *argv])
+    out = capsys.readouterr().out
+    want = models.config_from_pretrained(str(user_model_folder))
+    assert f"({want.num_params() / 1e9:.2f}B params)" in out and row["program"] == "step"
+    spec = planner.PlanSpec(model=str(user_model_folder / "config.json"), algo="sft",
+                            topology="cpu:8", mesh="data=8", batch=8, seq_len=32)  # fmt: skip
+    cfg = planner.model_config(spec)
+    assert (cfg.vocab_size, cfg.n_layers, cfg.family) == (1280, 2, "qwen2")
+    assert "XLA TFLOP: what the compiler counts" in out and "a bound, not a measurement" in out
+    mamba = tmp_path / "mamba"
+    shutil.copytree(user_model_folder, mamba)
+    fields = json.loads((mamba / "config.json").read_text())
+    (mamba / "config.json").write_text(json.dumps({**fields, "model_type": "mamba"}))
+    for model, message in (
+        ("no_such", r"--model no_such: 'no_such' is neither a preset \(.*tiny\) nor a folder"),
+        (str(tmp_path), r"nor a folder with a config.json"),
+        (str(mamba), r"--model .*mamba: unsupported model_type 'mamba'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            plan.main(["--model", model, *argv])
+
+
+@_needs_libtpu
+def test_a_state_over_the_chips_hbm_is_reported_without_compiling(monkeypatch):
+    """Llama-3.1-70B DPO on four v5e chips: policy + Adam moments + reference in float32 are
+    16 bytes a parameter, split over fsdp = 4: about 282 GB a chip against 16 GiB, said at once
+    from the partition rules; nothing is compiled."""
+    from rlhf_jax.planner import report
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled a program whose state cannot fit")
+
+    monkeypatch.setattr(report, "compile_or_oom", no_compile)
+    spec = planner.PlanSpec(model="llama-3.1-70b", algo="dpo", topology="v5e:2x2",
+                            mesh="data=1,fsdp=4", batch=8, seq_len=1024)  # fmt: skip
+    (row,) = planner.plan(spec)
+    n = planner.model_config(spec).num_params()
+    assert row["fits"] is False and row["compiled"] is False
+    assert row["args_gb"] == pytest.approx(16 * n / 4 / 1e9, rel=0.01)
+    assert "the state alone" in row["error"] and "not compiled" in row["error"]

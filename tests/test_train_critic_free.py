@@ -275,8 +275,9 @@ def test_a_state_without_the_frozen_dict_is_refused_with_the_fix():
 
 @pytest.mark.slow
 def test_grpo_raises_heldout_pass_at_1_on_addition():
-    """SFT on noisy 1-digit demonstrations (half the answers corrupted), then 100 GRPO
-    iterations of 32 prompts × 8 completions on the exact-match reward."""
+    """SFT on noisy 1-digit demonstrations (half the answers corrupted), then 40 GRPO
+    iterations of 32 prompts × 8 completions on the exact-match reward (held-out pass@1 0.10 ->
+    0.97 here; 100 iterations reached no more)."""
     task = ar.ArithmeticTask(digits=1, noise=0.5)
     cfg = models.get_config("tiny", vocab_size=16, max_len=16, d_model=64, n_layers=2, n_heads=4)
     model = models.Transformer(cfg)
@@ -307,7 +308,7 @@ def test_grpo_raises_heldout_pass_at_1_on_addition():
     rl_state = train.create_train_state(state.params, tx, 1)
     step = jax.jit(train.make_critic_free_step(model, ar.exact_match_reward, tx, rl))
     problems = task.problems(4096, 5)
-    for i in range(100):
+    for i in range(40):
         p, m = task.prompts(problems[(np.arange(32) + 32 * i) % 4096])
         rl_state, metrics = step(rl_state, {"prompt_tokens": p, "prompt_mask": m})
     after = pass_at_1(rl_state.params)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import lora as lora_lib
-from rlhf_jax import models, train
+from rlhf_jax import models, paths, train
 from rlhf_jax.planner.spec import PlanSpec
 from rlhf_jax.sampling import generate
 
@@ -40,11 +40,29 @@ def _spec_batch(shape: tuple[int, ...], dtype=jnp.int32) -> jax.ShapeDtypeStruct
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
+def base_config(model: str, **overrides: Any) -> models.TransformerConfig:
+    """A preset name (`models.PRESETS`), or a Hugging Face folder (or its config.json), read from
+    config.json alone, with `overrides`.
+
+    Raises:
+      ValueError: neither a preset nor a folder with config.json, or an unsupported model_type.
+    """
+    if model in models.PRESETS:
+        return models.get_config(model, **overrides)
+    folder = model[: -len("config.json")] if model.endswith("config.json") else model
+    if not (paths.as_path(folder or ".") / "config.json").is_file():
+        raise ValueError(
+            f"{model!r} is neither a preset ({', '.join(sorted(models.PRESETS))}) nor a folder "
+            "with a config.json"
+        )
+    return models.config_from_pretrained(folder or ".", **overrides)
+
+
 def model_config(spec: PlanSpec) -> models.TransformerConfig:
-    """The preset of `spec.model` with the plan's numerics (dtype, remat, logits_chunk,
-    scan_layers)."""
-    probe = models.get_config(spec.model, **dict(spec.model_overrides))
-    return models.get_config(
+    """The preset or HF folder of `spec.model` with the plan's numerics (dtype, remat,
+    logits_chunk, scan_layers)."""
+    probe = base_config(spec.model, **dict(spec.model_overrides))
+    return base_config(
         spec.model,
         dtype=spec.dtype,
         remat=spec.remat,

@@ -120,6 +120,18 @@ def plan(
     for program in programs(spec):
         if names is not None and program.name not in names:
             continue
+        state = _param_bytes(program.state, mesh)  # per chip, from the partition rules alone
+        if chip is not None and state > chip.hbm_bytes:  # arithmetic: nothing to compile
+            message = (
+                f"the state alone (parameters, optimizer state, frozen copies) is "
+                f"{state / 1e9:.1f} GB per chip, over the {chip.hbm_bytes / 1e9:.1f} GB of HBM: "
+                "not compiled (more chips on fsdp/tensor, LoRA or QLoRA, or a precomputed "
+                "reference would shrink it)"
+            )
+            rows.append({"model": spec.model, "algo": spec.algo, "topology": spec.topology,
+                         "chip": chip_name, "mesh": dict(mesh.shape),
+                         **oom_row(program, mesh, chip, message), "compiled": False})  # fmt: skip
+            continue
         compiled, oom = compile_or_oom(program, mesh)
         row = oom_row(program, mesh, chip, oom) if oom else analyse(program, compiled, mesh, chip)
         if run_steps and not oom:
