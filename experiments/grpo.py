@@ -410,7 +410,7 @@ def _dataset(config: Config) -> list[dict]:
         reward = rw.host_reward(functions, prompts, tok, config.workdir)
     loader = rw.prompt_rows_loader(
         prompts, batch_size=_schedule(config).local_batch_size,
-        max_prompt_length=config.max_prompt_length, pad_id=tok.pad_id, seed=config.seed,
+        max_prompt_length=config.max_prompt_length, tokenizer=tok, seed=config.seed,
     )  # fmt: skip
     _, rows = stages.train_critic_free(
         cfg, params, loader, workdir=config.workdir, mesh=start.mesh, schedule=_schedule(config),

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if prompts is not None:
         loader = rw.prompt_rows_loader(
             prompts, batch_size=schedule.local_batch_size,
-            max_prompt_length=config.max_prompt_length, pad_id=start.tokenizer.pad_id,
+            max_prompt_length=config.max_prompt_length, tokenizer=start.tokenizer,
             seed=config.seed,
         )  # fmt: skip
     _, rows = stages.train_ppo(

@@ -250,28 +250,27 @@ def test_truncation_is_explicit_and_counted(chatml, tmp_path):
     assert encode.encode_dataset(ds, ours, max_length=512)[1].report() == "3 rows, none truncated"
 
 
-def test_batches_of_encoded_rows(chatml, tmp_path):
+def test_the_collators_batch_encoded_rows_as_the_text_path_does(chatml, tmp_path):
     ours, _ = chatml
     rows = [{"prompt": "a b", "chosen": " c", "rejected": " d e f"}]
     pairs, _ = encode.encode_dataset(_load(tmp_path, rows * 2), ours, max_length=16)
-    batch = encode.collate_pairs(pairs, ours.pad_id, 16)
-    want = data.collate_preferences(
-        [data.PreferenceRecord(**r) for r in rows * 2],
-        ours,
-        max_length=16,
-        max_prompt_length=8,
-        buckets=None,
-    )  # fmt: skip: the text path gives the same batch
+    lengths = dict(max_length=16, max_prompt_length=8, buckets=None)
+    batch = data.collate_preferences(pairs, ours, **lengths)
+    want = data.collate_preferences([data.PreferenceRecord(**r) for r in rows * 2], ours, **lengths)
     assert batch.keys() == want.keys()
     for k in batch:
         np.testing.assert_array_equal(batch[k], want[k], err_msg=k)
     lm, _ = encode.encode_dataset(_load(tmp_path, [{"text": "a b"}, {"text": "c"}]), ours,
                                   max_length=16)  # fmt: skip
-    sft = data.collate_demonstrations(lm, ours, max_length=16, max_prompt_length=8, buckets=None)
-    for k, v in encode.collate_tokens(lm, ours.pad_id, 16).items():
-        np.testing.assert_array_equal(sft[k], v, err_msg=k)
-    assert sft["tokens"][1, :2].tolist() == ours.encode("c") + [ours.eos_id]
-    prompts = encode.collate_prompt_ids(pairs, ours.pad_id, 6)
+    sft = data.collate_demonstrations(lm, ours, **lengths)
+    c = ours.encode("c") + [ours.eos_id]
+    assert sft["tokens"][1].tolist() == c + [ours.pad_id] * (16 - len(c))
+    assert (
+        sft["loss_mask"][1].tolist()
+        == sft["attention_mask"][1].tolist()
+        == [1] * len(c) + [0] * (16 - len(c))
+    )
+    prompts = data.collate_prompts(pairs, ours, max_prompt_length=6, buckets=None)
     n = len(pairs[0]["prompt_ids"])
     assert prompts["prompt_mask"][0].tolist() == [0] * (6 - n) + [1] * n
     assert prompts["prompt_tokens"][0, -n:].tolist() == pairs[0]["prompt_ids"]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_lm
 
 from rlhf_jax import eval as ev
 from rlhf_jax import lora, models, pairs, train
@@ -36,17 +37,7 @@ PROMPTS = {  # LEFT-padded, P = 4
 P = PROMPTS["prompt_tokens"].shape[1]
 
 
-def _jitter(tree, seed, scale=1.0):
-    """Every leaf plus `scale` × (its RMS + 0.02) × N(0, 1): a policy with O(1) logits."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + scale * (jnp.sqrt(jnp.mean(jnp.square(x))) + 0.02) * jax.random.normal(k, x.shape)
-            for x, k in zip(leaves, keys)
-        ],
-    )
+_jitter = tiny_lm.jitter
 
 
 def _differ(a, b) -> bool:

@@ -116,9 +116,11 @@ def test_row_reward_reads_the_rows_columns_and_logs_every_row(tmp_path):
     assert got == [[[{"role": "assistant", "content": "a"}]]]  # TRL's conversational form
 
 
-def test_prompt_batches_carry_the_dataset_index():
+def test_prompt_batches_carry_the_dataset_index(word_tokenizer):
     rows = [{"prompt": str(i), "prompt_ids": list(range(1, i % 5 + 2))} for i in range(6)]
-    loader = rw.prompt_rows_loader(rows, batch_size=4, max_prompt_length=5, pad_id=0, seed=3)
+    loader = rw.prompt_rows_loader(
+        rows, batch_size=4, max_prompt_length=5, tokenizer=word_tokenizer, seed=3
+    )
     for _ in range(3):  # epochs reshuffle; every batch is consistent
         batch = next(loader)
         assert batch["prompt_tokens"].shape == (4, 5) and batch["index"].shape == (4,)

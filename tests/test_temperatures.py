@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_lm
 
 from rlhf_jax import train
 from rlhf_jax.models import Transformer, ValueModel, init_value_params
@@ -31,18 +32,7 @@ P = PROMPTS["prompt_tokens"].shape[1]
 CHUNKS = [None, 3]  # whole logits, or 3 positions at a time (3 divides neither N nor P + N - 1)
 
 
-def _jitter(tree, seed, scale):
-    """Every leaf plus `scale` × (its RMS + 0.02) × N(0, 1) noise: logits of O(1), so that the
-    temperature moves every log-prob visibly."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + scale * (jnp.sqrt(jnp.mean(jnp.square(x))) + 0.02) * jax.random.normal(k, x.shape)
-            for x, k in zip(leaves, keys)
-        ],
-    )
+_jitter = tiny_lm.jitter
 
 
 @pytest.fixture(scope="module")

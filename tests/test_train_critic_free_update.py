@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_lm
 
 from rlhf_jax import train
 
@@ -33,16 +34,7 @@ def _config(**kw):
     )
 
 
-def _jitter(tree, seed, scale):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + scale * (jnp.sqrt(jnp.mean(jnp.square(x))) + 0.02) * jax.random.normal(k, x.shape)
-            for x, k in zip(leaves, keys)
-        ],
-    )
+_jitter = tiny_lm.jitter
 
 
 @pytest.fixture(scope="module")

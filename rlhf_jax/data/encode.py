@@ -2,7 +2,7 @@
 
     rows, cut = encode_dataset(ds, tok, max_length=512, max_prompt_length=256, truncation="left")
     print(cut.report())   # "3 of 400 rows truncated (...): data.jsonl:17, ..."
-    batch = collate_pairs(rows[:8], tok.pad_id)      # the keys of `collate_preferences`
+    batch = data.collate_preferences(rows[:8], tok, max_length=512, max_prompt_length=256)
 
 What each type becomes (lists of ids, unpadded; other columns kept beside them):
 - language modeling: `tokens`, `loss_mask` (every token; conversational rows with
@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import numpy as np
 
 from rlhf_jax.data import chat
 from rlhf_jax.data.formats import Dataset
@@ -244,14 +242,7 @@ def _encode_row(ds: Dataset, tok: Any, row: dict, where: str, cutter: _Cutter, a
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches of encoded rows (the keys the steps read).
-
-
-def _pad(rows: Sequence[list[int]], length: int, value: int) -> np.ndarray:
-    out = np.full((len(rows), length), value, np.int32)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = row
-    return out
+# Encoded rows in the collators of `data.tokenization` (they batch these rows as they are).
 
 
 def token_rows(records: Sequence[Any]) -> list[tuple[list, list]] | None:
@@ -273,39 +264,3 @@ def pair_rows(records: Sequence[Any]) -> list[tuple[tuple, tuple]] | None:
         c, j = list(r["chosen_ids"]), list(r["rejected_ids"])
         out.append(((p + c, [0] * len(p) + [1] * len(c)), (p + j, [0] * len(p) + [1] * len(j))))
     return out
-
-
-def collate_tokens(rows: Sequence[dict], pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """`{"tokens", "attention_mask", "loss_mask"}` int32 [B, length], right-padded (SFT rows)."""
-    tokens = [r["tokens"] for r in rows]
-    return {
-        "tokens": _pad(tokens, length, pad_id),
-        "attention_mask": _pad([[1] * len(t) for t in tokens], length, 0),
-        "loss_mask": _pad([r["loss_mask"] for r in rows], length, 0),
-    }
-
-
-def collate_pairs(rows: Sequence[dict], pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """`{chosen,rejected}_{tokens,attention_mask,loss_mask}` int32 [B, length] (a preference
-    batch, as `collate_preferences` builds from text)."""
-    out = {}
-    for side in ("chosen", "rejected"):
-        sides = [
-            {"tokens": r["prompt_ids"] + r[f"{side}_ids"],
-             "loss_mask": [0] * len(r["prompt_ids"]) + [1] * len(r[f"{side}_ids"])}
-            for r in rows
-        ]  # fmt: skip
-        out.update({f"{side}_{k}": v for k, v in collate_tokens(sides, pad_id, length).items()})
-    return out
-
-
-def collate_prompt_ids(rows: Sequence[dict], pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """`{"prompt_tokens", "prompt_mask"}` int32 [B, length], LEFT-padded (prompts to sample)."""
-    out = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for b, r in enumerate(rows):
-        ids = r["prompt_ids"]
-        if ids:
-            out[b, length - len(ids) :] = ids
-            mask[b, length - len(ids) :] = 1
-    return {"prompt_tokens": out, "prompt_mask": mask}

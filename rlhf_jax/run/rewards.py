@@ -4,7 +4,7 @@
         return [1.0 if c.strip().endswith(a) else 0.0 for c, a in zip(completions, answer)]
 
     rewards = reward_functions(["my_rewards:format_ok", exact_match], weights=[0.5, 1.0])
-    loader = prompt_rows_loader(rows, batch_size=8, max_prompt_length=64, pad_id=tok.pad_id, seed=0)
+    loader = prompt_rows_loader(rows, batch_size=8, max_prompt_length=64, tokenizer=tok, seed=0)
     stages.train_critic_free(cfg, params, loader, tokenizer=tok, **host_reward(rewards, rows, tok,
                                                                             workdir), ...)
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax import distributed, paths, plugins
-from rlhf_jax.data import encode
+from rlhf_jax.data.tokenization import collate_prompts
 from rlhf_jax.errors import ConfigError
 
 COMPLETIONS = "completions.jsonl"  # every scored row of a dataset run, with its iteration
@@ -205,7 +205,7 @@ def prompt_rows_loader(
     *,
     batch_size: int,
     max_prompt_length: int,
-    pad_id: int,
+    tokenizer: Any,
     seed: int,
 ) -> Any:
     """A resumable loader of a dataset's encoded prompt rows (`data.encode_dataset`), LEFT-padded
@@ -216,7 +216,7 @@ def prompt_rows_loader(
     records = [{"prompt_ids": r["prompt_ids"], "index": i} for i, r in enumerate(rows)]
 
     def collate(batch: Sequence[dict]) -> dict[str, np.ndarray]:
-        out = encode.collate_prompt_ids(batch, pad_id, max_prompt_length)
+        out = collate_prompts(batch, tokenizer, max_prompt_length=max_prompt_length, buckets=None)
         out["index"] = np.asarray([r["index"] for r in batch], np.int32)
         return out
 

@@ -72,7 +72,8 @@ def make_host_reward_step(
             compiled["rollout"] = sh.compile_step(
                 fns.rollout, mesh, state, batch, batch_output=True
             )
-        iteration = int(jax.device_get(state.step)) + 1
+        # The iteration a dataset reward logs (a host read of the step: only when it is needed).
+        iteration = int(jax.device_get(state.step)) + 1 if on == "rows" else 0
         state, ro = compiled["rollout"](state, batch)
         drop = tokenizer.eos_id if on in ("text", "rows") else None
         # Each host scores the rows its devices hold (all of them on one host); the scores are
