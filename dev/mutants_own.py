@@ -6,6 +6,8 @@ from mutant_spec import Mutant
 
 _OWN = "tests/test_own_model.py"
 _FILES = "tests/test_data_tokenizer_files.py"
+_REPORT = "tests/test_reporting.py"
+_CF = "tests/test_train_critic_free.py"
 
 OWN = (
     # --- issue 27: the model folder's tokenizer, the export, the checks ---
@@ -266,5 +268,136 @@ OWN = (
         '    return models.get_config("tiny", **overrides)\n',
         ("tests/test_planner.py::test_plan_reads_a_model_folder_and_names_a_bad_model",),
         "plan.py --model PATH plans another model than the folder's",
+    ),
+    # --- issue 27 item 7: reporting, samples, callbacks; user functions on the command line ---
+    Mutant(
+        "callback-eval-return-dropped",
+        "rlhf_jax/run/runner.py",
+        'evals = {**evals, **jax.device_get(cb.run(callbacks, "on_eval", event))}',
+        'evals = {**evals, **jax.device_get(cb.run(callbacks, "on_eval", event) and {})}',
+        (f"{_REPORT}::test_hooks_run_at_their_steps_with_that_steps_state",),
+        "what on_eval returns never reaches metrics.jsonl",
+    ),
+    Mutant(
+        "callbacks-need-an-eval-fn",
+        "rlhf_jax/run/runner.py",
+        "            do_eval = (eval_fn is not None or callbacks) and (\n",
+        "            do_eval = eval_fn is not None and (\n",
+        (f"{_REPORT}::test_hooks_run_at_their_steps_with_that_steps_state",),
+        "a run without an eval_fn never samples completions nor calls on_eval",
+    ),
+    Mutant(
+        "on-checkpoint-before-the-save-completes",
+        "rlhf_jax/run/runner.py",
+        "ckpt.wait()  # the hook sees the checkpoint complete (saves are async)",
+        "pass",
+        (f"{_REPORT}::test_hooks_run_at_their_steps_with_that_steps_state",),
+        "on_checkpoint runs while Orbax still writes the checkpoint",
+    ),
+    Mutant(
+        "samples-not-rewound-on-resume",
+        "rlhf_jax/run/metrics_writer.py",
+        "        if self.samples_path.exists():  # a resumed run",
+        "        if False:  # a resumed run",
+        (f"{_REPORT}::test_tensorboard_scalars_and_sample_text_and_samples_rewound_on_resume",),
+        "a resumed run keeps the samples of steps after its checkpoint, then writes them again",
+    ),
+    Mutant(
+        "wandb-rows-without-their-step",
+        "rlhf_jax/run/reporting.py",
+        "        self._run.log(_scalars(row), step=int(step))\n",
+        "        self._run.log(_scalars(row))\n",
+        (f"{_REPORT}::test_wandb_offline_history_is_metrics_jsonl_and_resumes_the_same_run",),
+        "W&B counts its own steps: curves drift from metrics.jsonl's",
+    ),
+    Mutant(
+        "wandb-resume-starts-a-new-run",
+        "rlhf_jax/run/reporting.py",
+        "        if id_file.exists():\n",
+        "        if False:\n",
+        (f"{_REPORT}::test_wandb_offline_history_is_metrics_jsonl_and_resumes_the_same_run",),
+        "rerunning the command starts a second W&B run",
+    ),
+    Mutant(
+        "tensorboard-samples-dropped",
+        "rlhf_jax/run/reporting.py",
+        '        self._tb.add_text("samples", samples_markdown(rows), global_step=int(step))\n',
+        "        pass\n",
+        (f"{_REPORT}::test_tensorboard_scalars_and_sample_text_and_samples_rewound_on_resume",),
+        "samples never reach TensorBoard's text tab",
+    ),
+    Mutant(
+        "report-to-none-with-others-accepted",
+        "rlhf_jax/run/reporting.py",
+        "        if len(names) > 1:\n",
+        "        if len(names) > 9:\n",
+        (f"{_REPORT}::test_report_to_is_checked_at_the_door",),
+        "--report-to tensorboard none silently logs nowhere",
+    ),
+    Mutant(
+        "sample-prompt-takes-the-first-trained-token",
+        "rlhf_jax/run/samples.py",
+        '        return {"prompt_ids": tokens[:first]}\n',
+        '        return {"prompt_ids": tokens[: first + 1]}\n',
+        (f"{_OWN}::test_sft_on_conversations_trains_on_the_assistant_turns_only",),
+        "the sample prompt gives away the answer's first token",
+    ),
+    Mutant(
+        "samples-sampled-not-greedy",
+        "rlhf_jax/run/samples.py",
+        "                    max_new_tokens=self.max_new_tokens, temperature=self.temperature,\n",
+        "                    max_new_tokens=self.max_new_tokens, temperature=1.0,\n",
+        (f"{_OWN}::test_the_export_and_the_adapter_load_in_transformers_with_our_logits",),
+        "--sample-temperature 0 draws at temperature 1",
+    ),
+    Mutant(
+        "samples-of-the-base-not-the-adapters",
+        "rlhf_jax/stages/dpo.py",
+        "        return lora_lib.LoraTransformer(cfg, lora), lora_lib.view(\n"
+        '            state.params, state.frozen["base"]\n'
+        "        )\n",
+        '        return model, state.frozen["base"]\n',
+        (f"{_OWN}::test_the_export_and_the_adapter_load_in_transformers_with_our_logits",),
+        "a LoRA run samples its frozen base, not the trained policy",
+    ),
+    Mutant(
+        "user-baseline-ignored",
+        "rlhf_jax/train/critic_free.py",
+        '    baseline = choice["baseline"] if cfg.baseline is None else cfg.baseline\n',
+        '    baseline = choice["baseline"]\n',
+        (f"{_CF}::test_one_compiled_iteration_is_rollout_then_the_clipped_update",),
+        "--baseline module:function trains with the method's baseline",
+    ),
+    Mutant(
+        "user-kl-estimator-ignored-in-the-loss",
+        "rlhf_jax/train/critic_free.py",
+        '                kl_estimator=cfg.kl_estimator or "k3",\n',
+        '                kl_estimator="k3",\n',
+        (f"{_CF}::test_one_compiled_iteration_is_rollout_then_the_clipped_update",),
+        "--kl-estimator is ignored when the KL is in the loss",
+    ),
+    Mutant(
+        "user-kl-estimator-ignored-in-the-reward",
+        "rlhf_jax/train/critic_free.py",
+        '    kl = losses.kl_estimate(ro.logps, ro.ref_logps, estimator=cfg.kl_estimator or "k1")\n',
+        '    kl = losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k1")\n',
+        (f"{_CF}::test_one_compiled_iteration_is_rollout_then_the_clipped_update",),
+        "--kl-estimator is ignored when the KL is in the reward",
+    ),
+    Mutant(
+        "ppo-kl-estimator-flag-dropped",
+        "experiments/ppo.py",
+        "        kl_estimator=estimator,\n",
+        "",
+        (f"{_OWN}::test_user_functions_reach_the_rl_configs",),
+        "ppo.py --kl-estimator module:function trains with k1",
+    ),
+    Mutant(
+        "critic-free-kl-term-without-a-reference",
+        "rlhf_jax/train/critic_free.py",
+        '        if cfg.kl_in == "loss" and "kl_coef" in (hparams or {}):',
+        '        if cfg.kl_in == "loss":',
+        (f"{_CF}::test_without_a_reference_there_is_no_kl_term_and_the_logged_kl_is_zero",),
+        "with kl_coef 0 the logged kl is the k3 of the policy against zeros (meaningless)",
     ),
 )

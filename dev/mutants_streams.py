@@ -178,7 +178,7 @@ STREAMS = (
     ),
     Mutant(
         "critic-free-sampler-untempered",
-        "rlhf_jax/train/critic_free.py",
+        "rlhf_jax/train/critic_free_config.py",
         "return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)",
         "return SamplingConfig(self.max_new_tokens, 1.0, self.top_k, self.top_p)",
         ("tests/test_temperatures.py::test_critic_free_rollout_samples_at_its_temperature",),

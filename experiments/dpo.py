@@ -38,12 +38,19 @@ from typing import Literal
 from rlhf_jax import losses, models, pairs, plugins, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import checks, cli, dataset
+from rlhf_jax.run import checks, cli, dataset, reporting, samples
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+class Config(
+    cli.DistributedFlags,
+    cli.MemoryFlags,
+    cli.LoraFlags,
+    dataset.DataFlags,
+    reporting.ReportFlags,
+    samples.SampleFlags,
+):
     """DPO-family training on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/dpo"
@@ -134,6 +141,11 @@ def main(
                 f"--dataset {config.dataset}: {len(records)} pairs, fewer than one batch of "
                 f"--batch-size {config.batch_size}"
             )
+    callbacks = samples.callbacks_for(  # the task's held-out prompts, or the dataset's first
+        config, start.task.test_prompts if start.task and not records else records,
+        start.tokenizer, max_prompt_length=config.max_prompt_length,
+        max_new_tokens=config.max_length - config.max_prompt_length,
+    )  # fmt: skip
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     params = start.load_params()
@@ -175,6 +187,7 @@ def main(
         lora=start.lora,
         quantize=config.quantize,
         base_model=start.base_model,
+        callbacks=callbacks,
     )
     if rows:
         last = rows[-1]

@@ -60,12 +60,12 @@ import jax
 import numpy as np
 
 from rlhf_jax import data as rdata
-from rlhf_jax import distributed, lora, models, paths, sharding, stages, train
+from rlhf_jax import distributed, lora, losses, models, paths, plugins, sharding, stages, train
 from rlhf_jax import eval as ev
 from rlhf_jax.data import arithmetic as ar
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, dataset, handover, runner
+from rlhf_jax.run import cli, dataset, handover, reporting, runner, samples
 from rlhf_jax.run import rewards as rw
 from rlhf_jax.sampling import SamplingConfig, generate
 
@@ -73,7 +73,14 @@ GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+class Config(
+    cli.DistributedFlags,
+    cli.MemoryFlags,
+    cli.LoraFlags,
+    dataset.DataFlags,
+    reporting.ReportFlags,
+    samples.SampleFlags,
+):
     """Critic-free RL on the addition task, the sentiment task, or --dataset's prompts."""
 
     workdir: str = "runs/grpo"
@@ -101,6 +108,8 @@ class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataF
     learning_rate: float = 1e-3
     kl_coef: float = 0.0
     kl_in: Literal["loss", "reward"] = "loss"
+    baseline: str | None = None  # mean, leave_one_out or module:function (None: the algo's)
+    kl_estimator: str | None = None  # k1, k2, k3 or module:function (None: k3 loss, k1 reward)
     temperature: float = 1.0
     dynamic_sampling: bool | None = None  # DAPO's (None: on for dapo only)
     num_groups: int | None = None  # groups trained per step with dynamic sampling (None: all)
@@ -196,12 +205,28 @@ def _policy_params(state):
 
 
 def _rl_config(config: Config, max_new_tokens: int, eos_id: int, pad_id: int):
-    return train.CriticFreeConfig(
-        algo=config.algo, group_size=config.group_size, kl_in=config.kl_in,
-        temperature=config.temperature, max_new_tokens=max_new_tokens, eos_id=eos_id,
-        pad_id=pad_id, dynamic_sampling=config.dynamic_sampling, num_groups=config.num_groups,
-        overlong_cache=config.overlong_cache,
-    )  # fmt: skip
+    """The method's config, its user functions (--baseline, --kl-estimator) imported: at the
+    door, so a bad name or combination is one line before anything is written."""
+    try:
+        chosen = dict(
+            baseline=config.baseline and plugins.choose(
+                config.baseline, ("mean", "leave_one_out"), flag="--baseline"
+            ),
+            kl_estimator=config.kl_estimator and plugins.choose(
+                config.kl_estimator, losses.KL_ESTIMATORS, flag="--kl-estimator"
+            ),
+        )  # fmt: skip
+        return train.CriticFreeConfig(
+            algo=config.algo, group_size=config.group_size, kl_in=config.kl_in,
+            temperature=config.temperature, max_new_tokens=max_new_tokens, eos_id=eos_id,
+            pad_id=pad_id, dynamic_sampling=config.dynamic_sampling,
+            num_groups=config.num_groups, overlong_cache=config.overlong_cache, **chosen,
+        )  # fmt: skip
+    except ValueError as e:
+        message = str(e)
+        if not message.startswith("--"):  # the config's own check: name the flags
+            message = f"--algo {config.algo}: {message}"
+        raise ConfigError(message) from None
 
 
 def _schedule(config: Config) -> stages.Schedule:
@@ -209,6 +234,7 @@ def _schedule(config: Config) -> stages.Schedule:
         steps=config.steps, batch_size=config.prompts_per_step,
         learning_rate=config.learning_rate, decay=False, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+        report_to=config.report_to,
     )  # fmt: skip
 
 
@@ -287,6 +313,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if start.lora is not None:
         model = lora.LoraTransformer(cfg, start.lora)  # also reads plain params
     pass_at_1 = pass_at_1_fn(model, task, config.eval_prompts, config.seed)
+    callbacks = []
+    if config.samples:  # held-out problems, as pass@1's
+        tokens, mask = task.prompts(task.problems(config.samples, 10_000 + config.seed))
+        callbacks = [
+            samples.CompletionSamples(
+                {"prompt_tokens": tokens, "prompt_mask": mask}, ar.CharTokenizer(),
+                max_new_tokens=task.answer_length, temperature=config.sample_temperature,
+                seed=config.seed,
+            )
+        ]  # fmt: skip
 
     params = start.load_params()
     if not config.init_from:
@@ -294,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             steps=config.sft_steps, batch_size=config.sft_batch_size,
             learning_rate=config.sft_learning_rate, warmup_steps=min(50, config.sft_steps - 1),
             log_every=max(1, config.sft_steps // 10), checkpoint_every=config.sft_steps,
+            report_to=config.report_to,
         )  # fmt: skip
         opt = sft.optimizer()
         state, _ = runner.fit(
@@ -313,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         cfg, params, prompts, workdir=workdir, mesh=mesh,
         schedule=_schedule(config), rl=rl, reward_fn=ar.exact_match_reward,
         kl_coef=config.kl_coef, seed=config.seed, lora=start.lora, quantize=config.quantize,
-        base_model=start.base_model,
+        base_model=start.base_model, callbacks=callbacks,
         eval_fn=lambda state, step: {"pass_at_1": pass_at_1(_policy_params(state))},
     )  # fmt: skip
     after = pass_at_1(params)
@@ -353,6 +390,10 @@ def _sentiment(config: Config) -> list[dict]:
         tok, task.test_prompts[: config.eval_prompts], max_prompt_length=config.max_prompt_length
     )
     sampling = SamplingConfig(config.max_new_tokens, config.temperature)
+    callbacks = samples.callbacks_for(
+        config, task.test_prompts, tok, max_prompt_length=config.max_prompt_length,
+        max_new_tokens=config.max_new_tokens,
+    )  # fmt: skip
 
     def eval_fn(state, step):
         res = ev.evaluate_reward_kl(
@@ -369,7 +410,8 @@ def _sentiment(config: Config) -> list[dict]:
     _, rows = stages.train_critic_free(
         cfg, params, loader, workdir=config.workdir, mesh=start.mesh, schedule=_schedule(config),
         rl=rl, tokenizer=tok, kl_coef=config.kl_coef, seed=config.seed, eval_fn=eval_fn,
-        lora=lora_cfg, quantize=config.quantize, base_model=start.base_model, **reward,
+        lora=lora_cfg, quantize=config.quantize, base_model=start.base_model,
+        callbacks=callbacks, **reward,
     )  # fmt: skip
     last = rows[-1] if rows else {}
     if "eval/reward" in last:
@@ -401,6 +443,10 @@ def _dataset(config: Config) -> list[dict]:
     )  # fmt: skip
     _check(config, config.max_new_tokens)
     rl = _rl_config(config, config.max_new_tokens, tok.eos_id, tok.pad_id)
+    callbacks = samples.callbacks_for(
+        config, prompts, tok, max_prompt_length=config.max_prompt_length,
+        max_new_tokens=config.max_new_tokens,
+    )  # fmt: skip
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     params = start.load_params()
@@ -415,7 +461,7 @@ def _dataset(config: Config) -> list[dict]:
     _, rows = stages.train_critic_free(
         cfg, params, loader, workdir=config.workdir, mesh=start.mesh, schedule=_schedule(config),
         rl=rl, tokenizer=tok, kl_coef=config.kl_coef, seed=config.seed, lora=start.lora,
-        quantize=config.quantize, base_model=start.base_model, **reward,
+        quantize=config.quantize, base_model=start.base_model, callbacks=callbacks, **reward,
     )  # fmt: skip
     if rows:
         means = ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.startswith("rewards/"))

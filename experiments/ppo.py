@@ -37,17 +37,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from rlhf_jax import stages, train
+from rlhf_jax import losses, plugins, stages, train
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, dataset, handover
+from rlhf_jax.run import cli, dataset, handover, reporting, samples
 from rlhf_jax.run import rewards as rw
 
 GROUND_TRUTH = "ground-truth"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+class Config(
+    cli.DistributedFlags,
+    cli.MemoryFlags,
+    cli.LoraFlags,
+    dataset.DataFlags,
+    reporting.ReportFlags,
+    samples.SampleFlags,
+):
     """PPO with a reward model or the ground-truth reward, or on --dataset with Python rewards."""
 
     workdir: str = "runs/ppo"
@@ -61,6 +68,7 @@ class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataF
     kl_coef: float = 0.05  # initial KL coefficient beta
     target_kl: float | None = None  # adaptive KL controller target (per sequence); None: fixed
     kl_horizon: float = 10000.0
+    kl_estimator: str = "k1"  # k1, k2, k3 or module:function: the per-token KL in the reward
     max_new_tokens: int = 48
     temperature: float = 1.0
     max_prompt_length: int = 8
@@ -123,10 +131,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"--batch-size {config.batch_size} is not divisible by --num-minibatches "
             f"{config.num_minibatches}"
         )
+    try:
+        estimator = plugins.choose(config.kl_estimator, losses.KL_ESTIMATORS, flag="--kl-estimator")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     ppo = train.PPOConfig(  # checks its own ranges too
         kl_coef=config.kl_coef,
         kl_target=config.target_kl,
         kl_horizon=config.kl_horizon,
+        kl_estimator=estimator,
         ppo_epochs=config.ppo_epochs,
         num_minibatches=config.num_minibatches,
         missing_eos_penalty=config.missing_eos_penalty,
@@ -135,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         eos_id=start.tokenizer.eos_id,
         pad_id=start.tokenizer.pad_id,
     )
+    callbacks = samples.callbacks_for(  # the task's held-out prompts, or the dataset's first
+        config, prompts or start.task.test_prompts, start.tokenizer,
+        max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
+    )  # fmt: skip
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     params = start.load_params()
@@ -168,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         base_model=start.base_model,
         prompts=loader,
         tokenizer=start.tokenizer,
+        callbacks=callbacks,
         **reward,
     )
     if rows:

@@ -34,12 +34,18 @@ from typing import Literal
 from rlhf_jax import models, pairs, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import checks, cli, dataset
+from rlhf_jax.run import checks, cli, dataset, reporting
 from rlhf_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+class Config(
+    cli.DistributedFlags,
+    cli.MemoryFlags,
+    cli.LoraFlags,
+    dataset.DataFlags,
+    reporting.ReportFlags,
+):
     """Bradley-Terry reward model on ground-truth-labelled pairs of SFT samples."""
 
     workdir: str = "runs/reward_model"

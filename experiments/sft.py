@@ -36,11 +36,18 @@ from typing import Literal
 from rlhf_jax import models, stages
 from rlhf_jax.data import synthetic, tasks
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import cli, dataset, handover
+from rlhf_jax.run import cli, dataset, handover, reporting, samples
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(cli.DistributedFlags, cli.MemoryFlags, cli.LoraFlags, dataset.DataFlags):
+class Config(
+    cli.DistributedFlags,
+    cli.MemoryFlags,
+    cli.LoraFlags,
+    dataset.DataFlags,
+    reporting.ReportFlags,
+    samples.SampleFlags,
+):
     """Supervised fine-tuning on the synthetic reviews, or on --dataset."""
 
     workdir: str = "runs/sft"
@@ -112,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise ConfigError(
             "--eval-dataset / --assistant-only-loss apply to --dataset (the offline task has none)"
         )
+    prompt_length = config.max_length // 2  # samples: half the row for the prompt
+    callbacks = samples.callbacks_for(
+        config, eval_rows or rows or start.task.test_prompts, start.tokenizer,
+        max_prompt_length=prompt_length, max_new_tokens=config.max_length - prompt_length,
+    )  # fmt: skip
     cli.write_run_config(config.workdir, config)  # every check passed: now the workdir
 
     params = start.load_params()
@@ -132,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows=rows,
         eval_rows=eval_rows,
         tokenizer=start.tokenizer,
+        callbacks=callbacks,
     )
     if rows:
         print(f"sft: step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}; wrote {config.workdir}")

@@ -74,3 +74,20 @@ def load_callable(spec: str, *, flag: str = "function") -> Callable[..., Any]:
     if not callable(obj):
         raise ValueError(f"{flag} {spec}: {attr!r} is a {type(obj).__name__}, not a function")
     return obj
+
+
+def choose(value: Any, names: Any, *, flag: str = "function") -> Any:
+    """A built-in name of `names`, or the function `value` names as `module:function` (or a
+    callable passed from code, returned as it is).
+
+    Raises:
+      ValueError: one line naming `flag`: an unknown name (with the choices), or a function that
+        cannot be loaded (`load_callable`).
+    """
+    if callable(value):
+        return value
+    if is_callable_spec(value):
+        return load_callable(value, flag=flag)
+    if value in names:
+        return value
+    raise ValueError(f"{flag} {value}: choose one of {', '.join(names)}, or module:function")

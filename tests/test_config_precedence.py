@@ -218,6 +218,7 @@ class _Scheduled:
     checkpoint_every: int = 4
     eval_every: int | None = 5
     microbatches: int = 2
+    report_to: tuple[str, ...] = ("wandb",)
     seed: int = 0  # not a schedule field
 
 
@@ -226,16 +227,18 @@ def test_schedule_from_config_then_overrides():
     assert dataclasses.asdict(got) == {
         "steps": 10, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 2, "decay": True,
         "weight_decay": 0.1, "log_every": 3, "checkpoint_every": 4, "eval_every": 5,
-        "microbatches": 2,
+        "microbatches": 2, "report_to": ("wandb",),
     }  # fmt: skip
     got = stages.Schedule.from_config(_Scheduled(), steps=20, decay=False, eval_every=None)
     assert (got.steps, got.decay, got.eval_every, got.log_every) == (20, False, None, 3)
     assert got.fit_kwargs() == {
         "steps": 20, "log_every": 3, "checkpoint_every": 4, "eval_every": None,
+        "report_to": ("wandb",),
     }  # fmt: skip
     other = stages.Schedule.from_config(_Scheduled(log_every=6, checkpoint_every=7, eval_every=8))
     assert other.fit_kwargs() == {
         "steps": 10, "log_every": 6, "checkpoint_every": 7, "eval_every": 8,
+        "report_to": ("wandb",),
     }  # fmt: skip
     # The override reaches the checks: warmup == steps is refused only while decaying.
     with pytest.raises(ValueError, match="warmup_steps must be < steps, got 10"):

@@ -30,6 +30,7 @@ from helpers import drivers as driver_scripts
 from rlhf_jax import data, models, sharding, stages
 from rlhf_jax.data import encode
 from rlhf_jax.run import cli, handover
+from rlhf_jax.run.metrics_writer import SAMPLES_FILE, read_metrics
 
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -163,6 +164,15 @@ def test_sft_on_conversations_trains_on_the_assistant_turns_only(user_model_fold
         )
         assert row["tokens"] == want["input_ids"]
         assert row["loss_mask"] == want["assistant_masks"]
+    # Completion samples at the last step: prompts are each row up to its first trained token
+    # (the generation prompt after the system and user turns), cut to the last max_length // 2.
+    samples = read_metrics(sft_chat_run[0], SAMPLES_FILE)
+    assert [s["step"] for s in samples] == [4] * 4
+    for sample, conversation in zip(samples, chats):
+        ids = hf.apply_chat_template(
+            conversation[:2], add_generation_prompt=True, return_dict=False
+        )
+        assert sample["prompt"] == hf.decode(ids[-48:], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +193,7 @@ def dpo_chat_run(sft_chat_run, tmp_path_factory):
         "--preset", "tiny", "--workdir", str(root / "run"), "--init-from", str(sft_chat_run[0]),
         "--dataset", str(root / "prefs.jsonl"), "--steps", "3", "--checkpoint-every", "3",
         "--lora-rank", "4", "--lora-alpha", "8", "--learning-rate", "1e-2", *SCHEDULE,
+        "--max-prompt-length", "40", "--max-length", "64",  # the whole user turn: samples differ
     ]  # fmt: skip
     return root / "run", driver_scripts.load("dpo").main(argv)
 
@@ -221,6 +232,22 @@ def test_the_export_and_the_adapter_load_in_transformers_with_our_logits(
     )
     base = transformers.AutoModelForCausalLM.from_pretrained(str(sft_chat_run[0] / "hf")).eval()
     assert np.abs(_hf_logits(base, ids) - _hf_logits(merged, ids)).max() > 1e-4  # it trained
+
+    # The completion samples of the last step (LoRA adapters on their base) are transformers'
+    # greedy decoding of the exported model on the dataset's first prompts (implicit: the user
+    # turn with the generation prompt, cut to the last --max-prompt-length tokens).
+    run = json.loads((workdir / "run_config.json").read_text())
+    P, N = run["max_prompt_length"], run["max_length"] - run["max_prompt_length"]
+    samples = read_metrics(workdir, SAMPLES_FILE)
+    assert [s["step"] for s in samples] == [3] * 4
+    for i, sample in enumerate(samples):
+        ids = tok.apply_chat_template(
+            _conversation(i)[1:2], add_generation_prompt=True, return_dict=False
+        )[-P:]
+        assert sample["prompt"] == tok.decode(ids, skip_special_tokens=True)
+        out = merged.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False)
+        assert sample["completion"] == tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+        assert sample["length"] == out.shape[1] - len(ids) or sample["ended"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +341,36 @@ def test_ppo_on_the_dataset_with_a_python_reward(user_model_folder, grpo_gsm_run
     assert row["score"] == pytest.approx(np.mean(fmt), abs=1e-6)  # weight 1: the score
 
 
+def test_user_functions_reach_the_rl_configs(user_model_folder, monkeypatch, tmp_path):
+    """`grpo.py --baseline F --kl-estimator G` and `ppo.py --kl-estimator G` hand the functions
+    (module:function and path/file.py:function) to the method's config; the stage is stubbed."""
+    monkeypatch.syspath_prepend(str(HELPERS))
+    got = {}
+
+    def stub(*args, **kwargs):
+        got.update(kwargs)
+        return None, []
+
+    monkeypatch.setattr(stages, "train_critic_free", stub)
+    monkeypatch.setattr(stages, "train_ppo", stub)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1?"}) + "\n" for i in range(8)))
+    common = ["--init-from", str(user_model_folder), "--dataset", str(prompts),
+              "--reward-fn", "gsm_rewards:format_ok", "--samples", "0"]  # fmt: skip
+    driver_scripts.load("grpo").main(
+        ["--workdir", str(tmp_path / "g"), *common, "--baseline", "gsm_rewards:group_median",
+         "--kl-estimator", str(HELPERS / "gsm_rewards.py") + ":half_square",
+         "--prompts-per-step", "8"]
+    )  # fmt: skip
+    rl = got["rl"]
+    assert rl.baseline.__name__ == "group_median" and rl.kl_estimator.__name__ == "half_square"
+    driver_scripts.load("ppo").main(
+        ["--workdir", str(tmp_path / "p"), *common, "--kl-estimator", "gsm_rewards:half_square",
+         "--batch-size", "8"]
+    )  # fmt: skip
+    assert got["ppo"].kl_estimator.__name__ == "half_square"
+
+
 @pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "ppo", "grpo"])
 def test_every_drivers_help_shows_the_model_and_data_flags(name, capsys):
     with pytest.raises(SystemExit) as info:
@@ -322,8 +379,11 @@ def test_every_drivers_help_shows_the_model_and_data_flags(name, capsys):
     text = capsys.readouterr().out
     for flag in ("--init-from", "--dataset", "--columns", "--truncation"):
         assert flag in text, (name, flag)
+    assert "--report-to" in text
     if name in ("ppo", "grpo"):
-        assert "--reward-fn" in text and "--reward-weights" in text
+        assert "--reward-fn" in text and "--reward-weights" in text and "--kl-estimator" in text
+    if name != "reward_model":
+        assert "--samples" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +461,14 @@ REFUSED = [
               "--reward-weights", "1", "2"], r"--reward-weights: 2 weights for 1 reward functions"),
     ("dpo", ["--init-from", "{model}", "--pairs", "{pairs}", "--loss", "os:no_such"],
      r"--loss os:no_such: os has no 'no_such'"),
+    ("grpo", ["--init-from", "{model}", "--dataset", "{prompts}", "--reward-fn", "os:getcwd",
+              "--baseline", "median"], r"--baseline median: choose one of mean, leave_one_out, or "
+                                       r"module:function"),
+    ("grpo", ["--algo", "reinforce_pp", "--baseline", "mean"],
+     r"--algo reinforce_pp: reinforce_pp whitens .* it takes no baseline"),
+    ("ppo", ["--init-from", "{model}", "--dataset", "{prompts}", "--reward-fn", "os:getcwd",
+             "--kl-estimator", "no_such:k"], r"--kl-estimator no_such:k: no module 'no_such'"),
+    ("sft", ["--report-to", "tensorboard", "none"], r"--report-to tensorboard none: none stands"),
 ]  # fmt: skip
 
 

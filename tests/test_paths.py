@@ -228,7 +228,7 @@ def test_converted_readers_and_writers(root):
     events = [p for p in (root / "w" / "tensorboard").iterdir()]
     assert len(events) == 1 and events[0].name.startswith("events.out.tfevents")
     assert checkpoint.rewind_metrics(root / "w" / "metrics.jsonl", 2) == 2
-    with metrics_writer.MetricsWriter(root / "w", resume_step=None, tensorboard=False) as w:
+    with metrics_writer.MetricsWriter(root / "w", resume_step=None, report_to=()) as w:
         w.write(3, {"loss": 0.1})
     assert [r["step"] for r in metrics_writer.read_metrics(root / "w")] == [1, 2, 3]
 
@@ -263,7 +263,7 @@ def test_sft_then_dpo_with_the_workdir_in_a_bucket(gcs):
     assert [r["step"] for r in rows] == [1, 2]
     assert _ls(sft_dir) == [
         "checkpoints", "hf", "metrics.jsonl", "model_config.json", "run_config.json",
-        "tensorboard",
+        "samples.jsonl", "tensorboard",
     ]  # fmt: skip
     assert _ls(f"{sft_dir}/hf") == [
         "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",

@@ -83,9 +83,25 @@ def _setup(algo="grpo", kl_in="loss", kl_coef=0.05, lr=0.1, **kw):
     return model, cfg, tx, state, {"prompt_tokens": prompts, "prompt_mask": mask}
 
 
-@pytest.mark.parametrize("algo,kl_in", [("grpo", "loss"), ("rloo", "reward")])
-def test_one_compiled_iteration_is_rollout_then_the_clipped_update(algo, kl_in):
-    model, cfg, tx, state, batch = _setup(algo, kl_in)
+def group_max(rewards):
+    """A user's baseline (`--baseline module:function`): each group's best reward."""
+    return jnp.broadcast_to(rewards.max(axis=1, keepdims=True), rewards.shape)
+
+
+def half_square(logps, ref_logps):
+    """A user's KL estimator: k2 = (log r)^2 / 2, written here."""
+    return 0.5 * (logps - ref_logps) ** 2
+
+
+@pytest.mark.parametrize(
+    "algo,kl_in,custom",
+    [("grpo", "loss", False), ("rloo", "reward", False), ("grpo", "loss", True),
+     ("rloo", "reward", True)],
+)  # fmt: skip
+def test_one_compiled_iteration_is_rollout_then_the_clipped_update(algo, kl_in, custom):
+    """`custom`: a user's baseline and KL estimator (functions) replace the method's."""
+    user = dict(baseline=group_max, kl_estimator=half_square) if custom else {}
+    model, cfg, tx, state, batch = _setup(algo, kl_in, **user)
     step = train.make_critic_free_step(model, ar.exact_match_reward, tx, cfg)
     jaxpr = str(jax.make_jaxpr(step)(state, batch))
     assert "callback" not in jaxpr  # generation, reward and update: one program, no host trip
@@ -97,10 +113,17 @@ def test_one_compiled_iteration_is_rollout_then_the_clipped_update(algo, kl_in):
     # in the reward), broadcast over each completion's tokens.
     scores = np.asarray(ro.scores, np.float64)
     if kl_in == "reward":
-        k1 = np.where(ro.response_mask > 0, np.asarray(ro.logps) - np.asarray(ro.ref_logps), 0)
-        scores = scores - 0.05 * k1.sum(1)
+        log_r = np.asarray(ro.logps, np.float64) - np.asarray(ro.ref_logps, np.float64)
+        k = 0.5 * log_r**2 if custom else log_r
+        scores = scores - 0.05 * np.where(ro.response_mask > 0, k, 0).sum(1)
     grouped = scores.reshape(6, 4)
-    if algo == "rloo":
+    if custom and algo == "rloo":  # scale "none"
+        adv = grouped - grouped.max(1, keepdims=True)
+    elif custom:
+        adv = (grouped - grouped.max(1, keepdims=True)) / (
+            grouped.std(1, ddof=1, keepdims=True) + 1e-6
+        )
+    elif algo == "rloo":
         adv = (grouped * 4 - grouped.sum(1, keepdims=True)) / 3
     else:
         adv = (grouped - grouped.mean(1, keepdims=True)) / (
@@ -124,7 +147,9 @@ def test_one_compiled_iteration_is_rollout_then_the_clipped_update(algo, kl_in):
 
     # One SGD step of the loss written here.
     kw = cfg.loss_kwargs()
-    kl = dict(ref_logps=ro.ref_logps, kl_coef=0.05) if kl_in == "loss" else {}
+    estimator = half_square if custom else "k3"
+    kl = dict(ref_logps=ro.ref_logps, kl_coef=0.05, kl_estimator=estimator)
+    kl = kl if kl_in == "loss" else {}
 
     def loss(params):
         return losses.policy_gradient_loss(
@@ -138,6 +163,17 @@ def test_one_compiled_iteration_is_rollout_then_the_clipped_update(algo, kl_in):
         np.testing.assert_allclose(after - before, -0.1 * np.asarray(g), atol=1e-6)
     assert float(metrics["reward"]) == pytest.approx(float(np.mean(ro.scores)))
     assert int(new.step) == 1
+
+
+def test_without_a_reference_there_is_no_kl_term_and_the_logged_kl_is_zero():
+    """kl_coef 0: the state holds no coefficient and the rollout no reference log-probs (zeros);
+    the loss has no KL term, and the logged kl is 0, not the k3 of the policy against zeros."""
+    model, cfg, tx, state, batch = _setup("grpo", "loss", kl_coef=0)
+    assert not state.hparams
+    step = jax.jit(train.make_critic_free_step(model, ar.exact_match_reward, tx, cfg))
+    _, metrics = step(state, batch)
+    assert float(metrics["kl"]) == 0.0
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["pg_loss"]), abs=1e-7)
 
 
 def test_config_is_checked_before_anything_runs():

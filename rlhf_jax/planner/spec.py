@@ -36,7 +36,7 @@ CHIPS: dict[str, Chip] = {
     "h200": Chip(141e9, 989e12, 4800e9, "nvidia.com/en-us/data-center/h200 (SXM)"),
 }
 
-CRITIC_FREE = tuple(train.critic_free.ALGORITHMS)
+CRITIC_FREE = tuple(train.ALGORITHMS)
 ALGOS = ("sft", "reward", "dpo", "ppo") + CRITIC_FREE
 REFERENCES = ("model", "precomputed", "base")
 

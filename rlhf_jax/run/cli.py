@@ -28,7 +28,7 @@ import jax
 
 from rlhf_jax import data, distributed, lora, models, paths
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.run import checks, handover
+from rlhf_jax.run import checks, handover, reporting
 from rlhf_jax.run.checks import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
     check_batch,
@@ -341,6 +341,8 @@ def prepare_init(
       ConfigError: the first problem, naming the flag or file and what to change.
     """
     checks.validate(config, rules, files=files)
+    if hasattr(config, "report_to"):
+        reporting.check_report_to(config.report_to)
     init_from = getattr(config, "init_from", None) or None
     if init_from is None and random_init is None:
         raise ConfigError(required or "pass --init-from (an HF model folder or a stage's workdir)")

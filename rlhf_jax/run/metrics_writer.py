@@ -1,4 +1,5 @@
-"""Metrics to `WORKDIR/metrics.jsonl` and TensorBoard event files, resumable.
+"""Metrics to `WORKDIR/metrics.jsonl` (and the reporters of `run.reporting`: TensorBoard, W&B),
+completion samples to `WORKDIR/samples.jsonl`, resumable.
 
 One JSON object per logged step (always with `step`), appended and flushed at each write so a
 killed run loses nothing it reported. On resume from a checkpoint at step S, the rows after S are
@@ -6,26 +7,24 @@ dropped (they belong to the lost part of the run and will be written again), so 
 is identical to an uninterrupted one.
 
 The workdir may be local or a cloud URL (gs://..., `rlhf_jax.paths`). There an object cannot be
-appended: each row rewrites metrics.jsonl whole from the rows kept in memory (one atomic upload),
-and the TensorBoard event file is buffered and uploaded whole at each flush, through the same
-paths (tensorboardX's writer for that URL scheme is replaced by one on `etils.epath`).
+appended: each row rewrites metrics.jsonl whole from the rows kept in memory (one atomic upload).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
 
 from rlhf_jax import paths
+from rlhf_jax.run import reporting
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
 def _to_python(value: Any) -> Any:
@@ -42,9 +41,10 @@ def _to_python(value: Any) -> Any:
     return float(arr)
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads every row of `WORKDIR/metrics.jsonl` (an empty list when there is none)."""
-    path = paths.as_path(workdir) / METRICS_FILE
+def read_metrics(workdir: str | os.PathLike, file: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """Reads every row of `WORKDIR/metrics.jsonl` (or `file`, e.g. `SAMPLES_FILE`; an empty list
+    when there is none)."""
+    path = paths.as_path(workdir) / file
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -66,14 +66,16 @@ def _rows_up_to(path: epath.Path, step: int | None) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends scalar metrics to `metrics.jsonl` and TensorBoard; only the primary process writes.
+    """Appends scalar metrics to `metrics.jsonl` and the reporters; only the primary process writes.
 
     Args:
       workdir: the run directory.
       resume_step: the step of the checkpoint the run resumed from; rows with a larger step are
-        removed from metrics.jsonl (None keeps every row, 0 or a fresh run starts empty).
+        removed from metrics.jsonl and samples.jsonl (None keeps every row, 0 or a fresh run
+        starts empty).
       enabled: False on non-primary processes of a multi-host run.
-      tensorboard: also write TensorBoard event files under `WORKDIR/tensorboard`.
+      report_to: reporter names of `run.reporting` ("tensorboard", "wandb"; () for none), checked
+        (`reporting.check_report_to`).
     """
 
     def __init__(
@@ -82,26 +84,28 @@ class MetricsWriter:
         *,
         resume_step: int | None = 0,
         enabled: bool = True,
-        tensorboard: bool = True,
+        report_to: Sequence[str] = ("tensorboard",),
     ):
         self.workdir = paths.as_path(workdir)
         self.path = self.workdir / METRICS_FILE
+        self.samples_path = self.workdir / SAMPLES_FILE
         self.enabled = enabled
-        self._tb = None
-        self._file = None
+        self._reporters: list[Any] = []
+        self._file = self._samples = None
+        self._resume_step = resume_step
         if not enabled:
             return
+        report_to = reporting.check_report_to(report_to, flag="report_to")
         self.workdir.mkdir(parents=True, exist_ok=True)
         kept = _rows_up_to(self.path, resume_step)
         self._file = paths.JsonlAppender(self.path, kept)  # atomic: the old or the new file
-        if tensorboard:
-            from tensorboardX import SummaryWriter
+        if self.samples_path.exists():  # a resumed run: drop the samples of the lost steps
+            self._open_samples()
+        self._reporters = reporting.make_reporters(workdir, report_to, resume_step=resume_step)
 
-            logdir = self.workdir / "tensorboard"
-            if paths.is_cloud(logdir):
-                _register_cloud_events(os.fspath(logdir))
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(paths.as_str(logdir), purge_step=purge)
+    def _open_samples(self) -> None:
+        kept = _rows_up_to(self.samples_path, self._resume_step)
+        self._samples = paths.JsonlAppender(self.samples_path, kept)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Writes one row `{"step": step, **metrics}` and returns it (as python numbers)."""
@@ -110,59 +114,30 @@ class MetricsWriter:
         if not self.enabled:
             return row
         self._file.append(row)
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    if math.isfinite(value):
-                        self._tb.add_scalar(key, value, global_step=int(step))
-            self._tb.flush()
+        for reporter in self._reporters:
+            reporter.log(int(step), row)
         return row
 
+    def write_samples(self, step: int, samples: Sequence[Mapping[str, Any]]) -> None:
+        """Appends completion samples (`{"prompt", "completion", ...}` each) to samples.jsonl as
+        `{"step": step, ...}` rows and shows them in the reporters."""
+        if not self.enabled:
+            return
+        if self._samples is None:  # opened on first use: runs without samples write no file
+            self._open_samples()
+        rows = [{"step": int(step), **s} for s in samples]
+        for row in rows:
+            self._samples.append(row)
+        for reporter in self._reporters:
+            reporter.log_samples(int(step), rows)
+
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for reporter in self._reporters:
+            reporter.close()
+        self._reporters = []
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _CloudEventFile:
-    """A TensorBoard event file at a cloud path: buffered, and the whole object uploaded at each
-    flush (objects cannot be appended; as tensorboardX's own gs:// writer does)."""
-
-    def __init__(self, path: str):
-        self.path = paths.as_path(path)
-        self._buffer = io.BytesIO()
-        self._dirty = False
-
-    def write(self, data: bytes) -> None:
-        self._buffer.write(data)
-        self._dirty = True
-
-    def flush(self) -> None:
-        if self._dirty:
-            self.path.write_bytes(self._buffer.getvalue())
-            self._dirty = False
-
-    def close(self) -> None:
-        self.flush()
-
-
-class _CloudEventFiles:
-    """tensorboardX's writer factory for one URL scheme, on `rlhf_jax.paths`."""
-
-    def open(self, path: str) -> _CloudEventFile:
-        return _CloudEventFile(path)
-
-    def directory_check(self, path: str) -> None:
-        pass  # object stores have no folders to create
-
-
-def _register_cloud_events(logdir: str) -> None:
-    from tensorboardX import record_writer
-
-    record_writer.register_writer_factory(logdir.split("://", 1)[0], _CloudEventFiles())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ from rlhf_jax import data as rdata
 from rlhf_jax import distributed, paths
 from rlhf_jax import sharding as sh
 from rlhf_jax.checkpoint import Checkpointer, NonFiniteLossError
+from rlhf_jax.run import callbacks as cb
 from rlhf_jax.run.metrics_writer import MetricsWriter, read_metrics
 
 logger = logging.getLogger("rlhf_jax.run.runner")
@@ -60,6 +61,9 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     jit: bool = True,
+    report_to: Sequence[str] = ("tensorboard",),
+    callbacks: Sequence[Any] = (),
+    policy: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Trains `state` with `step_fn` up to `steps` updates; resumable, deterministic, NaN-safe.
 
@@ -77,11 +81,15 @@ def fit(
       the last checkpoint is the last good one (so `checkpoint_every` need not be a multiple of
       `log_every`).
     - Logging: at each log step (and the last) the metrics of that step are written to
-      `WORKDIR/metrics.jsonl` and TensorBoard (`MetricsWriter`) as `{"step", "loss", ...}`, and the
-      tqdm bar shows the loss. `eval_fn(state, step) -> dict` runs every `eval_every` steps (and
-      at the last), its values merged into that step's row as `eval/<name>`. The row of step t
-      holds what update t returned (its loss and gradient norms are those of the params before
-      it, as every step defines them), and its `eval/` values those of the state after it.
+      `WORKDIR/metrics.jsonl` and the reporters of `report_to` (TensorBoard, W&B:
+      `MetricsWriter`) as `{"step", "loss", ...}`, and the tqdm bar shows the loss.
+      `eval_fn(state, step) -> dict` runs every `eval_every` steps (and at the last), its values
+      merged into that step's row as `eval/<name>`. The row of step t holds what update t
+      returned (its loss and gradient norms are those of the params before it, as every step
+      defines them), and its `eval/` values those of the state after it.
+    - Callbacks (`run.callbacks`): `on_eval` at the evaluation steps (also without `eval_fn`;
+      what it returns joins the row as `eval/<name>`), `on_log` after each row is written,
+      `on_checkpoint` after each checkpoint; on every process.
     - Checkpoints every `checkpoint_every` steps and at the end, with the loader's state; the
       last `keep` are kept.
 
@@ -98,6 +106,10 @@ def fit(
       eval_fn, eval_every: periodic evaluation.
       desc, progress: the tqdm bar.
       jit: compile `step_fn` (True) or call it as is (False).
+      report_to: where rows go besides metrics.jsonl: "tensorboard", "wandb" (() for none).
+      callbacks: objects with hooks `on_log` / `on_eval` / `on_checkpoint` (`run.callbacks`).
+      policy: `state -> (model, params)` of the policy the state trains, for callbacks that
+        sample (`Event.policy`); None where there is none.
     Returns:
       (final state on `mesh`, every metrics row of the run so far).
     """
@@ -105,6 +117,7 @@ def fit(
 
     if steps < 0 or log_every < 1 or checkpoint_every < 1:
         raise ValueError("need steps >= 0, log_every >= 1 and checkpoint_every >= 1")
+    callbacks = cb.check(callbacks)
     mesh = sh.make_mesh() if mesh is None else mesh
     workdir = paths.as_path(workdir)  # local or cloud (gs://)
     it = iter(batches)
@@ -123,7 +136,7 @@ def fit(
                 next(it)
     if start > steps:
         logger.warning("%s holds step %d, beyond --steps %d: nothing to do", workdir, start, steps)
-    writer = MetricsWriter(workdir, resume_step=start, enabled=primary)
+    writer = MetricsWriter(workdir, resume_step=start, enabled=primary, report_to=report_to)
     rows = read_metrics(workdir) if primary else []
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and primary))
     compiled, pending, last_ckpt = None, [], start
@@ -136,7 +149,9 @@ def fit(
             pending.append((t, {k: metrics[k] for k in HEALTH_METRICS if k in metrics}))
             bar.update(1)
             is_last = t == steps
-            do_eval = eval_fn is not None and (is_last or (eval_every and t % eval_every == 0))
+            do_eval = (eval_fn is not None or callbacks) and (
+                is_last or (eval_every and t % eval_every == 0)
+            )
             do_log = is_last or do_eval or t % log_every == 0
             do_ckpt = is_last or t % checkpoint_every == 0
             if not (do_log or do_ckpt):
@@ -150,18 +165,27 @@ def fit(
                     f"after it: the last checkpoint is step {last_ckpt} in {workdir} (lower the "
                     "learning rate or check the data, then rerun to resume from there)"
                 )
+            event = cb.Event(t, state, workdir, writer, primary, policy_fn=policy)
             if do_log:
                 row = {k: v for k, v in jax.device_get(dict(metrics)).items()}
                 if do_eval:
-                    evals = jax.device_get(dict(eval_fn(state, t)))
+                    evals = {} if eval_fn is None else jax.device_get(dict(eval_fn(state, t)))
+                    event.evals = evals
+                    evals = {**evals, **jax.device_get(cb.run(callbacks, "on_eval", event))}
                     row.update({f"eval/{k}": v for k, v in evals.items()})
                 row = writer.write(t, row)
                 rows.append(row)
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}")
+                event.row = row
+                cb.run(callbacks, "on_log", event)
             if do_ckpt:
                 data_state = None if loader is None else rdata.loader_state(loader)
                 ckpt.maybe_save(t, state, data_state=data_state, force=True)
                 last_ckpt = t
+                if any(callable(getattr(c, "on_checkpoint", None)) for c in callbacks):
+                    ckpt.wait()  # the hook sees the checkpoint complete (saves are async)
+                    event.checkpoint_dir = paths.as_path(ckpt.directory)
+                    cb.run(callbacks, "on_checkpoint", event)
     finally:
         bar.close()
         writer.close()

@@ -34,6 +34,8 @@ class Schedule:
       eval_every: evaluation interval (None: at the last step only, when there is an evaluation).
       microbatches: gradient accumulation inside the one compiled step (`train.make_step`): the
         batch is split into that many consecutive microbatches (it must divide `batch_size`).
+      report_to: where metrics go besides metrics.jsonl (`run.reporting`: "tensorboard",
+        "wandb"; () or ("none",) for none).
     """
 
     steps: int
@@ -46,6 +48,7 @@ class Schedule:
     checkpoint_every: int = 100
     eval_every: int | None = None
     microbatches: int = 1
+    report_to: tuple[str, ...] = ("tensorboard",)
 
     def __post_init__(self):
         checks = [
@@ -96,6 +99,7 @@ class Schedule:
             "log_every": self.log_every,
             "checkpoint_every": self.checkpoint_every,
             "eval_every": self.eval_every,
+            "report_to": tuple(self.report_to),
         }
 
 

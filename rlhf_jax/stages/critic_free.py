@@ -45,6 +45,7 @@ def train_critic_free(
     lora: Any = None,
     quantize: str = "none",
     base_model: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, list[dict]]:
     """A critic-free run from `params` on the prompt batches of `loader` (`schedule.batch_size`
     prompts per iteration, each sampled `rl.group_size` times).
@@ -63,6 +64,8 @@ def train_critic_free(
     Args:
       base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
         adapter_config.json (`base_model_name_or_path`).
+      callbacks: `runner.fit` hooks (`run.callbacks`; e.g. `run.samples.CompletionSamples`),
+        which see the policy through `Event.policy()`.
 
     Returns:
       (final policy params (stacked over kl_coefs for a sweep), metrics rows).
@@ -92,7 +95,9 @@ def train_critic_free(
             trained, opt, seed, reward_params=reward_params, base_params=base, **kl
         )
 
-    common = dict(workdir=workdir, mesh=mesh, eval_fn=eval_fn, progress=progress)
+    common = dict(
+        workdir=workdir, mesh=mesh, eval_fn=eval_fn, progress=progress, callbacks=callbacks
+    )
     if kl_coefs is not None:
         states = sweeps.stack_sweep([state_for(k) for k in kl_coefs])
         state, rows = runner.fit(
@@ -108,9 +113,16 @@ def train_critic_free(
     else:
         step = make_host_reward_step(fns, host_reward, mesh=mesh, on=reward_on, tokenizer=tokenizer)
         jit, desc = False, f"{rl.algo} (host reward)"
+
+    def policy(state: Any) -> tuple[Any, Any]:
+        if lora is None:
+            return model, state.params
+        return model, lora_lib.view(state.params, state.frozen["base"])
+
     state, rows = runner.fit(
-        step, state_for(kl_coef), loader, desc=desc, jit=jit, **common, **schedule.fit_kwargs()
-    )
+        step, state_for(kl_coef), loader, desc=desc, jit=jit, policy=policy, **common,
+        **schedule.fit_kwargs(),
+    )  # fmt: skip
     if lora is not None:
         base = state.frozen["base"]
         return save_adapted(workdir, cfg, base, state.params, lora, tokenizer, base_model), rows

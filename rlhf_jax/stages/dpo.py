@@ -45,6 +45,7 @@ def train_dpo(
     lora: Any = None,
     quantize: str = "none",
     base_model: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, list[dict], dict[str, Any]]:
     """Trains the policy from `params` (also the reference) with `train.make_dpo_step`.
 
@@ -67,6 +68,8 @@ def train_dpo(
       eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state for several betas).
       base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
         adapter_config.json (`base_model_name_or_path`).
+      callbacks: `runner.fit` hooks (`run.callbacks`; e.g. `run.samples.CompletionSamples`),
+        which see the policy through `Event.policy()`.
 
     Returns:
       (final params (stacked over betas for a sweep; merged with the adapters under `lora`),
@@ -116,6 +119,14 @@ def train_dpo(
         records, tokenizer, batch_size=schedule.local_batch_size, seed=seed, **lengths
     )
     info: dict[str, Any] = {"pairs": len(records)}
+
+    def policy(state: Any) -> tuple[Any, Any]:
+        if lora is None:
+            return model, state.params
+        return lora_lib.LoraTransformer(cfg, lora), lora_lib.view(
+            state.params, state.frozen["base"]
+        )
+
     if not sweep:
         state, rows = runner.fit(
             step,
@@ -124,6 +135,8 @@ def train_dpo(
             workdir=workdir,
             mesh=mesh,
             eval_fn=eval_fn,
+            callbacks=callbacks,
+            policy=policy,
             desc="dpo" if lora is None else "dpo (lora)",
             progress=progress,
             **schedule.fit_kwargs(),
@@ -168,6 +181,7 @@ def train_dpo(
         workdir=workdir,
         mesh=mesh,
         eval_fn=eval_fn,
+        callbacks=callbacks,
         desc="dpo sweep",
         progress=progress,
         jit=False,  # compiled above

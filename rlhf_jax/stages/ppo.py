@@ -136,6 +136,7 @@ def train_ppo(
     base_model: str | None = None,
     prompts: Any = None,
     tokenizer: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, list[dict]]:
     """PPO from `params` (policy and frozen reference) on the task's training prompts, or on the
     batches of `prompts` (a loader, e.g. `stages.rewards.prompt_rows_loader` of a dataset, with
@@ -159,6 +160,8 @@ def train_ppo(
       eval_fn: `(state, step) -> dict` for `runner.fit` (a sweep state with `kl_coefs`).
       base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
         adapter_config.json (`base_model_name_or_path`).
+      callbacks: `runner.fit` hooks (`run.callbacks`; e.g. `run.samples.CompletionSamples`),
+        which see the policy through `Event.policy()`.
 
     Returns:
       (final policy params (stacked over kl_coefs for a sweep), metrics rows).
@@ -204,7 +207,9 @@ def train_ppo(
     loader = prompts or prompt_loader(
         task, batch_size=schedule.local_batch_size, max_prompt_length=max_prompt_length, seed=seed
     )
-    common = dict(workdir=workdir, mesh=mesh, eval_fn=eval_fn, progress=progress)
+    common = dict(
+        workdir=workdir, mesh=mesh, eval_fn=eval_fn, progress=progress, callbacks=callbacks
+    )
     if kl_coefs is not None:
         states = sweeps.stack_sweep([state_for(k) for k in kl_coefs])
         state, rows = runner.fit(
@@ -221,8 +226,12 @@ def train_ppo(
         step = make_host_reward_step(fns, host_reward, mesh=mesh, on=reward_on, tokenizer=tok)
         jit, desc = False, "ppo (host reward)"
     desc += " (lora)" if lora is not None else ""
+
+    def policy(state: Any) -> tuple[Any, Any]:
+        return nets[0], train.ppo.policy_view(nets[0], state.policy_params, state.ref_params)
+
     state, rows = runner.fit(
-        step, state_for(ppo.kl_coef), loader, desc=desc, jit=jit, **common,
+        step, state_for(ppo.kl_coef), loader, desc=desc, jit=jit, policy=policy, **common,
         **schedule.fit_kwargs(),
     )  # fmt: skip
     if lora is not None:

@@ -40,6 +40,7 @@ def train_reward_model(
     lora: Any = None,
     quantize: str = "none",
     base_model: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, list[dict], dict[str, Any]]:
     """Trains a `RewardModel` (trunk = `lm_params`, head ~ N(0, 1/sqrt(D+1)) from PRNGKey(seed))
     on `train_pairs`; evaluates the held-out accuracy on `test_pairs` every
@@ -57,6 +58,7 @@ def train_reward_model(
     Args:
       base_model: a LoRA run's starting HF folder, named as the base in the PEFT adapter's
         adapter_config.json (`base_model_name_or_path`).
+      callbacks: `runner.fit` hooks (`run.callbacks`; `Event.policy()` is None: no policy).
 
     Returns:
       (params, metrics rows, info: heldout_accuracy, heldout_margin, heldout_pairs, train_pairs,
@@ -100,6 +102,7 @@ def train_reward_model(
         workdir=workdir,
         mesh=mesh,
         eval_fn=eval_fn if test_pairs else None,
+        callbacks=callbacks,
         desc="reward model" if lora is None else "reward model (lora)",
         progress=progress,
         **schedule.fit_kwargs(),

@@ -34,6 +34,7 @@ def train_sft(
     rows: Sequence[Any] | None = None,
     eval_rows: Sequence[Any] | None = None,
     tokenizer: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, list[dict]]:
     """Trains `params` (a `Transformer` of `cfg`) on the task's full reviews and writes
     `WORKDIR/hf/` for the next stage (`handover.save_lm`); resumes from `WORKDIR/checkpoints`.
@@ -53,6 +54,8 @@ def train_sft(
       rows, eval_rows, tokenizer: a researcher's data instead of the task (`task` may be None):
         the token rows of `data.encode_dataset` (tokens, loss_mask) to train on and, when given,
         to evaluate on every `schedule.eval_every` steps; `tokenizer` is written with the model.
+      callbacks: `runner.fit` hooks (`run.callbacks`; e.g. `run.samples.CompletionSamples`),
+        which see the policy through `Event.policy()`.
 
     Returns:
       (final params (merged under `lora`), metrics rows).
@@ -103,6 +106,8 @@ def train_sft(
         workdir=workdir,
         mesh=mesh,
         eval_fn=eval_fn,
+        callbacks=callbacks,
+        policy=lambda state: (model, policy_of(state)),
         desc="sft" if lora is None else "sft (lora)",
         progress=progress,
         **schedule.fit_kwargs(),

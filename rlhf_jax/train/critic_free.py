@@ -27,7 +27,6 @@ prompt-major: row p * G + g is completion g of prompt p.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -40,7 +39,8 @@ import optax
 from rlhf_jax import losses
 from rlhf_jax import sharding as sh
 from rlhf_jax.lora import LoraTransformer, check_no_dropout, lora_loss
-from rlhf_jax.sampling import SamplingConfig, generate
+from rlhf_jax.sampling import generate
+from rlhf_jax.train.critic_free_config import ALGORITHMS, CriticFreeConfig
 from rlhf_jax.train.logps import response_logps_entropy, sequence
 from rlhf_jax.train.state import TrainState, create_train_state
 from rlhf_jax.train.step import make_step
@@ -49,122 +49,6 @@ Batch = Mapping[str, jax.Array]
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 Reward = RewardFn | nn.Module | None  # a JAX function, a RewardModel, or None (host reward)
 FROZEN_KEYS = ("ref", "reward", "base")
-
-# algorithm -> its choices (losses.critic_free's module doc); "advantages": group or reinforce_pp
-ALGORITHMS: dict[str, dict[str, Any]] = {
-    "grpo": dict(baseline="mean", scale="std", ratio="token", aggregation="sequence_mean"),
-    "dr_grpo": dict(baseline="mean", scale="none", ratio="token", aggregation="sequence_sum_norm"),
-    "dapo": dict(
-        baseline="mean", scale="std", ratio="token", aggregation="token_mean", clip_eps_high=0.28
-    ),
-    "gspo": dict(
-        baseline="mean",
-        scale="std",
-        ratio="sequence",
-        aggregation="sequence_mean",
-        clip_eps_low=3e-4,
-        clip_eps_high=4e-4,
-    ),  # fmt: skip
-    "rloo": dict(
-        baseline="leave_one_out", scale="none", ratio="token", aggregation="sequence_mean"
-    ),
-    "reinforce_pp": dict(baseline=None, scale=None, ratio="token", aggregation="token_mean"),
-}
-# DAPO's dynamic sampling is on by default for "dapo" (`CriticFreeConfig.dynamic_sampling`).
-DYNAMIC_SAMPLING_DEFAULT = ("dapo",)
-
-
-@dataclasses.dataclass(frozen=True)
-class CriticFreeConfig:
-    """One critic-free method and its sampling.
-
-    Attributes:
-      algo: a name of `ALGORITHMS`; it sets the baseline, scale, ratio, aggregation and clip
-        range (explicit `clip_eps_low` / `clip_eps_high` override the algorithm's).
-      group_size: G completions per prompt (>= 2).
-      kl_in: "loss" (β k3 in the loss, GRPO's form) or "reward" (r - β Σ k1, Eq. 3); β is the
-        state's `hparams["kl_coef"]`, the reference `state.frozen["ref"]` (a state without it
-        has no KL term and no reference forward).
-      epochs, num_minibatches: updates per rollout (minibatches split whole groups).
-      dynamic_sampling: DAPO's dynamic sampling: train on the first `num_groups` groups whose
-        rewards are not all equal (`losses.select_groups`); slots left when fewer are
-        informative train with weight 0. None: on for "dapo", off otherwise.
-      num_groups: groups kept by dynamic sampling (default: all the prompts of the batch, so
-        only the uninformative ones are dropped); sample more prompts than this to refill.
-      overlong_cache: DAPO's soft overlong punishment (`losses.overlong_penalty`) over the last
-        `overlong_cache` of `max_new_tokens`, added to the reward; None: off.
-      temperature, max_new_tokens, top_k, top_p, eos_id, pad_id: sampling.
-    """
-
-    algo: str = "grpo"
-    group_size: int = 8
-    kl_in: str = "loss"
-    clip_eps_low: float | None = None
-    clip_eps_high: float | None = None
-    epochs: int = 1
-    num_minibatches: int = 1
-    temperature: float = 1.0
-    max_new_tokens: int = 16
-    top_k: int | None = None
-    top_p: float | None = None
-    eos_id: int | None = None
-    pad_id: int = 0
-    dynamic_sampling: bool | None = None
-    num_groups: int | None = None
-    overlong_cache: int | None = None
-
-    def __post_init__(self):
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"algo must be one of {tuple(ALGORITHMS)}, got {self.algo!r}")
-        if self.kl_in not in ("loss", "reward"):
-            raise ValueError(f"kl_in must be 'loss' or 'reward', got {self.kl_in!r}")
-        checks = [
-            ("group_size", self.group_size >= 2, ">= 2"),
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("num_minibatches", self.num_minibatches >= 1, ">= 1"),
-            ("temperature", self.temperature > 0, "> 0"),
-            ("clip_eps_low", self.clip_eps_low is None or self.clip_eps_low > 0, "> 0"),
-            ("clip_eps_high", self.clip_eps_high is None or self.clip_eps_high > 0, "> 0"),
-            ("num_groups", self.num_groups is None or self.num_groups >= 1, ">= 1"),
-            (
-                "overlong_cache",
-                self.overlong_cache is None or 1 <= self.overlong_cache <= self.max_new_tokens,
-                f"in [1, max_new_tokens={self.max_new_tokens}]",
-            ),
-        ]
-        for name, ok, accepted in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
-        SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)  # checks
-        if self.num_groups is not None and not self.uses_dynamic_sampling:
-            raise ValueError("num_groups applies with dynamic_sampling; turn it on or drop it")
-        if self.num_groups is not None and self.num_groups % self.num_minibatches:
-            raise ValueError(
-                f"num_minibatches={self.num_minibatches} must split num_groups={self.num_groups}"
-            )
-
-    @property
-    def uses_dynamic_sampling(self) -> bool:
-        if self.dynamic_sampling is None:
-            return self.algo in DYNAMIC_SAMPLING_DEFAULT
-        return self.dynamic_sampling
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
-
-    def loss_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `losses.policy_gradient_loss` this method uses."""
-        choice = ALGORITHMS[self.algo]
-        low = self.clip_eps_low or choice.get("clip_eps_low", 0.2)
-        high = self.clip_eps_high or choice.get("clip_eps_high")
-        return dict(
-            clip_eps_low=low,
-            clip_eps_high=high,
-            ratio=choice["ratio"],
-            aggregation=choice["aggregation"],
-            max_tokens=self.max_new_tokens,
-        )
 
 
 def create_critic_free_state(
@@ -254,8 +138,12 @@ def make_critic_free_loss(model: nn.Module, cfg: CriticFreeConfig):
             model, params, tokens, mask, ro.response_tokens, p, cfg.temperature
         )
         kl = {}
-        if cfg.kl_in == "loss":
-            kl = dict(ref_logps=ro.ref_logps, kl_coef=hparams.get("kl_coef", 0.0))
+        if cfg.kl_in == "loss" and "kl_coef" in (hparams or {}):  # a state with a reference
+            kl = dict(
+                ref_logps=ro.ref_logps,
+                kl_coef=hparams.get("kl_coef", 0.0),
+                kl_estimator=cfg.kl_estimator or "k3",
+            )
         loss, metrics = losses.policy_gradient_loss(
             logps, ro.logps, ro.advantages, ro.response_mask, entropy=entropy, **kl, **kwargs
         )
@@ -272,10 +160,11 @@ def _advantages(cfg: CriticFreeConfig, ro: CriticFreeRollout, rewards, kl_coef) 
             rewards, ro.logps, ro.ref_logps, ro.response_mask, kl_coef=in_reward
         )
     # The sequence reward of Eq. 3: r - β Σ_t k1_t (0 when the KL sits in the loss).
-    kl = losses.kl_estimate(ro.logps, ro.ref_logps, estimator="k1")
+    kl = losses.kl_estimate(ro.logps, ro.ref_logps, estimator=cfg.kl_estimator or "k1")
     total = rewards - in_reward * jnp.sum(jnp.where(ro.response_mask > 0, kl, 0.0), axis=1)
     grouped = total.reshape(-1, cfg.group_size)
-    adv = losses.group_advantages(grouped, baseline=choice["baseline"], scale=choice["scale"])
+    baseline = choice["baseline"] if cfg.baseline is None else cfg.baseline
+    adv = losses.group_advantages(grouped, baseline=baseline, scale=choice["scale"])
     return jnp.broadcast_to(adv.reshape(-1, 1), ro.response_mask.shape)
 
 

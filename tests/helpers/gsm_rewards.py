@@ -34,3 +34,15 @@ def dpo_sigmoid_plus_one(
 
     margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
     return 1.0 - jax.nn.log_sigmoid(beta * margin)
+
+
+def group_median(rewards):
+    """A group baseline for `--baseline`: each group's median reward ([P, G] -> [P, G])."""
+    import jax.numpy as jnp
+
+    return jnp.broadcast_to(jnp.median(rewards, axis=1, keepdims=True), rewards.shape)
+
+
+def half_square(logps, ref_logps):
+    """A KL estimator for `--kl-estimator`: k2 = (log r)^2 / 2 per token."""
+    return 0.5 * (logps - ref_logps) ** 2
