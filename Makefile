@@ -28,7 +28,7 @@ demo: $(BASE_STAMP)
 test: $(TEST_STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # The three notebooks executed in place at their tiny settings (outputs and figures committed).
 notebooks: $(TEST_STAMP)

@@ -4,6 +4,9 @@ methods (`dev/mutants.py` runs them).
 
 from mutant_spec import CRITIC_FREE_TESTS, PPO_TESTS, STEP_TESTS, Mutant
 
+_UNPAIRED = "tests/test_losses_unpaired.py"
+_KTO_STEP = "tests/test_step_gradients.py::test_kto_step_gradient"
+
 METHODS = (
     # --- the training steps -------------------------------------------------------------------
     Mutant(
@@ -331,5 +334,102 @@ METHODS = (
         "(logits, cache)",
         ("tests/test_sampling.py",),
         "group sampling copies the caches in the wrong row order",
+    ),
+    # --- issue 28: KTO, the generalized JSD, CPO ------------------------------------------
+    Mutant(
+        "kto-reference-point-not-clamped",
+        "rlhf_jax/losses/unpaired.py",
+        "return jax.lax.stop_gradient(jnp.maximum(gap, 0.0))",
+        "return jax.lax.stop_gradient(gap)",
+        (_UNPAIRED,),
+        "z0 goes negative when the policy is below the reference on the mismatched pairs",
+    ),
+    Mutant(
+        "kto-reference-point-differentiated",
+        "rlhf_jax/losses/unpaired.py",
+        "return jax.lax.stop_gradient(jnp.maximum(gap, 0.0))",
+        "return jnp.maximum(gap, 0.0)",
+        (_UNPAIRED,),
+        "the reference point carries a gradient (the paper and TRL hold it constant)",
+    ),
+    Mutant(
+        "kto-undesirable-value-sign",
+        "rlhf_jax/losses/unpaired.py",
+        "jax.nn.sigmoid(beta * (r - z0)), jax.nn.sigmoid(beta * (z0 - r))",
+        "jax.nn.sigmoid(beta * (r - z0)), jax.nn.sigmoid(beta * (r - z0))",
+        (_UNPAIRED,),
+        "undesirable rows are rewarded for a higher likelihood",
+    ),
+    Mutant(
+        "kto-weights-swapped",
+        "rlhf_jax/losses/unpaired.py",
+        "jnp.where(good, f32(desirable_weight), f32(undesirable_weight))",
+        "jnp.where(good, f32(undesirable_weight), f32(desirable_weight))",
+        (_UNPAIRED,),
+        "w_d weighs the undesirable rows",
+    ),
+    Mutant(
+        "kto-step-reference-point-from-the-rows",
+        "rlhf_jax/train/kto.py",
+        'pol_kl = jax.lax.stop_gradient(_seq_logps(model, params, batch, "kl_"))',
+        'pol_kl = jax.lax.stop_gradient(_seq_logps(model, params, batch, ""))',
+        (_KTO_STEP,),
+        "z0 is estimated on the rows themselves, not on mismatched pairs",
+    ),
+    Mutant(
+        "kto-stage-weights-dropped",
+        "rlhf_jax/stages/dpo.py",
+        "train.make_kto_loss(net, **weights)",
+        "train.make_kto_loss(net)",
+        ("tests/test_own_model.py::test_kto_on_an_unpaired_dataset_starts_at_its_closed_form",),
+        "--undesirable-weight never reaches the loss",
+    ),
+    Mutant(
+        "kto-mismatched-pair-is-its-own-prompt",
+        "rlhf_jax/data/unpaired.py",
+        "_joined(rows[(i + 1) % n][0], rows[i][1], rows[i][2], eos, max_length)",
+        "_joined(rows[i][0], rows[i][1], rows[i][2], eos, max_length)",
+        ("tests/test_data_unpaired.py",),
+        "the KL pairs are the rows themselves: z0 is the rows' own log-ratio",
+    ),
+    Mutant(
+        "gjsd-forward-kl-reversed",
+        "rlhf_jax/losses/unpaired.py",
+        "    if beta == 0.0:\n        return kl(t, s)",
+        "    if beta == 0.0:\n        return kl(s, t)",
+        (_UNPAIRED,),
+        "beta = 0 gives the reverse KL",
+    ),
+    Mutant(
+        "gjsd-mixture-weights-swapped",
+        "rlhf_jax/losses/unpaired.py",
+        "m = jnp.logaddexp(t + jnp.log(beta), s + jnp.log1p(-beta))",
+        "m = jnp.logaddexp(s + jnp.log(beta), t + jnp.log1p(-beta))",
+        (_UNPAIRED,),
+        "M = beta s + (1 - beta) t",
+    ),
+    Mutant(
+        "gjsd-student-untempered",
+        "rlhf_jax/losses/unpaired.py",
+        "s = jax.nn.log_softmax(f32(student_logits) / f32(temperature), axis=-1)",
+        "s = jax.nn.log_softmax(f32(student_logits), axis=-1)",
+        (_UNPAIRED,),
+        "the student's softmax ignores the temperature",
+    ),
+    Mutant(
+        "cpo-label-smoothing-ignored",
+        "rlhf_jax/losses/dpo.py",
+        "    eps = f32(label_smoothing)\n    return -(1.0 - eps)",
+        "    eps = f32(0.0)\n    return -(1.0 - eps)",
+        (_UNPAIRED,),
+        "CPO ignores --label-smoothing",
+    ),
+    Mutant(
+        "cpo-nll-dropped",
+        "rlhf_jax/train/dpo.py",
+        "loss = pref + cpo_alpha * nll",
+        "loss = pref",
+        ("tests/test_step_gradients.py::test_dpo_family_step_gradient",),
+        "CPO trains the preference term alone",
     ),
 )

@@ -239,8 +239,8 @@ METRICS = (
     Mutant(
         "metric-orpo-rewards-unscaled",
         "rlhf_jax/train/dpo.py",
-        "loss = nll + beta * odds\n            r_c, r_r = beta * pc, beta * pr",
-        "loss = nll + beta * odds\n            r_c, r_r = pc, pr",
+        "jnp.maximum(mask.sum(), 1.0)\n            r_c, r_r = beta * pc, beta * pr",
+        "jnp.maximum(mask.sum(), 1.0)\n            r_c, r_r = pc, pr",
         ("tests/test_metrics.py::test_reference_free_dpo_metrics_keep_each_side",),
         "ORPO's rewards/* are the log-probs without beta",
     ),

@@ -224,8 +224,8 @@ OWN = (
     Mutant(
         "reward-means-not-nan-aware",
         "rlhf_jax/stages/ppo.py",
-        'f"rewards/{name}": jnp.nanmean(',
-        'f"rewards/{name}": jnp.mean(',
+        '        means = np.nanmean(rows["values"], axis=0)',
+        '        means = np.mean(rows["values"], axis=0)',
         (f"{_OWN}::test_grpo_logs_each_weighted_reward_as_recomputed_from_its_completions",),
         "rewards/<name> averages over rows the function does not apply to (NaN)",
     ),
@@ -399,5 +399,15 @@ OWN = (
         '        if cfg.kl_in == "loss":',
         (f"{_CF}::test_without_a_reference_there_is_no_kl_term_and_the_logged_kl_is_zero",),
         "with kl_coef 0 the logged kl is the k3 of the policy against zeros (meaningless)",
+    ),
+    Mutant(
+        "completions-log-holds-the-primarys-rows-only",
+        "rlhf_jax/stages/ppo.py",
+        '    reward.log(iteration, rows["index"].tolist(), ids, rows["values"].T, rows["scores"])',
+        '    n = len(local["index"])\n'
+        '    reward.log(iteration, local["index"].tolist(), ids[:n], local["values"].T, '
+        'rows["scores"][:n])',
+        ("tests/test_multihost_drivers.py::test_rl_on_four_processes_matches_one_process",),
+        "a multi-host run's completions.jsonl holds process 0's rows only",
     ),
 )

@@ -6,6 +6,7 @@
     .venv/bin/python experiments/dpo.py --init-from runs/sft --pairs my_pairs.jsonl
     .venv/bin/python experiments/dpo.py --init-from MODEL --dataset prefs.jsonl --lora-rank 16
     .venv/bin/python experiments/dpo.py --init-from runs/sft --loss my_losses:dpo_positive
+    .venv/bin/python experiments/dpo.py --init-from MODEL --dataset unpaired.jsonl --loss-type kto
 
 The policy and the frozen reference both start from --init-from (the SFT workdir or an HF folder of
 any supported family). The pairs are sampled from that model and labelled by the ground truth
@@ -13,7 +14,10 @@ exactly as in reward_model.py (same seed, same pairs), or read from --pairs (a J
 chosen, rejected), or --dataset (a .jsonl / .parquet file or tfds:NAME of preference rows in TRL's
 formats, text or conversational, explicit or implicit prompt; tokenized with --init-from's own
 tokenizer and chat template; docs/your_data.md). --loss-type is one of sigmoid (DPO), ipo,
-hinge, robust, simpo, orpo, or --loss module:function names your own pairwise loss
+hinge, robust, simpo, orpo, cpo (reference-free sigmoid + the chosen NLL, --cpo-alpha), kto
+(unpaired: --dataset rows of prompt, completion, label, or the pairs split into a desirable and
+an undesirable row; --desirable-weight, --undesirable-weight), or --loss module:function names
+your own pairwise loss
 `fn(pc, pr, rc, rr, *, beta)` (docs/custom_loss.md); --beta and --label-smoothing as in TRL. With
 --precompute-reference the reference log-probs are computed once (`train.compute_reference_logps`)
 and stored with the pairs, and training holds no reference model.
@@ -66,9 +70,14 @@ class Config(
     temperature: float = 1.0
     max_prompt_length: int = 8
     max_length: int = 64  # tokens per prompt + completion row
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "cpo", "kto"] = (
+        "sigmoid"
+    )
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative / robust DPO label-noise epsilon
+    cpo_alpha: float = 1.0  # --loss-type cpo: the weight of the chosen completions' NLL
+    desirable_weight: float = 1.0  # --loss-type kto: w_d of desirable rows
+    undesirable_weight: float = 1.0  # --loss-type kto: w_u of undesirable rows
     loss: str | None = None  # module:function (or file.py:function): a pairwise loss instead
     custom_loss: str | None = None  # set by main(loss_fn=...): the function trained instead
     precompute_reference: bool = False  # reference log-probs once, no reference model in training
@@ -127,13 +136,22 @@ def main(
         task_data=not (config.pairs or config.dataset),  # read with the model's own tokenizer
     )
     records = None
+    kto = config.loss_type == "kto"
+    if kto and config.precompute_reference:
+        raise ConfigError(
+            "--precompute-reference applies to the pairwise losses; --loss-type kto runs the "
+            "reference on each batch's rows and mismatched pairs"
+        )
+    if kto and (config.loss or loss_fn is not None):
+        raise ConfigError("--loss (a pairwise loss) and --loss-type kto: pass one of them")
     if config.pairs and config.dataset:
         raise ConfigError("--pairs and --dataset both given: pass one (--dataset reads any format)")
     if config.pairs:  # read (and checked) before anything is written
         records = checks.read_pairs(config.pairs, config.on_bad_record, at_least=config.batch_size)
     if config.dataset:  # read, checked and tokenized with the model's tokenizer, before writing
+        kinds = ("preference", "unpaired_preference") if kto else ("preference",)
         records = dataset.load(
-            config, start.tokenizer, kinds=("preference",), max_length=config.max_length,
+            config, start.tokenizer, kinds=kinds, max_length=config.max_length,
             max_prompt_length=config.max_prompt_length,
         )  # fmt: skip
         if len(records) < config.batch_size:
@@ -180,6 +198,9 @@ def main(
         betas=config.beta,
         loss_type=config.loss_type if loss_fn is None else loss_fn,
         label_smoothing=config.label_smoothing,
+        cpo_alpha=config.cpo_alpha,
+        desirable_weight=config.desirable_weight,
+        undesirable_weight=config.undesirable_weight,
         precompute_reference=config.precompute_reference,
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,

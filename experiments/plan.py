@@ -20,7 +20,7 @@ measured time is printed beside the estimate). --mesh splits the devices as the 
 (grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp); --batch counts sequences (SFT), pairs (reward,
 DPO) or prompts (RL, each sampled --group-size times by the critic-free methods); --seq-len is
 the tokens per sequence (RL: the prompt plus --max-new-tokens); --loss-type picks the DPO family's
-loss (simpo and orpo hold no reference).
+loss (simpo, orpo and cpo hold no reference).
 
 Memory features: --remat {none,full,dots} on the decoder blocks, --microbatches K (gradient
 accumulation inside the step; RL: K minibatches), --logits-chunk C (log-probs over the
@@ -82,7 +82,7 @@ class Config:
     remat: Literal["none", "full", "dots"] = "full"  # rematerialisation of the decoder blocks
     microbatches: int = 1  # gradient accumulation inside the step (RL: minibatches)
     ref: Literal["model", "precomputed", "base"] = "model"  # the reference policy's form
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"  # DPO
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "cpo"] = "sigmoid"
     logits_chunk: int | None = None  # positions per log-prob chunk (None: the whole [B, T, V])
     scan_layers: bool = False  # the decoder blocks as one lax.scan over the layers
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype (params stay float32)

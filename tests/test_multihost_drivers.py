@@ -17,7 +17,10 @@ the same command in one process with 8 devices:
   checkpoints/4 exists (a preempted pod); the same 4 commands again resume from step 4, and the
   final metrics.jsonl rows equal (==) the uninterrupted 4-process run's, each step once.
 - PPO with the ground-truth reward (the host-reward path: each host decodes and scores its own
-  rollout rows) and GRPO on the sentiment task: one iteration each, equal to one process to 1e-5.
+  rollout rows) and GRPO on a dataset with a Python reward that reads a column (`--dataset
+  --reward-fn`: each host scores its own rows, the per-reward means are over all hosts' rows,
+  and completions.jsonl holds every host's rows): one iteration each, equal to one process to
+  1e-5; both write the same completion samples (greedy, on the sharded policy).
 
 The SFT run is the session's `tiny_sft_workdir` (conftest, shared with test_drivers.py); the
 single-process references and the uninterrupted DPO run are module fixtures. Every subprocess
@@ -70,10 +73,12 @@ PPO = (
     "--log-every", "1", "--checkpoint-every", "1",
 )  # fmt: skip
 GRPO = (
-    "--task", "sentiment", "--algo", "grpo", "--mesh", MESH, "--steps", "1",
-    "--prompts-per-step", "8", "--group-size", "4", "--log-every", "1",
-    "--checkpoint-every", "1", "--eval-prompts", "8",
+    "--reward-fn", str(Path(__file__).parent / "helpers" / "review_rewards.py") + ":mentions",
+    "--algo", "grpo", "--mesh", MESH, "--steps", "1", "--prompts-per-step", "8",
+    "--group-size", "4", "--log-every", "1", "--checkpoint-every", "1", "--max-new-tokens", "12",
 )  # fmt: skip
+REVIEWS = ["The film was", "The acting felt", "The plot", "The ending was", "The cast",
+           "The music", "The story was", "The script"]  # fmt: skip
 
 
 def _free_port():
@@ -299,7 +304,14 @@ def test_only_process_zero_writes_shared_files(dpo_multi):
     workdir, _ = dpo_multi
     primary = _audit(workdir, 0)
     tops = {_top(p) for _, p in primary}
-    want = {"run_config.json", "pairs.jsonl", "metrics.jsonl", "tensorboard", "model_config.json"}
+    want = {
+        "run_config.json",
+        "pairs.jsonl",
+        "metrics.jsonl",
+        "tensorboard",
+        "model_config.json",
+        "samples.jsonl",
+    }
     assert want <= tops, tops
     # hf/ is written into a temporary sibling folder renamed into place (atomic).
     assert any(e == "os.rename" and p == "hf" for e, p in primary), primary
@@ -376,12 +388,27 @@ def test_rl_on_four_processes_matches_one_process(script, sft, site, tmp_path_fa
     the sentiment task (its evaluation runs on the sharded policy too): one iteration each."""
     args = ("--init-from", str(sft), *{"ppo.py": PPO, "grpo.py": GRPO}[script])
     name = script.removesuffix(".py")
+    if script == "grpo.py":
+        prompts = tmp_path_factory.mktemp("reviews") / "prompts.jsonl"
+        rows = [{"prompt": p, "word": w} for p, w in zip(REVIEWS, ["good", "bad", "the"] * 3)]
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = (*args, "--dataset", str(prompts))
     one = tmp_path_factory.mktemp(f"{name}_single") / "run"
     four = tmp_path_factory.mktemp(f"{name}_multi") / "run"
     want, got = _run_both(script, args, one, four, site)
     assert [r["step"] for r in want] == [1] and want[0]["update_norm"] > 100 * TOL
+    samples = [read_metrics(w, "samples.jsonl") for w in (one, four)]
+    assert len(samples[0]) == 4 and samples[0] == samples[1]
     if script == "grpo.py":
-        assert "eval/reward" in want[0]
+        assert "rewards/mentions" in want[0]
+        logged = [read_metrics(w, "completions.jsonl") for w in (one, four)]
+        assert len(logged[0]) == 8 * 4  # every row of the iteration, from every host
+        key = ("index", "prompt", "completion")
+        assert [[r[k] for k in key] for r in logged[1]] == [[r[k] for k in key] for r in logged[0]]
+        for a, b in zip(*logged):
+            assert b["reward"] == pytest.approx(a["reward"], abs=TOL)
+        mean = np.mean([r["rewards"]["mentions"] for r in logged[1]])
+        assert got[0]["rewards/mentions"] == pytest.approx(mean, abs=TOL)
     _assert_rows_close(got, want)
     _assert_weights_close(four, one)
     _assert_only_primary_writes_shared_files(four)

@@ -371,6 +371,32 @@ def test_user_functions_reach_the_rl_configs(user_model_folder, monkeypatch, tmp
     assert got["ppo"].kl_estimator.__name__ == "half_square"
 
 
+def test_kto_on_an_unpaired_dataset_starts_at_its_closed_form(user_model_folder, tmp_path):
+    """`dpo.py --loss-type kto` on TRL's unpaired rows (prompt, completion, label). At step 1
+    the policy is the reference: r = 0 and z0 = 0, so each row's loss is w (1 - sigmoid(0)) and
+    the batch's is half the mean weight of its rows."""
+    rows = [
+        {"prompt": f"Tom has {i} apples.", "completion": f" He has {i}." if i % 3 else " dull",
+         "label": bool(i % 3)}
+        for i in range(16)
+    ]  # fmt: skip
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [
+        "--preset", "tiny", "--workdir", str(tmp_path / "run"), "--init-from",
+        str(user_model_folder), "--dataset", str(path), "--loss-type", "kto", "--steps", "2",
+        "--batch-size", "16", "--undesirable-weight", "1.5", "--warmup-steps", "0",
+        "--log-every", "1", "--checkpoint-every", "2", "--learning-rate", "1e-2",
+    ]  # fmt: skip
+    out = driver_scripts.load("dpo").main(argv)
+    first = out[0]
+    weights = [1.0 if r["label"] else 1.5 for r in rows]
+    assert first["loss"] == pytest.approx(0.5 * np.mean(weights), abs=1e-6)
+    assert first["kl"] == 0.0 and first["desirable_fraction"] == pytest.approx(10 / 16)
+    assert out[1]["loss"] != pytest.approx(first["loss"], abs=1e-6)  # it trained
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "ppo", "grpo"])
 def test_every_drivers_help_shows_the_model_and_data_flags(name, capsys):
     with pytest.raises(SystemExit) as info:

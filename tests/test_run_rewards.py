@@ -92,8 +92,11 @@ def test_row_reward_reads_the_rows_columns_and_logs_every_row(tmp_path):
     log = tmp_path / "completions.jsonl"
     reward = rw.RowReward(rw.reward_functions([spy], [3.0]), rows, _Decoder(),
                           conversational=False, log_path=log)  # fmt: skip
-    scores = reward([(1, [3]), (0, [1, 2]), (0, [2])], iteration=4)
+    samples = [(1, [3]), (0, [1, 2]), (0, [2])]
+    scores = reward(samples, iteration=4)
     np.testing.assert_allclose(scores, [3.0, 3.0, 0.0])
+    assert not log.exists()  # scoring writes nothing: the step logs every host's rows
+    reward.log(4, [s[0] for s in samples], [s[1] for s in samples], reward.values, scores)
     assert seen == {"prompts": ["p1", "p0", "p0"], "completions": ["c", "ab", "b"],
                     "answer": ["c", "ab", "ab"], "source": ["y", "x", "x"]}  # fmt: skip
     logged = [json.loads(line) for line in log.read_text().splitlines()]
@@ -101,7 +104,8 @@ def test_row_reward_reads_the_rows_columns_and_logs_every_row(tmp_path):
         (4, 1, "c", 3.0), (4, 0, "ab", 3.0), (4, 0, "b", 0.0)
     ]  # fmt: skip
     assert logged[0]["rewards"] == {"spy": 1.0}
-    reward([(1, [1], [6])], iteration=5)  # appended; the prompt ids are the row's
+    scores = reward([(1, [1], [6])], iteration=5)  # the prompt ids are the row's
+    reward.log(5, [1], [[1]], reward.values, scores)  # appended
     assert len(log.read_text().splitlines()) == 4
     with pytest.raises(ValueError, match="sampled from other prompt tokens than dataset row 1"):
         reward([(1, [1], [5])])

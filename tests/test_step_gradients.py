@@ -1,8 +1,8 @@
 """Every training step's gradient against an independent one (issue: pin the steps' gradients).
 
-For the SFT, reward-model, DPO-family (sigmoid / cDPO, IPO, hinge, robust, SimPO, ORPO) and
-Unlikelihood / Preferred-FT steps: the loss is written out by hand in this file from its paper's
-formula, on log-probs taken from `model.apply` by an explicit log-sum-exp
+For the SFT, reward-model, DPO-family (sigmoid / cDPO, IPO, hinge, robust, SimPO, ORPO, CPO), KTO
+and Unlikelihood / Preferred-FT steps: the loss is written out by hand in this file from its
+paper's formula, on log-probs taken from `model.apply` by an explicit log-sum-exp
 (tests/helpers/step_reference.py; no `rlhf_jax.losses`), and differentiated with `jax.grad`. One
 step of the library with `optax.sgd(lr)` must move every parameter by `-lr ×` that gradient
 (≤ 1e-5 relative per parameter leaf), and report the same loss. Batches are ragged (prompts of
@@ -24,6 +24,7 @@ from rlhf_jax.train import (
     attach_reference_logps,
     create_train_state,
     make_dpo_step,
+    make_kto_step,
     make_reward_step,
     make_sft_step,
     make_unlikelihood_step,
@@ -138,6 +139,9 @@ def dpo_family_loss(loss_type, hp, eps, pc, pr, rc, rr, nll):
         return ((1 - eps) * -log_sigmoid(beta * h) + eps * log_sigmoid(-beta * h)) / (1 - 2 * eps)
     if loss_type == "simpo":  # Meng et al. 2024 Eq. 6, on length-averaged log-probs
         return -log_sigmoid(beta * (pc - pr) - hp["gamma"])
+    if loss_type == "cpo":  # Xu et al. 2024 Eq. 3 + 4: reference-free sigmoid + NLL(y_w)
+        z = beta * (pc - pr)
+        return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z) + nll
     assert loss_type == "orpo"  # Hong et al. 2024 Eq. 6: NLL + lambda * L_OR
     return nll - beta * log_sigmoid(log_odds(pc) - log_odds(pr))
 
@@ -152,6 +156,7 @@ DPO_CASES = [
     ("robust", {"beta": 0.5}, 0.25, False),
     ("simpo", {"beta": 2.0, "gamma": 0.3}, 0.0, True),
     ("orpo", {"beta": 0.7}, 0.0, True),
+    ("cpo", {"beta": 0.4}, 0.1, False),  # sequence sums, label smoothing, cpo_alpha 1
 ]
 
 
@@ -160,7 +165,7 @@ DPO_CASES = [
 )
 def test_dpo_family_step_gradient(policy, reference, loss_type, hp, eps, average):
     batch = ragged_pairs(2)
-    uses_reference = loss_type not in ("simpo", "orpo")
+    uses_reference = loss_type not in ("simpo", "orpo", "cpo")
     rc = rr = 0.0
     if uses_reference:
         rc = side_logps(MODEL, reference, batch, "chosen", average=average)[0]
@@ -207,6 +212,59 @@ def test_dpo_step_gradient_with_precomputed_reference(policy, reference):
     state = create_train_state(copy(policy), opt, 0, hparams={"beta": beta})
     old, new, m = run_step(make_dpo_step(MODEL, opt), state, cached)
     np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    assert_sgd_step(old, new, grads, LR)
+
+
+# ------------------------------------------------------------------------------------------------
+# KTO (Ethayarajh et al. 2024): unpaired rows and the mismatched pairs of the reference point.
+
+
+def unpaired_batch(seed):
+    """The chosen side of ragged pairs as the rows (labels 1, 0, 1, 0, 1) and the rejected side
+    as their mismatched prompt-completion pairs."""
+    pairs = ragged_pairs(seed)
+    batch = {"desirable": np.array([1, 0, 1, 0, 1], np.int32)}
+    for name in ("tokens", "attention_mask", "loss_mask"):
+        batch[name] = pairs[f"chosen_{name}"]
+        batch[f"kl_{name}"] = pairs[f"rejected_{name}"]
+    return pairs, batch
+
+
+@pytest.mark.parametrize("precomputed", [False, True])
+def test_kto_step_gradient(policy, reference, precomputed):
+    """w_d (1 - s(beta (r - z0))) / w_u (1 - s(beta (z0 - r))) with z0 = max(0, mean over the
+    mismatched pairs of policy - reference log-probs), z0 held constant."""
+    pairs, batch = unpaired_batch(3)
+    beta, wd, wu = 0.8, 1.0, 1.5
+    ref = side_logps(MODEL, reference, pairs, "chosen")[0]
+    ref_kl = side_logps(MODEL, reference, pairs, "rejected")[0]
+    pol_kl = side_logps(MODEL, policy, pairs, "rejected")[0]
+    z0 = jnp.maximum(jnp.mean(pol_kl - ref_kl), 0.0)
+    assert float(z0) > 0  # the case exercises the reference point
+    good = batch["desirable"] > 0
+
+    def loss(params):
+        r = side_logps(MODEL, params, pairs, "chosen")[0] - ref
+        per = jnp.where(good, wd * (1 - jax.nn.sigmoid(beta * (r - z0))),
+                        wu * (1 - jax.nn.sigmoid(beta * (z0 - r))))  # fmt: skip
+        return jnp.mean(per)
+
+    want, grads = jax.value_and_grad(loss)(policy)
+    opt = optax.sgd(LR)
+    step = make_kto_step(MODEL, opt, desirable_weight=wd, undesirable_weight=wu)
+    frozen = None
+    if precomputed:
+        batch = {
+            **batch,
+            "reference_logps": np.asarray(ref),
+            "reference_kl_logps": np.asarray(ref_kl),
+        }
+    else:
+        frozen = copy(reference)
+    state = create_train_state(copy(policy), opt, 0, frozen=frozen, hparams={"beta": beta})
+    old, new, m = run_step(step, state, batch)
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["kl"], z0, rtol=1e-5)
     assert_sgd_step(old, new, grads, LR)
 
 

@@ -42,6 +42,7 @@ from rlhf_jax.data.tokenization import (
     tokenize_preference,
     tokenize_prompts,
 )
+from rlhf_jax.data.unpaired import as_unpaired, collate_unpaired, unpair_preferences
 
 _LAZY = {
     "rlhf_jax.data.tfds_builders": (
@@ -92,6 +93,9 @@ __all__ = [
     "bucket_length",
     "collate_demonstrations",
     "collate_preferences",
+    "collate_unpaired",
+    "as_unpaired",
+    "unpair_preferences",
     "collate_prompts",
     "encode_dataset",
     "hh_rlhf_to_preference",

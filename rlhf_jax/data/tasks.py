@@ -16,8 +16,9 @@ from typing import Any
 
 from rlhf_jax.data import loaders as _loaders
 from rlhf_jax.data import tokenization as _tok
+from rlhf_jax.data import unpaired as _unpaired
 
-KINDS = ("demonstration", "preference", "prompt")
+KINDS = ("demonstration", "preference", "prompt", "unpaired")
 
 
 @functools.cache
@@ -52,6 +53,8 @@ def task_loaders(
       "preference": `records` (PreferenceRecords or mappings; required, the task has reviews,
         not pairs: see `make_preference_pairs`), [B, max_length] per side.
       "prompt": the split's prompts (or `records`), LEFT-padded to [B, max_prompt_length].
+      "unpaired": `records` (required) of (prompt, completion, label) for KTO, with each row's
+        mismatched pair (`data.collate_unpaired`), [B, max_length].
     Every batch is padded to the maximum length (no buckets), so a compiled step sees one shape.
 
     Args:
@@ -73,7 +76,7 @@ def task_loaders(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     tok = tokenizer or task_tokenizer(task)
     if records is None:
-        if kind == "preference":
+        if kind in ("preference", "unpaired"):
             raise ValueError(
                 "the synthetic task holds reviews, not pairs: build them with "
                 "make_preference_pairs and pass records="
@@ -86,9 +89,11 @@ def task_loaders(
     if kind == "prompt":
         collate = _tok.collate_prompts
     else:
-        collate = (
-            _tok.collate_demonstrations if kind == "demonstration" else _tok.collate_preferences
-        )
+        collate = {
+            "demonstration": _tok.collate_demonstrations,
+            "preference": _tok.collate_preferences,
+            "unpaired": _unpaired.collate_unpaired,
+        }[kind]
         lengths["max_length"] = max_length
     batch_fn = functools.partial(collate, tokenizer=tok, buckets=None, **lengths)
     return _loaders.make_loader(

@@ -269,7 +269,7 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str, max_prompt_length: int) -> li
     return ids[-max_prompt_length:]  # keep the end of a long prompt
 
 
-def _row(
+def response_row(
     prompt_ids: list[int], response_ids: list[int], eos_id: int, max_length: int
 ) -> tuple[list[int], list[int]]:
     """(tokens, loss_mask) of one unpadded row; the response gets EOS only if it fits whole."""
@@ -296,7 +296,7 @@ def _pad_left(rows: Sequence[list[int]], length: int, value: int) -> np.ndarray:
     return out
 
 
-def _stack_rows(
+def stack_rows(
     rows: Sequence[tuple[list[int], list[int]]], length: int, pad_id: int, prefix: str = ""
 ) -> dict[str, np.ndarray]:
     tokens = [r[0] for r in rows]
@@ -329,8 +329,8 @@ def tokenize_demonstration(
     """
     _check_lengths(max_length, max_prompt_length)
     p = _prompt_ids(tokenizer, prompt, max_prompt_length)
-    row = _row(p, tokenizer.encode(response), tokenizer.eos_id, max_length)
-    batch = _stack_rows([row], max_length, tokenizer.pad_id)
+    row = response_row(p, tokenizer.encode(response), tokenizer.eos_id, max_length)
+    batch = stack_rows([row], max_length, tokenizer.pad_id)
     return {k: v[0] for k, v in batch.items()}
 
 
@@ -382,7 +382,8 @@ def _collate_prompt_rows(
 # Collation of records (dataclass records, or mappings such as TFDS examples whose text is bytes).
 
 
-def _text(element: Any, name: str) -> str:
+def text_field(element: Any, name: str) -> str:
+    """The text of field `name` of a record (a mapping or an object; str or UTF-8 bytes)."""
     value = element[name] if isinstance(element, Mapping) else getattr(element, name)
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
@@ -407,14 +408,14 @@ def _preference_rows(
     rows = []
     for p, c, r in zip(prompts, chosen, rejected):
         p = p[-max_prompt_length:]  # keep the end of a long prompt
-        rows.append((_row(p, c, eos, max_length), _row(p, r, eos, max_length)))
+        rows.append((response_row(p, c, eos, max_length), response_row(p, r, eos, max_length)))
     return rows
 
 
 def _collate_preference_rows(rows, length: int, pad_id: int) -> dict[str, np.ndarray]:
     return {
-        **_stack_rows([r[0] for r in rows], length, pad_id, "chosen_"),
-        **_stack_rows([r[1] for r in rows], length, pad_id, "rejected_"),
+        **stack_rows([r[0] for r in rows], length, pad_id, "chosen_"),
+        **stack_rows([r[1] for r in rows], length, pad_id, "rejected_"),
     }
 
 
@@ -435,7 +436,10 @@ def collate_preferences(
     """
     rows = encode.pair_rows(records)  # rows of `data.encode_dataset`: already token ids
     if rows is None:
-        triples = [(_text(r, "prompt"), _text(r, "chosen"), _text(r, "rejected")) for r in records]
+        triples = [
+            (text_field(r, "prompt"), text_field(r, "chosen"), text_field(r, "rejected"))
+            for r in records
+        ]
         rows = _preference_rows(triples, tokenizer, max_length, max_prompt_length)
     longest = max(len(side[0]) for row in rows for side in row)
     batch = _collate_preference_rows(
@@ -464,14 +468,14 @@ def collate_demonstrations(
     _check_lengths(max_length, max_prompt_length)
     rows = encode.token_rows(records)
     if rows is None:
-        prompts = tokenizer.encode_batch([_text(r, "prompt") for r in records])
-        responses = tokenizer.encode_batch([_text(r, "response") for r in records])
+        prompts = tokenizer.encode_batch([text_field(r, "prompt") for r in records])
+        responses = tokenizer.encode_batch([text_field(r, "response") for r in records])
         rows = [
-            _row(p[-max_prompt_length:], r, tokenizer.eos_id, max_length)
+            response_row(p[-max_prompt_length:], r, tokenizer.eos_id, max_length)
             for p, r in zip(prompts, responses)
         ]
     length = bucket_length(max(len(r[0]) for r in rows), buckets, max_length)
-    return _stack_rows(rows, length, tokenizer.pad_id)
+    return stack_rows(rows, length, tokenizer.pad_id)
 
 
 def collate_prompts(
@@ -491,6 +495,6 @@ def collate_prompts(
         if isinstance(r, Mapping) and "prompt_ids" in r:
             ids = _int_list(r["prompt_ids"])
         else:
-            ids = tokenizer.encode(r if isinstance(r, str) else _text(r, "prompt"))
+            ids = tokenizer.encode(r if isinstance(r, str) else text_field(r, "prompt"))
         rows.append(ids[-max_prompt_length:])  # keep the end of a long prompt
     return _collate_prompt_rows(rows, tokenizer.pad_id, max_prompt_length, buckets)

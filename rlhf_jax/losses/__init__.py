@@ -1,5 +1,6 @@
-"""Pure loss functions of arrays: log-probs, SFT, reward (Eq. 2), KL (Eq. 3), PPO, DPO family,
-critic-free policy gradients (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++).
+"""Pure loss functions of arrays: log-probs, SFT, reward (Eq. 2), KL (Eq. 3), PPO, DPO family
+(CPO included), critic-free policy gradients (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++), KTO
+and the generalized JSD of on-policy distillation.
 
 All functions are un-jitted, compute in float32 and return per-example values unless stated.
 """
@@ -20,6 +21,7 @@ from rlhf_jax.losses.dpo import (
     DPO_LOSS_TYPES,
     PAIRWISE_LOSSES,
     PairwiseLoss,
+    cpo_loss,
     dpo_loss,
     orpo_odds_ratio_loss,
     pairwise_loss,
@@ -43,6 +45,7 @@ from rlhf_jax.losses.logprobs import (
 )
 from rlhf_jax.losses.ppo import gae, ppo_policy_loss, ppo_value_loss, whiten
 from rlhf_jax.losses.reward import bradley_terry_loss
+from rlhf_jax.losses.unpaired import generalized_jsd, kto_loss, kto_reference_point
 
 __all__ = [
     "AGGREGATIONS",
@@ -61,6 +64,10 @@ __all__ = [
     "PairwiseLoss",
     "adaptive_kl_coef",
     "bradley_terry_loss",
+    "cpo_loss",
+    "generalized_jsd",
+    "kto_loss",
+    "kto_reference_point",
     "dpo_loss",
     "entropy_from_logits",
     "exact_kl",

@@ -174,6 +174,30 @@ def simpo_loss(
     return -jax.nn.log_sigmoid(logits)
 
 
+def cpo_loss(
+    chosen_logps: Float[ArrayLike, " B"],
+    rejected_logps: Float[ArrayLike, " B"],
+    *,
+    beta: Scalar = 0.1,
+    label_smoothing: Scalar = 0.0,
+) -> Float[Array, " B"]:
+    """CPO's preference term per example (Xu et al. 2024, Eq. 3), reference-free: DPO's sigmoid
+    loss with the reference left out, on the policy's sequence log-probs c, r; the caller adds
+    the NLL of the chosen completions (`train.make_dpo_loss(loss_type="cpo")`).
+
+    `L = -(1 - eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r))` (eps: label
+    smoothing, as `dpo_loss`'s conservative form).
+
+    Returns:
+      [B] float32 losses.
+    """
+    check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing)
+    logits = f32(beta) * (f32(chosen_logps) - f32(rejected_logps))
+    eps = f32(label_smoothing)
+    return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
+
+
 def orpo_odds_ratio_loss(
     chosen_avg_logps: Float[ArrayLike, " B"], rejected_avg_logps: Float[ArrayLike, " B"]
 ) -> Float[Array, " B"]:

@@ -145,7 +145,7 @@ def programs(spec: PlanSpec) -> list[Program]:
         model = models.Transformer(cfg) if lcfg is None else lora_lib.LoraTransformer(cfg, lcfg)
         loss = train.make_dpo_loss(model, loss_type=spec.loss_type)
         hp = {"beta": 0.1}
-        free = spec.loss_type in ("simpo", "orpo")  # reference-free: no reference at all
+        free = spec.loss_type in train.dpo.REFERENCE_FREE  # no reference at all
         if base is not None:
             loss, frozen = lora_lib.lora_loss(loss), {"base": base}
             if spec.ref == "precomputed" or free:

@@ -58,7 +58,7 @@ class PlanSpec:
     remat: str = "full"
     microbatches: int = 1  # SFT / reward / DPO: gradient accumulation; RL: minibatches
     ref: str = "model"  # DPO / PPO / critic-free: "model", "precomputed" (DPO), "base" (LoRA)
-    loss_type: str = "sigmoid"  # the DPO family's loss (simpo and orpo hold no reference)
+    loss_type: str = "sigmoid"  # the DPO family's loss (simpo, orpo and cpo hold no reference)
     logits_chunk: int | None = None
     scan_layers: bool = False  # the decoder blocks as one lax.scan over the layers
     dtype: str = "bfloat16"

@@ -145,16 +145,25 @@ class RowReward:
         prompts = [self.rows[i]["prompt"] for i in index]
         columns = {c: [self.rows[i].get(c) for i in index] for c in self.columns}
         total, self.values = self.rewards.score(prompts, completions, ids, columns)
-        if self.log_path is not None and distributed.is_primary():
-            self._log(iteration, index, prompts, texts, total)
         return total
 
-    def _log(self, iteration: int, index, prompts, texts, total) -> None:
+    def log(self, iteration: int, index: Sequence[int], ids: Sequence, values: Any, total: Any):
+        """Appends scored rows to `log_path` (on the primary process; none without a path):
+        their dataset row `index`, completion `ids` (decoded here), each function's `values`
+        [functions, rows] (NaN: not applicable) and the weighted `total`. A multi-host step
+        passes every host's rows (`stages.make_host_reward_step`)."""
+        if self.log_path is None or not distributed.is_primary():
+            return
+        texts = self.tokenizer.decode_batch([list(i) for i in ids])
+        prompts = [self.rows[i]["prompt"] for i in index]
+        self._log(iteration, index, prompts, texts, total, np.asarray(values))
+
+    def _log(self, iteration: int, index, prompts, texts, total, table) -> None:
         lines = []
         for j, (i, p, t) in enumerate(zip(index, prompts, texts)):
             values = {
                 n: (None if np.isnan(v) else float(v))
-                for n, v in zip(self.rewards.names, self.values[:, j])
+                for n, v in zip(self.rewards.names, table[:, j])
             }
             lines.append(json.dumps({
                 "iteration": iteration, "index": i, "prompt": p, "completion": t,

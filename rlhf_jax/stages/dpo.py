@@ -34,6 +34,9 @@ def train_dpo(
     betas: float | Sequence[float],
     loss_type: str | losses.PairwiseLoss = "sigmoid",
     label_smoothing: float = 0.0,
+    cpo_alpha: float = 1.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
     average_log_prob: bool = False,
     precompute_reference: bool = False,
     max_length: int,
@@ -55,7 +58,10 @@ def train_dpo(
     (`WORKDIR/timing.json`). With `precompute_reference` the reference log-probs are computed
     once (`train.attach_reference`, cached in `WORKDIR/reference_logps.npz`) and training holds
     no reference model. `loss_type` is a name or a pairwise loss function
-    (`losses.pairwise_loss`); "simpo" / "orpo" need no reference.
+    (`losses.pairwise_loss`); "simpo" / "orpo" / "cpo" need no reference (`cpo_alpha` weighs
+    CPO's NLL term). "kto" trains `train.make_kto_step` on unpaired rows: `records` of an
+    unpaired dataset (prompt, completion, label), or preference records split in two
+    (`data.unpair_preferences`), with `desirable_weight` / `undesirable_weight`.
 
     With `lora` (a `lora.LoraConfig`) only adapters train: the state's params are the adapters,
     `frozen = {"base": params}` is the one copy of the base, which is also the reference (the
@@ -81,8 +87,13 @@ def train_dpo(
     model = models.Transformer(cfg)
     workdir = paths.as_path(workdir)  # local or cloud (gs://)
     lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
-    needs_reference = callable(loss_type) or loss_type not in ("simpo", "orpo")
+    needs_reference = callable(loss_type) or loss_type not in train.dpo.REFERENCE_FREE
     frozen = params if needs_reference else None
+    kto = loss_type == "kto"
+    if kto:
+        if precompute_reference:
+            raise ValueError("precompute_reference applies to the pairwise losses, not to kto")
+        records = rdata.as_unpaired(records)
     if needs_reference and precompute_reference:
         collate = functools.partial(
             rdata.collate_preferences, tokenizer=tokenizer, buckets=None, **lengths
@@ -101,13 +112,21 @@ def train_dpo(
         frozen = None  # the batches carry the reference log-probs
     opt = schedule.optimizer()
     dpo_kwargs = dict(
-        loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob
-    )
+        loss_type=loss_type, label_smoothing=label_smoothing, average_log_prob=average_log_prob,
+        cpo_alpha=cpo_alpha,
+    )  # fmt: skip
+    weights = dict(desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+
+    def make_loss(net: Any) -> Any:
+        return (
+            train.make_kto_loss(net, **weights) if kto else train.make_dpo_loss(net, **dpo_kwargs)
+        )
+
     if lora is None:
-        step = train.make_dpo_step(model, opt, microbatches=schedule.microbatches, **dpo_kwargs)
+        step = train.make_step(make_loss(model), opt, microbatches=schedule.microbatches)
         trained, frozen_state = params, frozen
     else:  # adapters train; the base is frozen and (unless precomputed) the reference
-        loss = train.make_dpo_loss(lora_lib.LoraTransformer(cfg, lora), **dpo_kwargs)
+        loss = make_loss(lora_lib.LoraTransformer(cfg, lora))
         step = train.make_step(lora_lib.lora_loss(loss), opt, microbatches=schedule.microbatches)
         trained, base = lora_lib.prepare(params, lora, jax.random.PRNGKey(seed), quantize=quantize)
         frozen_state = {"base": base} if frozen is not None else {"base": base, "ref": None}
@@ -115,9 +134,18 @@ def train_dpo(
         train.create_train_state(trained, opt, seed, frozen=frozen_state, hparams={"beta": b})
         for b in beta_list
     ]
-    loader = preference_loader(
-        records, tokenizer, batch_size=schedule.local_batch_size, seed=seed, **lengths
-    )
+
+    def loader_of(rows: Sequence[Any], seed: int) -> Any:
+        if not kto:
+            return preference_loader(
+                rows, tokenizer, batch_size=schedule.local_batch_size, seed=seed, **lengths
+            )
+        return rdata.task_loaders(
+            None, "unpaired", records=rows, tokenizer=tokenizer,
+            batch_size=schedule.local_batch_size, seed=seed, **lengths,
+        )  # fmt: skip
+
+    loader = loader_of(records, seed)
     info: dict[str, Any] = {"pairs": len(records)}
 
     def policy(state: Any) -> tuple[Any, Any]:
@@ -153,17 +181,11 @@ def train_dpo(
 
     stacked = sweeps.stack_sweep(states)
     first = records[: schedule.local_batch_size]  # a batch of the training shapes
-    example = next(
-        preference_loader(
-            first, tokenizer, batch_size=schedule.local_batch_size, seed=seed, **lengths
-        )
-    )
+    example = next(loader_of(first, seed))
     compiled = sh.compile_step(sweeps.sweep_step(step), mesh, stacked, example)
     timing_path = workdir / TIMING_FILE
     if time_sweep_steps and not timing_path.is_file():
-        timing_loader = preference_loader(
-            records, tokenizer, batch_size=schedule.local_batch_size, seed=seed + 100, **lengths
-        )
+        timing_loader = loader_of(records, seed + 100)
         batches = [sh.shard_batch(next(timing_loader), mesh) for _ in range(time_sweep_steps + 1)]
         one = sh.compile_step(step, mesh, sweeps.sweep_member(stacked, 0), example)
         timing = sweeps.time_sweep(

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import data as rdata
@@ -99,15 +99,33 @@ def make_host_reward_step(
         if "update" not in compiled:
             compiled["update"] = sh.compile_step(score_update, mesh, state, ro)
         state, metrics = compiled["update"](state, ro)
-        if on == "rows":  # each function's mean over the rows it applies to, all hosts' rows
-            means = {
-                f"rewards/{name}": jnp.nanmean(sh.shard_batch(values.astype(np.float32), mesh))
-                for name, values in zip(reward.rewards.names, reward.values)
-            }
-            metrics = {**metrics, **means}
+        if on == "rows":
+            metrics = {**metrics, **_log_rows(reward, iteration, samples, ro, mesh, drop)}
         return state, metrics
 
     return step
+
+
+def _log_rows(reward: Any, iteration: int, samples: list, ro: Any, mesh: Any, drop: Any) -> dict:
+    """Every host's scored rows of a dataset reward, gathered (a collective: every process
+    calls it) in the batch's global order: the primary appends them to the reward's log
+    (`RowReward.log`), and each function's mean over the rows it applies to (None / NaN rows
+    left out) is returned as `rewards/<name>`."""
+    local = {
+        "index": np.asarray([s[0] for s in samples], np.int32),
+        "values": np.asarray(reward.values, np.float32).T,  # [B_local, functions]
+    }
+    rows = distributed.to_host({
+        **{k: sh.shard_batch(v, mesh) for k, v in local.items()},
+        "response_tokens": ro.response_tokens, "response_mask": ro.response_mask,
+        "scores": ro.scores,
+    })  # fmt: skip
+    ids = train.response_token_lists(types.SimpleNamespace(**rows), drop_id=drop)
+    reward.log(iteration, rows["index"].tolist(), ids, rows["values"].T, rows["scores"])
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a function that applies to no row
+        means = np.nanmean(rows["values"], axis=0)
+    return {f"rewards/{n}": np.float32(m) for n, m in zip(reward.rewards.names, means)}
 
 
 make_host_reward_ppo_step = make_host_reward_step  # the name PPO's users know

@@ -1,5 +1,5 @@
 """Train state and pure steps `step(state, batch) -> (state, metrics)`: SFT, reward model, DPO
-family, Unlikelihood, PPO, the critic-free methods (GRPO, Dr. GRPO, DAPO, GSPO, RLOO,
+family, KTO, Unlikelihood, PPO, the critic-free methods (GRPO, Dr. GRPO, DAPO, GSPO, RLOO,
 REINFORCE++), and precomputed reference log-probs. Every step is
 `make_step(loss_fn, optimizer)` of a loss `loss_fn(params, batch, *, frozen, hparams) -> (loss,
 metrics)`, so a user's loss trains the same way. Steps are un-jitted; drivers compile them with
@@ -19,6 +19,7 @@ from rlhf_jax.train.critic_free import (
     make_critic_free_update,
 )
 from rlhf_jax.train.dpo import LOSS_TYPES, make_dpo_eval, make_dpo_loss, make_dpo_step, pair_logps
+from rlhf_jax.train.kto import KTO_REFERENCE_KEYS, make_kto_loss, make_kto_step
 from rlhf_jax.train.ppo import (
     PPOConfig,
     PPOState,
@@ -64,6 +65,9 @@ from rlhf_jax.train.step import make_eval, make_step, paired_optimizer
 from rlhf_jax.train.unlikelihood import make_unlikelihood_loss, make_unlikelihood_step
 
 __all__ = [
+    "KTO_REFERENCE_KEYS",
+    "make_kto_loss",
+    "make_kto_step",
     "ALGORITHMS",
     "CriticFreeConfig",
     "CriticFreeFunctions",

@@ -41,7 +41,8 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
+LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo", "cpo")
+REFERENCE_FREE = ("simpo", "orpo", "cpo")  # no reference model, no reference log-probs
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
@@ -72,6 +73,7 @@ def make_dpo_loss(
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
     gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
 ) -> LossFn:
     """Builds `loss_fn(params, batch, *, frozen, hparams) -> (loss, metrics)` (train.make_step's
     contract) for the DPO family.
@@ -87,20 +89,24 @@ def make_dpo_loss(
     orpo: `L = NLL(chosen) + lambda * losses.orpo_odds_ratio_loss` on length-averaged log-probs
       (Hong et al. 2024, eq. 6), lambda = hparams["beta"] (TRL's name); the NLL is the
       token-weighted mean over chosen response tokens.
-    SimPO and ORPO need no reference.
+    cpo: `L = mean(losses.cpo_loss) + cpo_alpha * NLL(chosen)` (Xu et al. 2024, eq. 3 and 4):
+      DPO's sigmoid loss (with `label_smoothing`) on the policy's sequence log-probs (summed,
+      or averaged with `average_log_prob`), beta = hparams["beta"]; the NLL as ORPO's.
+    SimPO, ORPO and CPO need no reference.
 
     Metrics: loss, rewards/chosen, rewards/rejected (means of beta * implicit rewards),
     rewards/accuracy (fraction with chosen reward > rejected), rewards/margin, logps/chosen,
     logps/rejected (policy sequence log-probs as used by the loss); ORPO adds nll and
-    odds_ratio_loss; a user's loss adds the means of the metrics it returns.
+    odds_ratio_loss, CPO nll and preference_loss; a user's loss adds the means of the metrics it
+    returns.
 
     Raises:
       ValueError: an unknown loss_type name (naming the accepted ones).
     """
     if not callable(loss_type) and loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; accepted values: {LOSS_TYPES}")
-    reference_free = loss_type in ("simpo", "orpo")
-    average = average_log_prob or reference_free
+    reference_free = loss_type in REFERENCE_FREE
+    average = average_log_prob or loss_type in ("simpo", "orpo")
     pairwise = (
         None if reference_free else losses.pairwise_loss(loss_type, label_smoothing=label_smoothing)
     )
@@ -133,14 +139,19 @@ def make_dpo_loss(
             g = hparams["gamma"] if "gamma" in hparams else gamma
             loss = jnp.mean(losses.simpo_loss(pc, pr, beta=beta, gamma=g))
             r_c, r_r = beta * pc, beta * pr
-        else:  # orpo
+        else:  # orpo, cpo: a preference term plus the NLL of the chosen completions
             b = pc.shape[0]
             mask = batch["chosen_loss_mask"][:, 1:].astype(jnp.float32)  # [B, T-1]
             nll = -jnp.sum(jnp.where(mask > 0, tlp[:b], 0.0)) / jnp.maximum(mask.sum(), 1.0)
-            odds = jnp.mean(losses.orpo_odds_ratio_loss(pc, pr))
-            loss = nll + beta * odds
             r_c, r_r = beta * pc, beta * pr
-            extra = {"nll": nll, "odds_ratio_loss": odds}
+            if loss_type == "orpo":
+                odds = jnp.mean(losses.orpo_odds_ratio_loss(pc, pr))
+                loss = nll + beta * odds
+                extra = {"nll": nll, "odds_ratio_loss": odds}
+            else:
+                pref = jnp.mean(losses.cpo_loss(pc, pr, beta=beta, label_smoothing=label_smoothing))
+                loss = pref + cpo_alpha * nll
+                extra = {"nll": nll, "preference_loss": pref}
         metrics = {
             "loss": loss,
             "rewards/chosen": jnp.mean(r_c),
@@ -164,6 +175,7 @@ def make_dpo_step(
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
     gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
     microbatches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure DPO-family step `step(state, batch) -> (state, metrics)` (un-jitted):
@@ -173,12 +185,13 @@ def make_dpo_step(
       model: the policy `Transformer` (the reference, if run, is the same module).
       optimizer: the optax transformation `state.opt_state` belongs to.
       loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" (all `losses.dpo_loss`), "simpo",
-        "orpo", or a pairwise loss function `fn(pc, pr, rc, rr, *, beta) -> losses [B]`.
+        "orpo", "cpo", or a pairwise loss function `fn(pc, pr, rc, rr, *, beta) -> losses [B]`.
         IPO is defined on length-averaged log-probs in TRL: pass average_log_prob=True.
       label_smoothing: conservative-DPO / robust-DPO label noise epsilon.
       average_log_prob: use mean instead of sum of token log-probs (forced for simpo/orpo).
         Precomputed reference log-probs must have been computed with the same setting.
       gamma: SimPO's target margin when `state.hparams` has no "gamma".
+      cpo_alpha: the weight of CPO's NLL term.
       microbatches: gradient accumulation over that many microbatches (`train.make_step`).
     Returns:
       The step; beta is `state.hparams["beta"]`. Metrics: loss, grad_norm, update_norm,
@@ -190,6 +203,7 @@ def make_dpo_step(
         label_smoothing=label_smoothing,
         average_log_prob=average_log_prob,
         gamma=gamma,
+        cpo_alpha=cpo_alpha,
     )
     return make_step(loss_fn, optimizer, microbatches=microbatches)
 
