@@ -410,4 +410,12 @@ OWN = (
         ("tests/test_multihost_drivers.py::test_rl_on_four_processes_matches_one_process",),
         "a multi-host run's completions.jsonl holds process 0's rows only",
     ),
+    Mutant(
+        "completions-log-not-rewound-on-resume",
+        "rlhf_jax/run/rewards.py",
+        "        if not self._rewound:  # a resumed run",
+        "        if False:  # a resumed run",
+        ("tests/test_run_rewards.py::test_a_resumed_run_logs_each_iteration_once",),
+        "a resumed run logs the killed iteration twice in completions.jsonl",
+    ),
 )

@@ -120,6 +120,23 @@ def test_row_reward_reads_the_rows_columns_and_logs_every_row(tmp_path):
     assert got == [[[{"role": "assistant", "content": "a"}]]]  # TRL's conversational form
 
 
+def test_a_resumed_run_logs_each_iteration_once(tmp_path):
+    """A run killed during iteration 3 (its rows half written, the last line cut) and resumed
+    from the checkpoint of iteration 2: the first log call drops iterations >= 3, then appends."""
+    rows = [{"prompt": "p0", "prompt_ids": [5], "answer": "ab"}]
+    log = tmp_path / "completions.jsonl"
+    old = [{"iteration": i, "index": 0, "completion": f"c{i}"} for i in (1, 2, 3, 3)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in old) + '{"iteration": 3, "ind')
+    reward = rw.RowReward(rw.reward_functions([_fmt]), rows, _Decoder(), conversational=False,
+                          log_path=log)  # fmt: skip
+    for iteration in (3, 4):
+        scores = reward([(0, [1])], iteration=iteration)
+        reward.log(iteration, [0], [[1]], reward.values, scores)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == [1, 2, 3, 4]
+    assert [r["completion"] for r in logged[:2]] == ["c1", "c2"]  # kept as they were
+
+
 def test_prompt_batches_carry_the_dataset_index(word_tokenizer):
     rows = [{"prompt": str(i), "prompt_ids": list(range(1, i % 5 + 2))} for i in range(6)]
     loader = rw.prompt_rows_loader(

@@ -126,6 +126,7 @@ class RowReward:
         self.conversational, self.log_path = conversational, log_path
         self.columns = sorted({k for r in rows for k in r if k not in (*_ROW_FIELDS, "prompt")})
         self.values: np.ndarray | None = None  # the last call's [n_fns, B]
+        self._rewound = False  # the log's rows of a killed run's lost iterations dropped
 
     def __call__(self, samples: Sequence[tuple], iteration: int = 0) -> np.ndarray:
         """Scores [B] of samples (dataset row index, completion ids[, the prompt ids sampled
@@ -151,7 +152,9 @@ class RowReward:
         """Appends scored rows to `log_path` (on the primary process; none without a path):
         their dataset row `index`, completion `ids` (decoded here), each function's `values`
         [functions, rows] (NaN: not applicable) and the weighted `total`. A multi-host step
-        passes every host's rows (`stages.make_host_reward_step`)."""
+        passes every host's rows (`stages.make_host_reward_step`). The first call of a resumed
+        run first drops the rows of iterations >= `iteration` (those of a killed run's lost
+        part), so every iteration is logged once."""
         if self.log_path is None or not distributed.is_primary():
             return
         texts = self.tokenizer.decode_batch([list(i) for i in ids])
@@ -171,11 +174,33 @@ class RowReward:
             }))  # fmt: skip
         text = "\n".join(lines) + "\n"
         path = paths.as_path(self.log_path)
+        if not self._rewound:  # a resumed run: the iterations from here on are logged anew
+            self._rewound = True
+            kept = _lines_before(path, iteration)
+            if kept is not None:
+                paths.write_text_atomic(path, kept)
         if "://" in str(self.log_path):  # an object store: no appends
             paths.write_text_atomic(path, (path.read_text() if path.exists() else "") + text)
         else:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(text)
+
+
+def _lines_before(path: Any, iteration: int) -> str | None:
+    """The lines of an existing log whose iteration is below `iteration` (up to a line cut by a
+    kill), or None when there is no log or nothing to drop."""
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] >= iteration:
+                continue
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+        kept.append(line)
+    return None if len(kept) == len(lines) else "".join(x + "\n" for x in kept)
 
 
 def from_flags(config: Any, *, learned: bool) -> RewardFunctions | None:
